@@ -1,0 +1,137 @@
+"""Paths as fsspec URLs: local paths, s3://, gs://, memory://. Atomic writes and retried reads.
+
+A finished output must never be confused with a half-written one: every file is written to a
+temporary name (local) or in one PUT (object stores, where an object appears only when complete),
+and transient object-store errors are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRIES = 5
+BACKOFF_S = 0.2
+
+
+class StorageError(OSError):
+    """An object-store operation failed after its retries; says which object and why."""
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, OSError | TimeoutError | ConnectionError) or any(
+        k in text for k in ("timeout", "throttl", "slowdown", "503", "500", "connection", "reset")
+    )
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
+    """Call fn, retrying transient errors with exponential backoff; name `what` on final failure."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not _transient(e):
+                raise
+            if attempt == retries:
+                raise StorageError(f"{what}: failed after {retries + 1} attempts: {e}") from e
+            delay = BACKOFF_S * 2**attempt
+            log.warning("%s: %s; retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a URL or local path."""
+    return url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file:// URLs."""
+    return "://" not in url or url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL."""
+    if is_local(base):
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def exists(url: str) -> bool:
+    """Whether a file or directory exists at url."""
+    fs, path = fs_for(url)
+    return with_retries(lambda: fs.exists(path), f"exists {url}")
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole file."""
+    fs, path = fs_for(url)
+    return with_retries(lambda: fs.cat_file(path), f"read {url}")
+
+
+def read_text(url: str) -> str:
+    """Read a whole text file as UTF-8."""
+    return read_bytes(url).decode("utf-8")
+
+
+def makedirs(url: str) -> None:
+    """Create a directory (no-op on object stores)."""
+    fs, path = fs_for(url)
+    if is_local(url):
+        fs.makedirs(path, exist_ok=True)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write a file so that readers see either the old file, nothing, or the whole new one."""
+    fs, path = fs_for(url)
+    if is_local(url):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    # Object stores publish an object only when its upload completes.
+    with_retries(lambda: fs.pipe_file(path, data), f"write {url}")
+
+
+def atomic_write_text(url: str, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    atomic_write_bytes(url, text.encode("utf-8"))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Remove a file or directory if it exists."""
+    fs, path = fs_for(url)
+    if with_retries(lambda: fs.exists(path), f"exists {url}"):
+        with_retries(lambda: fs.rm(path, recursive=recursive), f"remove {url}")
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not paths) of the entries directly under a directory; [] if it does not exist."""
+    fs, path = fs_for(url)
+    if not with_retries(lambda: fs.exists(path), f"exists {url}"):
+        return []
+    entries = with_retries(lambda: fs.ls(path, detail=False), f"list {url}")
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
