@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRIES = 5
-BACKOFF_S = 0.2
+BACKOFF_S = float(os.environ.get("SPINE_RAY_BACKOFF_S", "0.2"))
 
 
 class StorageError(OSError):
