@@ -25,6 +25,9 @@ def ray_local():
     """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
     import ray
 
+    # Workers import test modules (stages defined in tests) by name, like the driver does.
+    tests_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,

@@ -1,0 +1,269 @@
+"""Ray at the edge of training: fold-parallel Ray Train runs, scheduled as one Ray Tune trial per fold.
+
+All K folds of a stage are submitted at once; each trial launches a `TorchTrainer` whose workers
+run the plain loop (`spine_ray.train_loop.fit`) on Ray Data shards. Ray shares out the cluster's
+GPUs (or CPUs): folds that do not fit queue. Each fold's checkpoints live under
+`{run_dir}/ray/train/{stage}-{member}-fold{k}`; re-running the same command skips finished folds
+(their `done` marker exists) and resumes unfinished ones from their last checkpoint (Ray Train v2
+restores a run from its storage path and name). A worker that dies is restarted from the last
+checkpoint (`FailureConfig`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spine_ray.stage import FoldJob, Stage, epoch_rng, split_studies
+from spine_ray.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    join,
+    read_bytes,
+    read_text,
+)
+from spine_ray.train_loop import EpochResult, fit, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """How each fold is scaled and how many run at once."""
+
+    num_workers: int = 1  # data-parallel workers per fold
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker restarts per fold, each from the last checkpoint
+    max_concurrent_folds: int = 0  # 0: all folds at once (Ray queues what does not fit)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ValueError("num_workers must be ≥ 1 and cpus_per_worker > 0")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local one (no dashboard, quiet)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def fold_dir(job: FoldJob) -> str:
+    """Where a fold's final model, out-of-fold table and done marker go."""
+    return join(job.run_dir, job.stage, job.member, f"fold{job.fold}")
+
+
+def is_done(job: FoldJob) -> bool:
+    """A fold is done when its marker exists (written after its model and OOF table)."""
+    return exists(join(fold_dir(job), "done.json"))
+
+
+def _ray_dataset(stage: Stage, job: FoldJob, split: str):
+    """The split's samples as a materialised Ray Dataset: read the source, map to_samples over shards."""
+    import pyarrow.fs as pafs
+    import ray
+    from ray.data.expressions import col
+
+    from spine_ray.storage import fs_for
+
+    studies = split_studies(job, split)
+    fs, path = fs_for(stage.source(job))
+    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    # A predicate expression: pushed down into the Parquet scan.
+    ds = ds.filter(expr=col("study_id").is_in(studies))
+    ds = ds.map_batches(_ToSamples(stage, job, split), batch_format="pandas", batch_size=16)
+    # Materialise so that training workers, which hold every CPU, never wait on preprocessing.
+    return ds.materialize()
+
+
+class _ToSamples:
+    """A picklable map function: source rows → samples."""
+
+    def __init__(self, stage: Stage, job: FoldJob, split: str) -> None:
+        self.stage, self.job, self.split = stage, job, split
+
+    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        return self.stage.to_samples(self.job, self.split, rows)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the plain loop on this worker's shard, checkpoints via ray.train.report."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    stage: Stage = config["stage"]
+    job: FoldJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = stage.train_config(job)
+    model = stage.build_model(job)
+    resume, resumed_from = None, -1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_state(os.path.join(d, "state.pt"))
+        resumed_from = int(resume["epoch"])
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    shard = ray.train.get_dataset_shard("train")
+    steps = max(1, -(-config["n_train"] // (cfg.batch_size * world)))
+
+    def batches(epoch: int):
+        rng = epoch_rng(cfg.seed, job.fold, epoch, rank)
+        for rows in shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=int(rng.integers(2**31))
+        ):
+            yield stage.collate(job, rows, rng, True)
+
+    def report(result: EpochResult) -> None:
+        metrics = {**result.metrics, "resumed_from_epoch": resumed_from}
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_state(result.state, os.path.join(d, "state.pt"))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+
+    fit(model, lambda m, b: stage.loss(job, m, b), batches, steps, cfg, resume=resume, device=device, on_epoch_end=report)
+    if rank == 0:
+        raw = getattr(model, "module", model)
+        raw.eval()
+        from spine_ray.stage import samples
+
+        finish_fold(stage, job, raw, samples(stage, job, "val"), resumed_from)
+
+
+def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1) -> pd.DataFrame:
+    """Predict the held-out split, write the final weights and OOF table, then the done marker."""
+    import torch
+
+    oof = stage.predict(job, model, val)
+    out = fold_dir(job)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": job.config}, buf)
+    atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
+    buf = io.BytesIO()
+    oof.to_parquet(buf, index=False)
+    atomic_write_bytes(join(out, "oof.parquet"), buf.getvalue())
+    atomic_write_text(join(out, "done.json"), json.dumps({"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}))
+    return oof
+
+
+def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[int, FoldJob], resources: ResourcesConfig, storage: str) -> None:
+    """One Tune trial: train one fold with a TorchTrainer and relay its metrics to Tune."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job = jobs[config["fold"]]
+    train = _ray_dataset(stage, job, "train")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"stage": stage, "job": job, "n_train": train.count()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{job.stage}-{job.member}-fold{job.fold}",
+            storage_path=storage,
+            storage_filesystem=_pyarrow_fs(storage),
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+        datasets={"train": train},
+    )
+    trainer.fit()
+
+
+def _pyarrow_fs(url: str):
+    """A pyarrow filesystem for a storage URL (fsspec-backed, so s3:// honours AWS_ENDPOINT_URL)."""
+    import pyarrow.fs as pafs
+
+    from spine_ray.storage import fs_for, is_local
+
+    if is_local(url):
+        return None
+    fs, _ = fs_for(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _storage_root(url: str) -> str:
+    from spine_ray.storage import fs_for, is_local
+
+    if is_local(url):
+        return os.path.abspath(url)
+    return fs_for(url)[1]
+
+
+def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> list[pd.DataFrame]:
+    """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables."""
+    from ray import tune
+
+    pending = [j for j in jobs if not is_done(j)]
+    for j in jobs:
+        if j not in pending:
+            log.info("%s/%s fold %d already done: skipped", j.stage, j.member, j.fold)
+    if pending:
+        init_ray()
+        first = pending[0]
+        storage = join(first.run_dir, "ray")
+        trainable = tune.with_parameters(
+            _fold_trial,
+            stage=stage,
+            jobs={j.fold: j for j in pending},
+            resources=resources,
+            storage=_storage_root(join(storage, "train")),
+        )
+        tuner = tune.Tuner(
+            # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
+            # asks for no CPU (a head bundle must ask for something: a token of memory).
+            tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
+            param_space={"fold": tune.grid_search([j.fold for j in pending])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or len(pending)),
+            run_config=tune.RunConfig(
+                name=f"{first.stage}-{first.member}",
+                storage_path=_storage_root(join(storage, "tune")),
+                storage_filesystem=_pyarrow_fs(storage),
+                verbose=1,
+            ),
+        )
+        grid = tuner.fit()
+        failed = [r for r in grid if r.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} fold(s) of {first.stage}/{first.member} failed: {failed[0].error}")
+    missing = [j.fold for j in jobs if not is_done(j)]
+    if missing:
+        raise RuntimeError(f"folds {missing} of {jobs[0].stage}/{jobs[0].member} finished without their outputs")
+    return [read_oof(j) for j in jobs]
+
+
+def read_oof(job: FoldJob) -> pd.DataFrame:
+    """A finished fold's out-of-fold table."""
+    return pd.read_parquet(io.BytesIO(read_bytes(join(fold_dir(job), "oof.parquet"))))
+
+
+def read_done(job: FoldJob) -> dict[str, Any]:
+    """A finished fold's done marker."""
+    return json.loads(read_text(join(fold_dir(job), "done.json")))
+
+
+__all__ = ["ResourcesConfig", "run_folds", "init_ray", "finish_fold", "is_done", "read_oof", "read_done", "np"]

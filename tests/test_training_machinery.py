@@ -1,0 +1,172 @@
+"""The fold-parallel training machinery on a real local Ray: folds, resume, worker failure.
+
+The stage here is a small regression model on a Parquet source table: the machinery under test
+(Tune trial per fold → TorchTrainer → plain loop → checkpoints → OOF tables) is the real one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from spine_ray.distributed import ResourcesConfig, fold_dir, is_done, read_done, run_folds
+from spine_ray.stage import FoldJob, run_fold, split_studies
+from spine_ray.train_loop import TrainConfig, lr_factor
+
+N_STUDIES, DIM = 40, 6
+
+
+class LinearStage:
+    """y = x·w + noise, one row per study; the OOF table is study_id, pred, y."""
+
+    def __init__(self, epochs: int = 3, sleep_s: float = 0.0, fail_epoch: int | None = None, flag: str | None = None) -> None:
+        self.epochs, self.sleep_s, self.fail_epoch, self.flag = epochs, sleep_s, fail_epoch, flag
+
+    def train_config(self, job):
+        return TrainConfig(epochs=self.epochs, batch_size=8, lr=0.3, weight_decay=0.0, warmup_frac=0.0, seed=job.fold)
+
+    def source(self, job):
+        return job.inputs["table"]
+
+    def to_samples(self, job, split, rows):
+        return rows[["study_id", "x", "y"]].reset_index(drop=True)
+
+    def collate(self, job, rows, rng, train):
+        x = np.stack(rows["x"]).astype(np.float32)
+        if train:
+            x = x + rng.normal(0, 0.01, x.shape).astype(np.float32)
+        return {"x": torch.from_numpy(x), "y": torch.as_tensor(np.asarray(rows["y"], dtype=np.float32))}
+
+    def build_model(self, job):
+        torch.manual_seed(0)
+        return nn.Linear(DIM, 1)
+
+    def loss(self, job, model, batch):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.fail_epoch is not None and self.flag and not os.path.exists(self.flag):
+            # Fail once, mid-run, after a checkpoint exists: the flag says it already happened.
+            ckpts = list(Path(job.run_dir, "ray", "train").rglob("state.pt"))
+            if len(ckpts) >= self.fail_epoch:
+                Path(self.flag).write_text("failed once")
+                raise RuntimeError("injected failure")
+        pred = model(batch["x"]).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        return loss, {"mse": float(loss.detach())}
+
+    def predict(self, job, model, samples):
+        batch = self.collate(job, {c: samples[c].to_numpy() for c in samples}, None, False)
+        with torch.no_grad():
+            pred = model(batch["x"]).squeeze(-1).numpy()
+        return pd.DataFrame({"study_id": samples["study_id"], "fold": job.fold, "pred": pred, "y": samples["y"]})
+
+
+def make_run(tmp_path: Path, n_folds: int = 2) -> list[FoldJob]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N_STUDIES, DIM))
+    y = x @ np.arange(1, DIM + 1) / DIM
+    studies = np.arange(1000, 1000 + N_STUDIES)
+    src = tmp_path / "source.parquet"
+    pd.DataFrame({"study_id": studies, "x": list(x), "y": y}).to_parquet(src)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    pd.DataFrame({"study_id": studies, "fold": np.arange(N_STUDIES) % n_folds}).to_parquet(run / "folds.parquet")
+    return [
+        FoldJob("toy", "linear", k, n_folds, {}, str(tmp_path), str(run), {"table": str(src)})
+        for k in range(n_folds)
+    ]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.01
+
+
+def test_plain_fold_learns_and_predicts_held_out_studies(tmp_path):
+    jobs = make_run(tmp_path)
+    model, metrics, oof = run_fold(LinearStage(epochs=15), jobs[0], device=torch.device("cpu"))
+    assert sorted(oof["study_id"]) == split_studies(jobs[0], "val")
+    assert metrics["train_mse"] < 0.2
+    assert float(((oof["pred"] - oof["y"]) ** 2).mean()) < 0.2
+
+
+def test_plain_loop_resumes_from_a_checkpoint_state(tmp_path):
+    jobs = make_run(tmp_path)
+    states = []
+    run_fold(LinearStage(epochs=4), jobs[0], device=torch.device("cpu"), on_epoch_end=states.append)
+    full = states[-1].state["model"]
+    states2 = []
+    run_fold(LinearStage(epochs=4), jobs[0], device=torch.device("cpu"), resume=states[1].state, on_epoch_end=states2.append)
+    assert [s.epoch for s in states2] == [2, 3]
+    for k in full:
+        assert torch.allclose(full[k], states2[-1].state["model"][k], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
+    jobs = make_run(tmp_path)
+    oofs = run_folds(LinearStage(), jobs, ResourcesConfig(num_workers=1, cpus_per_worker=1))
+    oof = pd.concat(oofs)
+    assert sorted(oof["study_id"]) == list(range(1000, 1000 + N_STUDIES))  # every study exactly once
+    assert all(is_done(j) for j in jobs)
+    stamps = [read_done(j)["finished"] for j in jobs]
+    run_folds(LinearStage(), jobs, ResourcesConfig())
+    assert [read_done(j)["finished"] for j in jobs] == stamps
+    # Both folds ran at the same time on the 2 CPUs: their training overlapped.
+    assert Path(fold_dir(jobs[0]), "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_fold_resumes_from_its_last_checkpoint(ray_local, tmp_path):
+    jobs = make_run(tmp_path)[:1]
+    flag = str(tmp_path / "failed.flag")
+    with pytest.raises(RuntimeError, match="failed"):
+        run_folds(LinearStage(epochs=4, fail_epoch=2, flag=flag), jobs, ResourcesConfig(max_failures=0))
+    assert os.path.exists(flag) and not is_done(jobs[0])
+    run_folds(LinearStage(epochs=4), jobs, ResourcesConfig(max_failures=0))
+    assert read_done(jobs[0])["resumed_from_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path):
+    import psutil
+
+    jobs = make_run(tmp_path)[:1]
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            # Kill once the controller has registered a checkpoint (its snapshot lists one).
+            snaps = list(Path(jobs[0].run_dir, "ray", "train").rglob("checkpoint_manager_snapshot.json"))
+            if snaps and "checkpoint_" in snaps[0].read_text():
+                for p in psutil.process_iter(["cmdline"]):
+                    title = " ".join(p.info["cmdline"] or [])
+                    if "RayTrainWorker" in title:
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    run_folds(LinearStage(epochs=6, sleep_s=0.15), jobs, ResourcesConfig(max_failures=2))
+    t.join()
+    assert killed, "no training worker was found to kill"
+    done = read_done(jobs[0])
+    assert done["resumed_from_epoch"] >= 0
+    oof = pd.read_parquet(io.BytesIO(Path(fold_dir(jobs[0]), "oof.parquet").read_bytes()))
+    assert len(oof) == N_STUDIES // 2
+    assert json.loads(Path(fold_dir(jobs[0]), "done.json").read_text())["rows"] == N_STUDIES // 2
