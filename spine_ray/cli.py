@@ -72,6 +72,39 @@ def baseline(
     out.print(score_table(f"prior baseline, {folds}-fold out-of-fold, {len(table)} studies", {"prior": result.score.as_dict()}))
 
 
+@app.command("prepare")
+def prepare_cmd(
+    data_dir: str = typer.Argument(..., help="Kaggle-layout data folder ({split}_images/, {split}_series_descriptions.csv, train.csv); path or URL."),
+    out_dir: str = typer.Argument(..., metavar="OUT", help="Output folder (volumes/, labels.parquet, errors.parquet, manifest.json); path or URL."),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    workers: int = typer.Option(None, "--workers", help="Concurrent decode tasks (default: all CPUs)."),
+    shard_mb: float = typer.Option(128.0, "--shard-mb", help="Target pixels per Parquet shard, MB (before zstd)."),
+) -> None:
+    """Decode every DICOM series into Parquet volumes, labels and an errors table (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spine_ray.ingest import prepare
+
+    with Progress(TextColumn("decoding series"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("decode", total=None)
+        summary = prepare(data_dir, out_dir, split, workers, shard_mb, on_progress=lambda n, total: bar.update(task, completed=n, total=total))
+    table = Table(title=f"prepare {split}: {data_dir} → {out_dir}", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
+    for name, value in (
+        ("series listed", f"{summary.series_listed:,}"),
+        ("series decoded", f"{summary.series_decoded:,}"),
+        ("stacks", f"{summary.stacks:,}"),
+        ("images", f"{summary.images:,}"),
+        ("errors (see errors.parquet)", f"{summary.errors:,}"),
+        ("shards", f"{summary.shards:,} ({summary.volume_bytes / 1e6:,.1f} MB)"),
+        ("time", f"{summary.seconds:,.1f} s ({rate:,.0f} images/s)"),
+    ):
+        table.add_row(name, value)
+    out.print(table)
+
+
 def main() -> None:
     """Entry point: user mistakes become one clear line and exit code 2, not a traceback."""
     try:

@@ -1,0 +1,369 @@
+"""DICOM reading, decoding and stacking: files of one series → image stacks in spatial order.
+
+Pure: no Ray, no storage. Headers are read first (`stop_before_pixels`) so non-image objects and
+localisers are dropped without decoding. Good slices are grouped into stacks by frame of
+reference, orientation (within `ANGLE_TOL_DEG`), image size and pixel spacing, ordered by their
+position along the slice normal (never by InstanceNumber) and split where the gap between
+neighbours exceeds `GAP_FACTOR` × the median step (the separate oblique blocks of an axial series).
+Pixel values are stored values masked to BitsStored, sign-extended when signed, inverted for
+MONOCHROME1 and passed through the rescale slope/intercept. RLE Lossless frames go straight to
+pylibjpeg-rle's decoder (2x faster than through `Dataset.pixel_array`, which adds ~0.5 ms of
+bookkeeping per frame); native little-endian pixels are read as-is; any other transfer syntax
+goes through pydicom's own decoder plugins.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from rle.utils import decode_frame as rle_decode_frame
+
+from spine_ray import geometry
+
+ANGLE_TOL_DEG = 1.0
+GAP_FACTOR = 2.0
+SPACING_TOL = 1e-3
+
+# A file is a path or a (name, bytes) pair already fetched from storage.
+Source = str | Path | tuple[str, bytes]
+
+
+class DicomError(ValueError):
+    """A file that cannot be used; the message is the reason recorded in errors.parquet."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What stacking needs from one image file, read without its pixels."""
+
+    name: str
+    instance_number: int
+    rows: int
+    cols: int
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]
+    frame_of_reference: str
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    monochrome1: bool
+    slope: float
+    intercept: float
+    slice_thickness: float | None
+    transfer_syntax: str
+
+
+@dataclass
+class Stack:
+    """One image stack: slices in spatial order (along the normal) with their geometry."""
+
+    volume: np.ndarray  # [S, H, W] uint16 or int16
+    instance_numbers: list[int]
+    positions: np.ndarray  # [S, 3] ImagePositionPatient of each sorted slice, mm
+    orientation: tuple[float, ...]  # 6 floats: X (column direction), Y (row direction)
+    pixel_spacing: tuple[float, float]  # [row spacing, column spacing], mm
+    slice_spacing: float  # median step along the normal, mm
+    affine: np.ndarray  # 4x4, [slice, row, col, 1] → patient mm
+    frame_of_reference: str = ""
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Image height in pixels."""
+        return int(self.volume.shape[1])
+
+    @property
+    def cols(self) -> int:
+        """Image width in pixels."""
+        return int(self.volume.shape[2])
+
+
+@dataclass
+class SeriesDecode:
+    """Result of decoding one series: its stacks and one (file name, reason) per unusable file."""
+
+    stacks: list[Stack]
+    errors: list[tuple[str, str]]
+
+
+def _name(src: Source) -> str:
+    return src[0] if isinstance(src, tuple) else str(src)
+
+
+def _open(src: Source) -> str | io.BytesIO:
+    return io.BytesIO(src[1]) if isinstance(src, tuple) else str(src)
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...]:
+    value = ds.get(keyword)
+    if value is None:
+        raise DicomError(f"missing {keyword}")
+    try:
+        out = tuple(float(v) for v in (value if n > 1 else [value]))
+    except (TypeError, ValueError):
+        raise DicomError(f"unreadable {keyword} {value!r}") from None
+    if len(out) != n or not np.all(np.isfinite(out)):
+        raise DicomError(f"{keyword} should hold {n} finite numbers, got {value!r}")
+    return out
+
+
+def _dcmread(src: Source, stop_before_pixels: bool) -> pydicom.Dataset:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(_open(src), stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise DicomError(f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})") from None
+    if len(ds) == 0:
+        raise DicomError("empty dataset (truncated or not DICOM)")
+    return ds
+
+
+def read_header(src: Source) -> Header:
+    """Read one file's header (no pixels); raise DicomError if it is not a usable image slice."""
+    return header_from_dataset(_dcmread(src, stop_before_pixels=True), _name(src))
+
+
+def header_from_dataset(ds: pydicom.Dataset, name: str) -> Header:
+    """The stacking header of a parsed dataset; raise DicomError for non-images, localisers, bad geometry."""
+    if "Rows" not in ds or "Columns" not in ds or "BitsAllocated" not in ds:
+        sop = ds.get("SOPClassUID", "unknown SOP class")
+        raise DicomError(f"not an image ({getattr(sop, 'name', sop)})")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        raise DicomError("localizer image")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError("not a single-frame greyscale image")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(f"unsupported PhotometricInterpretation {photometric}")
+    ipp = _floats(ds, "ImagePositionPatient", 3)
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    spacing = _floats(ds, "PixelSpacing", 2)
+    if min(spacing) <= 0:
+        raise DicomError(f"non-positive PixelSpacing {spacing}")
+    x, y = np.asarray(iop[:3]), np.asarray(iop[3:])
+    if np.linalg.norm(x) < 0.5 or np.linalg.norm(y) < 0.5 or np.linalg.norm(np.cross(x, y)) < 0.5:
+        raise DicomError(f"degenerate ImageOrientationPatient {iop}")
+    ba, bs = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    if ba not in (8, 16) or not 1 <= bs <= ba:
+        raise DicomError(f"unsupported BitsAllocated/BitsStored {ba}/{bs}")
+    thickness = ds.get("SliceThickness")
+    meta = getattr(ds, "file_meta", None)
+    return Header(
+        name=name,
+        instance_number=int(ds.get("InstanceNumber", 0) or 0),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        position=ipp,  # type: ignore[arg-type]
+        orientation=iop,  # type: ignore[arg-type]
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+        bits_allocated=ba,
+        bits_stored=bs,
+        signed=int(ds.get("PixelRepresentation", 0)) == 1,
+        monochrome1=photometric == "MONOCHROME1",
+        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+    )
+
+
+def stored_to_values(arr: np.ndarray, h: Header) -> np.ndarray:
+    """Stored pixels → values: mask to BitsStored, sign-extend, invert MONOCHROME1, rescale."""
+    bits = h.bits_allocated
+    raw = arr.view(np.uint16 if bits == 16 else np.uint8) if arr.dtype.kind == "i" else arr
+    mask = (1 << h.bits_stored) - 1
+    plain = not h.signed and not h.monochrome1 and h.slope == 1.0 and h.intercept == 0.0
+    if plain:
+        v = raw.astype(np.uint16, copy=False)
+        return v & mask if h.bits_stored < 16 else v
+    v = (raw & mask).astype(np.int32)
+    if h.signed:
+        v = np.where(v >= 1 << (h.bits_stored - 1), v - (1 << h.bits_stored), v)
+    if h.monochrome1:
+        v = (-1 - v) if h.signed else (mask - v)
+    if h.slope != 1.0 or h.intercept != float(int(h.intercept)):
+        return np.rint(v * h.slope + h.intercept).astype(np.int32)
+    return v + int(h.intercept)
+
+
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _raw_pixels(ds: pydicom.Dataset, h: Header) -> np.ndarray:
+    """Stored pixels [H, W] as unsigned ints; RLE and native little-endian without pydicom's pixel layer."""
+    data = ds.get("PixelData")
+    if data is None:
+        raise DicomError("no pixel data (truncated file?)")
+    n = h.rows * h.cols
+    dtype = np.dtype("<u2" if h.bits_allocated == 16 else "u1")
+    if h.transfer_syntax == RLELossless:
+        frame = next(generate_frames(data, number_of_frames=1))
+        out = np.frombuffer(rle_decode_frame(frame, n, h.bits_allocated, "<"), dtype)
+    elif h.transfer_syntax in _NATIVE:
+        if len(data) < n * dtype.itemsize:
+            raise DicomError(f"pixel data holds {len(data)} bytes, {n * dtype.itemsize} expected")
+        out = np.frombuffer(data, dtype, count=n)
+    else:
+        out = pydicom.pixels.pixel_array(ds, raw=True)
+    if out.size != n:
+        raise DicomError(f"decoded {out.size} pixels, Rows x Columns = {n}")
+    return out.reshape(h.rows, h.cols)
+
+
+def pixels_from_dataset(ds: pydicom.Dataset, h: Header) -> np.ndarray:
+    """Decode a parsed dataset's pixels to values [H, W] (uint16 when plain, else int32)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = _raw_pixels(ds, h)
+    except DicomError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure makes this one file unusable
+        raise DicomError(f"pixel data not decodable ({type(e).__name__}: {str(e)[:120]})") from None
+    return stored_to_values(arr, h)
+
+
+def decode_pixels(src: Source, h: Header) -> np.ndarray:
+    """Decode one file's pixels to values [H, W] (uint16 when plain, else int32)."""
+    return pixels_from_dataset(_dcmread(src, stop_before_pixels=False), h)
+
+
+def _same_geometry(a: Header, b: Header) -> bool:
+    return (
+        a.frame_of_reference == b.frame_of_reference
+        and geometry.orientation_angle(a.orientation, b.orientation) <= ANGLE_TOL_DEG
+    )
+
+
+def _split_by_gap(order: list[int], dist: np.ndarray) -> list[list[int]]:
+    """Split slices (sorted by dist) where a gap exceeds GAP_FACTOR × the median step."""
+    if len(order) < 3:
+        return [order]
+    steps = np.diff(dist[order])
+    med = float(np.median(steps))
+    if med <= 0:
+        return [order]
+    cuts = [i + 1 for i, s in enumerate(steps) if s > GAP_FACTOR * med]
+    bounds = [0, *cuts, len(order)]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def group_slices(headers: Sequence[Header]) -> tuple[list[list[int]], list[tuple[int, str]]]:
+    """Indices of headers grouped into stacks (each in spatial order), plus (index, reason) rejects."""
+    clusters: list[list[int]] = []
+    for i, h in enumerate(headers):
+        for c in clusters:
+            if _same_geometry(headers[c[0]], h):
+                c.append(i)
+                break
+        else:
+            clusters.append([i])
+    stacks: list[list[int]] = []
+    rejects: list[tuple[int, str]] = []
+    for c in clusters:
+        by_size: dict[tuple, list[int]] = {}
+        for i in c:
+            h = headers[i]
+            key = (h.rows, h.cols, round(h.pixel_spacing[0] / SPACING_TOL), round(h.pixel_spacing[1] / SPACING_TOL))
+            by_size.setdefault(key, []).append(i)
+        majority = max(by_size.values(), key=len)
+        for members in by_size.values():
+            if len(members) == 1 and members is not majority:
+                h = headers[members[0]]
+                m = headers[majority[0]]
+                rejects.append(
+                    (members[0], f"mixed sizes: {h.rows}x{h.cols} @ {h.pixel_spacing} differs from its stack's {m.rows}x{m.cols} @ {m.pixel_spacing}")
+                )
+                continue
+            dist = geometry.slice_distances(np.array([headers[i].position for i in members]), headers[members[0]].orientation)
+            order = sorted(range(len(members)), key=lambda k: (dist[k], headers[members[k]].instance_number))
+            kept: list[int] = []
+            for k in order:
+                if kept and abs(dist[k] - dist[kept[-1]]) < 1e-3:
+                    rejects.append((members[k], f"duplicate slice position {headers[members[k]].position}"))
+                    continue
+                kept.append(k)
+            for part in _split_by_gap(kept, dist):
+                stacks.append([members[k] for k in part])
+    stacks.sort(key=lambda s: min(headers[i].instance_number for i in s))
+    return stacks, rejects
+
+
+def _to_16bit(slices: list[np.ndarray]) -> np.ndarray:
+    if all(s.dtype == np.uint16 for s in slices):
+        return np.stack(slices)
+    vol = np.stack(slices).astype(np.int32, copy=False)
+    lo, hi = int(vol.min()), int(vol.max())
+    if lo >= 0 and hi <= 65535:
+        return vol.astype(np.uint16)
+    if lo >= -32768 and hi <= 32767:
+        return vol.astype(np.int16)
+    raise DicomError(f"values {lo}..{hi} after rescale do not fit 16 bits")
+
+
+def build_stack(headers: Sequence[Header], slices: Sequence[np.ndarray]) -> Stack:
+    """Assemble one stack from headers and decoded slices already in spatial order."""
+    first = headers[0]
+    positions = np.array([h.position for h in headers], dtype=np.float64)
+    dist = geometry.slice_distances(positions, first.orientation)
+    fallback = first.slice_thickness or 1.0
+    spacing = float(np.median(np.diff(dist))) if len(headers) > 1 else float(fallback)
+    return Stack(
+        volume=_to_16bit(list(slices)),
+        instance_numbers=[h.instance_number for h in headers],
+        positions=positions,
+        orientation=tuple(float(v) for v in first.orientation),
+        pixel_spacing=(float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
+        slice_spacing=spacing,
+        affine=geometry.affine(positions, first.orientation, first.pixel_spacing, fallback),
+        frame_of_reference=first.frame_of_reference,
+        names=[h.name for h in headers],
+    )
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def decode_series(files: Iterable[Source]) -> SeriesDecode:
+    """Decode one series (paths or (name, bytes) pairs) into stacks; unusable files become errors."""
+    files = sorted(files, key=lambda f: _natural_key(_name(f)))
+    errors: list[tuple[str, str]] = []
+    headers: list[Header] = []
+    pixels: list[np.ndarray] = []
+    for f in files:
+        try:
+            # One parse per file: with the bytes in memory, parsing past the header costs ~0.01 ms
+            # and pixels are decoded only once the header says this is a usable image slice.
+            ds = _dcmread(f, stop_before_pixels=False)
+            h = header_from_dataset(ds, _name(f))
+            px = pixels_from_dataset(ds, h)
+        except DicomError as e:
+            errors.append((_name(f), str(e)))
+            continue
+        headers.append(h)
+        pixels.append(px)
+    groups, rejects = group_slices(headers)
+    errors.extend((headers[i].name, reason) for i, reason in rejects)
+    stacks: list[Stack] = []
+    for g in groups:
+        try:
+            stacks.append(build_stack([headers[i] for i in g], [pixels[i] for i in g]))
+        except DicomError as e:
+            errors.extend((headers[i].name, str(e)) for i in g)
+    return SeriesDecode(stacks, errors)

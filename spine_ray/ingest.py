@@ -1,0 +1,411 @@
+"""`spine-ray prepare`: decode every series of a Kaggle-layout tree with Ray Data into Parquet volumes.
+
+Plan → decode → finalise. The plan (written once to `OUT/_progress/plan.json`) lists every series
+with its files and cuts the series list into groups of about `shard_mb` of pixels; a group is one
+Ray Data task and one shard `volumes/part-{key}.parquet`, `key` a hash of the series it holds.
+Each task writes its shard (atomically: local rename / one object-store upload), then its
+errors, then a done marker. A re-run reuses the plan and skips groups with a marker, so an
+interrupted job finishes without duplicating or losing a series. Finalising gathers errors,
+builds labels.parquet (train split) and writes manifest.json last.
+
+Tasks run over series, not files: a series is decoded where its files are read, so no shuffle
+is needed to regroup slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spine_ray import dicom, geometry
+from spine_ray.schema import labels_long, read_coordinates, read_labels, read_series
+from spine_ray.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    fs_for,
+    is_local,
+    join,
+    listdir,
+    read_text,
+    remove,
+    with_retries,
+)
+from spine_ray.volumes import (
+    ERROR_SCHEMA,
+    ERRORS_FILE,
+    LABELS_FILE,
+    MANIFEST,
+    SCHEMA_VERSION,
+    VOLUME_SCHEMA,
+    VOLUMES_DIR,
+    rows_to_table,
+    stack_row,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "_progress"
+PLAN_FILE = "plan.json"
+# RLE Lossless MR slices are ~2x smaller than their pixels; used only to size groups.
+RLE_RATIO = 2.0
+ZSTD_LEVEL = 3
+# Object-store settings the decode tasks need; passed on so workers of an already-running local
+# Ray see the same endpoint and credentials as the driver.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one `prepare` produced."""
+
+    out: str
+    split: str
+    series_listed: int
+    series_decoded: int
+    stacks: int
+    images: int
+    errors: int
+    volume_bytes: int
+    shards: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for the manifest and JSON output)."""
+        return asdict(self)
+
+
+def _series_dir(images_root: str, study_id: int, series_id: int) -> str:
+    return posixpath.join(images_root, str(study_id), str(series_id))
+
+
+def list_images(data_dir: str, split: str) -> dict[tuple[int, int], list[tuple[str, int]]]:
+    """All files under `{split}_images/{study}/{series}/` as (fs path, size), keyed by (study, series)."""
+    fs, root = fs_for(join(data_dir, f"{split}_images"))
+    if not with_retries(lambda: fs.exists(root), f"exists {root}"):
+        return {}
+    found = with_retries(lambda: fs.find(root, detail=True), f"list {root}")
+    out: dict[tuple[int, int], list[tuple[str, int]]] = {}
+    prefix = root.rstrip("/") + "/"
+    for path, info in found.items():
+        parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2].startswith("."):
+            continue
+        out.setdefault((int(parts[0]), int(parts[1])), []).append((path, int(info.get("size") or 0)))
+    return out
+
+
+def group_key(series: list[tuple[int, int]]) -> str:
+    """Deterministic name of a group of (study, series) pairs."""
+    text = ";".join(f"{a}:{b}" for a, b in sorted(series))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def make_plan(data_dir: str, split: str, shard_mb: float) -> dict[str, Any]:
+    """Series list + files → groups of ~shard_mb of pixels each, and the series missing on disk."""
+    series = read_series(join(data_dir, f"{split}_series_descriptions.csv"))
+    series = series.sort_values(["study_id", "series_id"]).reset_index(drop=True)
+    files = list_images(data_dir, split)
+    _, images_root = fs_for(join(data_dir, f"{split}_images"))
+    target = shard_mb * 1e6
+    groups: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+    size = 0.0
+    for r in series.itertuples(index=False):
+        entry = files.get((int(r.study_id), int(r.series_id)))
+        if not entry:
+            missing.append(
+                {"study_id": int(r.study_id), "series_id": int(r.series_id),
+                 "path": _series_dir(images_root, r.study_id, r.series_id),
+                 "reason": f"series listed in {split}_series_descriptions.csv but no files on disk"}
+            )
+            continue
+        current.append(
+            {"study_id": int(r.study_id), "series_id": int(r.series_id),
+             "series_description": str(r.series_description), "files": sorted(p for p, _ in entry)}
+        )
+        size += sum(s for _, s in entry) * RLE_RATIO
+        if size >= target:
+            groups.append(current)
+            current, size = [], 0.0
+    if current:
+        groups.append(current)
+    return {
+        "data_dir": data_dir,
+        "split": split,
+        "shard_mb": shard_mb,
+        "series_listed": len(series),
+        "groups": [{"key": group_key([(s["study_id"], s["series_id"]) for s in g]), "series": g} for g in groups],
+        "missing": missing,
+    }
+
+
+def _write_parquet_atomic(url: str, tables: Callable[[], Any]) -> int:
+    """Stream Arrow tables from `tables()` into one Parquet file that appears only when complete."""
+    fs, path = fs_for(url)
+    n_bytes = 0
+    if is_local(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with pq.ParquetWriter(tmp, VOLUME_SCHEMA, compression="zstd", compression_level=ZSTD_LEVEL) as w:
+                for t in tables():
+                    w.write_table(t)
+            n_bytes = os.path.getsize(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return n_bytes
+    # Object stores: a multipart upload becomes visible only when the writer closes successfully.
+    with fs.open(path, "wb") as f:
+        with pq.ParquetWriter(f, VOLUME_SCHEMA, compression="zstd", compression_level=ZSTD_LEVEL) as w:
+            for t in tables():
+                w.write_table(t)
+    return int(fs.info(path)["size"])
+
+
+def _fetch(fs: Any, paths: list[str]) -> list[tuple[str, bytes | Exception]]:
+    if len(paths) == 0:
+        return []
+    got = with_retries(lambda: fs.cat(paths, on_error="return"), f"read {len(paths)} files")
+    if not isinstance(got, dict):  # a single path comes back as bytes
+        got = {paths[0]: got}
+    return [(p, got.get(p, FileNotFoundError(p))) for p in paths]
+
+
+def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, int]:
+    """Decode one group of series and write its shard, errors and done marker; returns counts."""
+    fs, _ = fs_for(data_dir)
+    errors: list[dict[str, Any]] = []
+    counts = {"series": len(group["series"]), "series_decoded": 0, "stacks": 0, "images": 0}
+
+    def tables():
+        for s in group["series"]:
+            sid, rid = s["study_id"], s["series_id"]
+            sources: list[dicom.Source] = []
+            for path, data in _fetch(fs, s["files"]):
+                if isinstance(data, Exception):
+                    errors.append({"study_id": sid, "series_id": rid, "path": path, "reason": f"unreadable file ({type(data).__name__})"})
+                else:
+                    sources.append((path, data))
+            res = dicom.decode_series(sources)
+            errors.extend({"study_id": sid, "series_id": rid, "path": p, "reason": r} for p, r in res.errors)
+            if not res.stacks:
+                errors.append({"study_id": sid, "series_id": rid, "path": posixpath.dirname(s["files"][0]), "reason": "no usable image in series"})
+                continue
+            counts["series_decoded"] += 1
+            counts["stacks"] += len(res.stacks)
+            counts["images"] += sum(st.volume.shape[0] for st in res.stacks)
+            rows = [stack_row(sid, rid, s["series_description"], i, st) for i, st in enumerate(res.stacks)]
+            del res
+            yield rows_to_table(rows)
+
+    shard = join(out, VOLUMES_DIR, f"part-{group['key']}.parquet")
+    counts["bytes"] = _write_parquet_atomic(shard, tables)
+    if counts["stacks"] == 0:  # an empty shard is noise; leave none
+        remove(shard)
+        counts["bytes"] = 0
+    counts["errors"] = len(errors)
+    atomic_write_bytes(join(out, PROGRESS_DIR, f"errors-{group['key']}.parquet"), _errors_bytes(errors))
+    atomic_write_text(join(out, PROGRESS_DIR, f"done-{group['key']}.json"), json.dumps(counts))
+    return counts
+
+
+def _errors_bytes(rows: list[dict[str, Any]]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode_batch(batch: dict[str, np.ndarray], data_dir: str, out: str) -> dict[str, np.ndarray]:
+    """Ray Data UDF: one row = one group (its JSON); returns its counts."""
+    results = [decode_group(json.loads(g), data_dir, out) for g in batch["group"]]
+    keys = ("series", "series_decoded", "stacks", "images", "errors", "bytes")
+    return {"key": batch["key"], **{k: np.array([r[k] for r in results], dtype=np.int64) for k in keys}}
+
+
+def _run_ray(todo: list[dict[str, Any]], data_dir: str, out: str, workers: int, on_done: Callable[[int], None]) -> None:
+    import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):  # a running cluster
+            ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        else:  # a local one sized to the workers asked for, so a shared machine is not oversubscribed
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    items = [{"key": g["key"], "group": json.dumps(g)} for g in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _decode_batch,
+        fn_kwargs={"data_dir": data_dir, "out": out},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        runtime_env={"env_vars": {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}},
+    )
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        on_done(int(batch["series"].sum()))
+
+
+def _load_or_make_plan(data_dir: str, out: str, split: str, shard_mb: float) -> dict[str, Any]:
+    url = join(out, PROGRESS_DIR, PLAN_FILE)
+    if exists(url):
+        plan = json.loads(read_text(url))
+        if (plan["data_dir"], plan["split"]) != (data_dir, split):
+            raise ValueError(
+                f"{out} holds a prepare of {plan['data_dir']} ({plan['split']}); use another OUT for {data_dir} ({split})"
+            )
+        return plan
+    plan = make_plan(data_dir, split, shard_mb)
+    atomic_write_text(url, json.dumps(plan))
+    return plan
+
+
+def build_labels(labels: pd.DataFrame, coords: pd.DataFrame | None, meta: pd.DataFrame) -> pd.DataFrame:
+    """Per study × condition × level: severity and, where annotated, the point's stack/slice/pixel/patient mm.
+
+    A target annotated on k series has k rows (severity repeated); targets without a point keep one row.
+    `meta` holds the volumes table without its pixels.
+    """
+    long = labels_long(labels)
+    cols = ["series_id", "instance_number", "stack", "slice", "row", "col", "x_mm", "y_mm", "z_mm"]
+    if coords is None or coords.empty:
+        for c in cols:
+            long[c] = pd.array([None] * len(long), dtype="Int64" if c in cols[:4] else "Float64")
+        return long
+    where: dict[tuple[int, int, int], tuple[int, int, np.ndarray, tuple, tuple]] = {}
+    for r in meta.itertuples(index=False):
+        for k, inst in enumerate(r.instance_numbers):
+            where[(int(r.study_id), int(r.series_id), int(inst))] = (int(r.stack), k, r.positions[k], tuple(r.orientation), tuple(r.pixel_spacing))
+    pts = []
+    for c in coords.itertuples(index=False):
+        hit = where.get((int(c.study_id), int(c.series_id), int(c.instance_number)))
+        row = {"study_id": int(c.study_id), "target": c.target, "series_id": int(c.series_id),
+               "instance_number": int(c.instance_number), "row": float(c.y), "col": float(c.x)}
+        if hit is not None:
+            stack, k, pos, ori, sp = hit
+            xyz = geometry.pixel_to_patient(pos, ori, sp, row=float(c.y), col=float(c.x))
+            row |= {"stack": stack, "slice": k, "x_mm": xyz[0], "y_mm": xyz[1], "z_mm": xyz[2]}
+        pts.append(row)
+    points = pd.DataFrame(pts, columns=["study_id", "target", *cols])
+    long["target"] = long["condition"] + "_" + long["level"]
+    merged = long.merge(points, on=["study_id", "target"], how="left").drop(columns="target")
+    for c in cols:
+        merged[c] = merged[c].astype("Int64" if c in cols[:4] else "Float64")
+    return merged
+
+
+def finalise(plan: dict[str, Any], data_dir: str, out: str, config: dict[str, Any], seconds: float) -> Summary:
+    """Gather errors, write labels (train) and, last, the manifest; returns the summary."""
+    split = plan["split"]
+    fs_for(out)[0].invalidate_cache()  # tasks wrote here behind this process's listing cache (s3fs)
+    done = {}
+    error_tables = [pa.Table.from_pylist(plan["missing"], schema=ERROR_SCHEMA)]
+    for g in plan["groups"]:
+        done[g["key"]] = json.loads(read_text(join(out, PROGRESS_DIR, f"done-{g['key']}.json")))
+        fs, path = fs_for(join(out, PROGRESS_DIR, f"errors-{g['key']}.parquet"))
+        error_tables.append(pq.read_table(path, filesystem=fs, schema=ERROR_SCHEMA))
+    errors = pa.concat_tables(error_tables).to_pandas().sort_values(["study_id", "series_id", "path"], kind="stable")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(errors, schema=ERROR_SCHEMA, preserve_index=False), sink)
+    atomic_write_bytes(join(out, ERRORS_FILE), sink.getvalue().to_pybytes())
+
+    shards = sorted(n for n in listdir(join(out, VOLUMES_DIR)) if n.startswith("part-") and n.endswith(".parquet"))
+    expected = {f"part-{k}.parquet" for k, c in done.items() if c["stacks"] > 0}
+    shards = [s for s in shards if s in expected]
+    labels_file = None
+    labels_url = join(data_dir, "train.csv")
+    if split == "train" and exists(labels_url):
+        coords_url = join(data_dir, "train_label_coordinates.csv")
+        coords = read_coordinates(coords_url) if exists(coords_url) else None
+        fs, vpath = fs_for(join(out, VOLUMES_DIR))
+        meta_cols = ["study_id", "series_id", "stack", "instance_numbers", "positions", "orientation", "pixel_spacing"]
+        if shards:
+            meta = pq.ParquetDataset([f"{vpath}/{s}" for s in shards], filesystem=fs, schema=VOLUME_SCHEMA).read(columns=meta_cols).to_pandas()
+        else:
+            meta = pd.DataFrame(columns=meta_cols)
+        table = build_labels(read_labels(labels_url), coords, meta)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), sink)
+        atomic_write_bytes(join(out, LABELS_FILE), sink.getvalue().to_pybytes())
+        labels_file = LABELS_FILE
+
+    summary = Summary(
+        out=out,
+        split=split,
+        series_listed=int(plan["series_listed"]),
+        series_decoded=sum(c["series_decoded"] for c in done.values()),
+        stacks=sum(c["stacks"] for c in done.values()),
+        images=sum(c["images"] for c in done.values()),
+        errors=len(errors),
+        volume_bytes=sum(c["bytes"] for c in done.values()),
+        shards=len(shards),
+        seconds=seconds,
+    )
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "spine-ray prepare",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_dir": data_dir,
+        "split": split,
+        "counts": summary.as_dict(),
+        "files": {"volumes": shards, "labels": labels_file, "errors": ERRORS_FILE},
+        "config": config,
+    }
+    atomic_write_text(join(out, MANIFEST), json.dumps(manifest, indent=2))
+    return summary
+
+
+def prepare(
+    data_dir: str,
+    out: str,
+    split: str = "train",
+    workers: int | None = None,
+    shard_mb: float = 128.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Decode every series of `data_dir` (`split`) into `out`; resumes an interrupted run. Returns counts."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    start = time.perf_counter()
+    workers = workers or max(1, (os.cpu_count() or 1))
+    remove(join(out, MANIFEST))  # from here until finalise, the output is unfinished
+    plan = _load_or_make_plan(data_dir, out, split, shard_mb)
+    finished = {n[len("done-"):-len(".json")] for n in listdir(join(out, PROGRESS_DIR)) if n.startswith("done-")}
+    todo = [g for g in plan["groups"] if g["key"] not in finished]
+    total = sum(len(g["series"]) for g in plan["groups"])
+    progress = [total - sum(len(g["series"]) for g in todo)]
+
+    def on_done(n: int) -> None:
+        progress[0] += n
+        if on_progress:
+            on_progress(progress[0], total)
+
+    if on_progress:
+        on_progress(progress[0], total)
+    if todo:
+        _run_ray(todo, data_dir, out, workers, on_done)
+    config = {"workers": workers, "shard_mb": plan["shard_mb"], "angle_tol_deg": dicom.ANGLE_TOL_DEG,
+              "gap_factor": dicom.GAP_FACTOR, "zstd_level": ZSTD_LEVEL, "resumed_groups": len(plan["groups"]) - len(todo)}
+    return finalise(plan, data_dir, out, config, time.perf_counter() - start)
