@@ -219,3 +219,49 @@ def test_grader_overfits_bright_squares():
     assert severity_loss(out["logits"], sev[:, None]).item() < 0.05
     assert out["logits"][:, 0].argmax(-1).tolist() == sev.tolist()
     assert (out["slice_attention"][:, 0].argmax(-1) == 1).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: Grader(small_grader(dropout=0.0, **kw)),
+    lambda **kw: Localizer(LocalizerConfig(backbone="test_resnet", hidden=8, **kw)),
+], ids=["grader", "localizer"])
+def test_grad_checkpointing_gives_the_same_gradients(make):
+    torch.manual_seed(0)
+    plain = make()
+    ckpt = make(grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 3, 1, 32, 32) if isinstance(plain, Grader) else torch.rand(2, 3, 1, 32, 32)
+    for m in (plain, ckpt):
+        out = m(x)
+        (out["logits"] if isinstance(out, dict) else out).square().sum().backward()
+    a = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        if a[name].grad is not None:
+            assert torch.allclose(p.grad, a[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_inputs_are_standardised_with_the_backbone_stats():
+    g = Grader(small_grader())  # test_resnet was trained with mean = std = 0.5
+    assert g.mean.flatten().tolist() == [0.5] and g.std.flatten().tolist() == [0.5]
+    loc = Localizer(LocalizerConfig(backbone="convnext_small.fb_in22k_ft_in1k", in_chans=3, hidden=8))
+    assert torch.allclose(loc.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    one = Localizer(LocalizerConfig(backbone="convnext_small.fb_in22k_ft_in1k", hidden=8))
+    assert one.mean.item() == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+    # Off: a constant shift of the input changes the output; on, it is the same as shifting stats.
+    raw = Grader(small_grader(normalise_input=False)).eval()
+    raw.load_state_dict(g.state_dict())
+    g.eval()
+    x = torch.rand(1, 1, 2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(g(x)["logits"], raw((x - 0.5) / 0.5)["logits"], atol=1e-5)
+
+
+def test_configs_load_through_the_project_loader():
+    from spine_ray.config import ConfigError, from_dict, to_dict
+
+    cfg = from_dict(GraderConfig, {"backbone": "test_resnet", "target_mixer": "gru", "n_views": 3})
+    assert cfg.target_mixer == "gru" and from_dict(GraderConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError):
+        from_dict(GraderConfig, {"target_mixer": "lstm"})
+    with pytest.raises(ConfigError):
+        from_dict(LocalizerConfig, {"out_stride": 3})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 
@@ -35,3 +37,17 @@ def create_backbone(
     return timm.create_model(
         name, pretrained=pretrained, in_chans=in_chans, pretrained_cfg_overlay=overlay, **kwargs
     )
+
+
+def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's pretraining mean and std as [1, in_chans, 1, 1] (RGB averaged when in_chans ≠ 3).
+
+    Both stages take [0, 1] inputs (see `spine_ray.crops.normalise_intensity`) and standardise
+    them with these, so pretrained filters see the statistics they were trained on.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32)
+    if len(mean) != in_chans:
+        mean, std = mean.mean().expand(in_chans), std.mean().expand(in_chans)
+    return mean.reshape(1, in_chans, 1, 1).clone(), std.reshape(1, in_chans, 1, 1).clone()

@@ -18,7 +18,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import check_weights, create_backbone
+from spine_ray.models.backbone import check_weights, create_backbone, input_stats
 from spine_ray.schema import CONDITIONS, LEVELS
 
 
@@ -42,6 +42,8 @@ class GraderConfig:
     target_mixer: Literal["none", "transformer", "gru"] = "none"
     mixer_layers: int = 1
     mixer_heads: int = 4
+    normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
+    grad_checkpointing: bool = False  # trade compute for memory in the encoder
 
     def __post_init__(self) -> None:
         check_weights(self.pretrained, self.weights)
@@ -88,6 +90,10 @@ class Grader(nn.Module):
             cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans,
             num_classes=0, drop_path_rate=cfg.drop_path_rate,
         )
+        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+        mean, std = input_stats(self.encoder, cfg.in_chans)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.proj = nn.Sequential(nn.Linear(self.encoder.num_features, cfg.dim), nn.LayerNorm(cfg.dim))
         self.level = nn.Embedding(len(LEVELS), cfg.dim) if cfg.level_embedding else None
         self.condition = nn.Embedding(len(CONDITIONS), cfg.dim) if cfg.condition_embedding else None
@@ -128,7 +134,10 @@ class Grader(nn.Module):
         if x.ndim != 6:
             raise ValueError(f"expected [B, T, S, C, H, W], got {tuple(x.shape)}")
         b, t, s = x.shape[:3]
-        f = self.encoder(x.flatten(0, 2))  # [B·T·S, F]
+        x = x.flatten(0, 2)  # [B·T·S, C, H, W]
+        if self.cfg.normalise_input:
+            x = (x - self.mean) / self.std
+        f = self.encoder(x)  # [B·T·S, F]
         f = self.proj(f).view(b, t, s, -1)  # [B, T, S, dim]
         f = (
             f

@@ -22,7 +22,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import check_weights, create_backbone
+from spine_ray.models.backbone import check_weights, create_backbone, input_stats
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class LocalizerConfig:
     context: Literal["conv", "gru", "none"] = "conv"
     context_layers: int = 2
     dropout: float = 0.0
+    normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
+    grad_checkpointing: bool = False  # trade compute for memory in the encoder
 
     def __post_init__(self) -> None:
         check_weights(self.pretrained, self.weights)
@@ -88,6 +90,10 @@ class Localizer(nn.Module):
         self.encoder = create_backbone(
             cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, features_only=True
         )
+        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+        mean, std = input_stats(self.encoder, cfg.in_chans)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         reductions = self.encoder.feature_info.reduction()
         # Use the maps from the finest at or below out_stride's resolution down to the deepest
         # (finer ones are computed on the way anyway).
@@ -110,7 +116,10 @@ class Localizer(nn.Module):
             raise ValueError(f"expected [B, S, C, H, W], got {tuple(x.shape)}")
         b, s, c, h, w = x.shape
         size = (h // self.cfg.out_stride, w // self.cfg.out_stride)
-        feats = self.encoder(x.reshape(b * s, c, h, w))[self.first :]  # each [B·S, C_i, H/r_i, W/r_i]
+        x = x.reshape(b * s, c, h, w)
+        if self.cfg.normalise_input:
+            x = (x - self.mean) / self.std
+        feats = self.encoder(x)[self.first :]  # each [B·S, C_i, H/r_i, W/r_i]
         y = self.lateral[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):  # top-down: upsample, add the lateral, smooth
             lat = self.lateral[i](feats[i])
