@@ -89,36 +89,36 @@ def flip_left_right(
     view: View,
     labels: Mapping[str, Any] | None = None,
     points: Mapping[str, np.ndarray] | None = None,
+    slice_axis: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, np.ndarray] | None]:
     """Mirror the patient left–right, and the labels and points with it.
 
-    image: [S, ..., H, W], slice axis first. Axial: the image columns flip (patient left–right
-    runs across the columns). Sagittal: the slice order reverses (slices run left–right), the
+    image: [..., H, W] with slices along `slice_axis` (0 for a stack [S, C, H, W], 1 for a
+    grader sample [T, S, C, H, W]). Axial: the image columns flip (patient left–right runs
+    across the columns). Sagittal: the slice order reverses (slices run left–right); the
     in-plane image is unchanged. Points are (slice, row, col) arrays [..., 3] in this image's
     voxel indices and move with the flip. Keys of `labels` and `points` are swapped
-    left_* ↔ right_* (see `mirror_name`).
+    left_* ↔ right_* (see `mirror_name`): right for an image that shows both sides. For a
+    grader sample of per-target crops, keep each crop's severity and mirror its condition id
+    instead (`mirror_conditions`): the flipped left crop now shows a right-side structure.
     """
     image = np.asarray(image)
-    n_slices, width = image.shape[0], image.shape[-1]
+    n_slices, width = image.shape[slice_axis], image.shape[-1]
     match view:
         case "axial":
-            flipped = image[..., ::-1].copy()
-
-            def move(p: np.ndarray) -> np.ndarray:
-                p = np.array(p, dtype=np.float64)
-                p[..., 2] = width - 1 - p[..., 2]
-                return p
-
+            flipped = np.flip(image, axis=-1).copy()
+            axis, size = 2, width
         case "sagittal":
-            flipped = image[::-1].copy()
-
-            def move(p: np.ndarray) -> np.ndarray:
-                p = np.array(p, dtype=np.float64)
-                p[..., 0] = n_slices - 1 - p[..., 0]
-                return p
-
+            flipped = np.flip(image, axis=slice_axis).copy()
+            axis, size = 0, n_slices
         case _:
             raise ValueError(f"view must be 'axial' or 'sagittal', got {view!r}")
+
+    def move(p: np.ndarray) -> np.ndarray:
+        p = np.array(p, dtype=np.float64)
+        p[..., axis] = size - 1 - p[..., axis]
+        return p
+
     new_labels = None if labels is None else swap_left_right(labels)
     new_points = None if points is None else {mirror_name(k): move(v) for k, v in points.items()}
     return flipped, new_labels, new_points

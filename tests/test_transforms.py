@@ -103,3 +103,15 @@ def test_intensity_is_seeded_bounded_and_changes_the_image():
     assert np.array_equal(a, b) and a.shape == x.shape and a.dtype == np.float32
     assert a.min() >= 0 and a.max() <= 1 and not np.allclose(a, x)
     assert np.allclose(intensity(x, np.random.default_rng(1), (1, 1), (1, 1), 0.0, 0.0), x)
+
+
+def test_flip_a_grader_sample_with_per_target_crops():
+    # Two sagittal T1 crops (left and right foramen at L4/L5), slices on axis 1.
+    sample = np.zeros((2, 5, 1, 8, 8), np.float32)
+    sample[0, 0] = 1.0  # the left crop's first slice is bright
+    condition = np.array([1, 2])
+    severity = np.array([2, 0])
+    out, _, _ = flip_left_right(sample, "sagittal", slice_axis=1)
+    assert out[0, 4].max() == 1.0 and out[0, 0].max() == 0.0 and out[1].max() == 0.0
+    # Each crop keeps its severity; its condition becomes the mirror side.
+    assert mirror_conditions(condition).tolist() == [2, 1] and severity.tolist() == [2, 0]
