@@ -89,14 +89,22 @@ def crop_stack(
     rows = r + ((np.arange(oh) + 0.5) / oh - 0.5) * (hmm / rmm)
     cols = c + ((np.arange(ow) + 0.5) / ow - 0.5) * (wmm / cmm)
     n_slices = volume.shape[0]
-    idx = int(np.floor(s + 0.5)) + np.arange(-k, k + 1)
-    inside = (idx >= 0) & (idx < n_slices)
+    idx, inside = stack_slices(n_slices, s, k)
     out = _bilinear(volume[np.clip(idx, 0, n_slices - 1)], rows, cols, window)
     if slice_pad == "zero":
         out[~inside] = 0.0
     elif slice_pad != "edge":
         raise ValueError(f"slice_pad must be 'zero' or 'edge', got {slice_pad!r}")
     return out
+
+
+def stack_slices(n_slices: int, centre: float, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The 2k+1 slice indices of a crop stack around round(centre), and which lie inside the volume.
+
+    `inside` is the grader's `slice_mask` for that stack.
+    """
+    idx = int(np.floor(float(centre) + 0.5)) + np.arange(-k, k + 1)
+    return idx, (idx >= 0) & (idx < n_slices)
 
 
 def crop_to_native(
@@ -158,6 +166,7 @@ __all__ = [
     "normalise_intensity",
     "intensity_window",
     "crop_stack",
+    "stack_slices",
     "crop_to_native",
     "native_to_crop",
     "resample_volume",

@@ -12,6 +12,7 @@ from spine_ray.crops import (
     native_to_crop,
     normalise_intensity,
     resample_volume,
+    stack_slices,
     to_native,
     to_resampled,
 )
@@ -129,3 +130,10 @@ def test_resample_volume_and_point_maps():
     grids = np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij")
     com = np.array([(g * out).sum() / out.sum() for g in grids])
     assert np.abs(com[1:] - q[1:]).max() < 0.3
+
+
+def test_stack_slices_marks_what_lies_inside():
+    idx, inside = stack_slices(4, 0.4, k=2)
+    assert idx.tolist() == [-2, -1, 0, 1, 2] and inside.tolist() == [False, False, True, True, True]
+    idx, inside = stack_slices(4, 2.5, k=1)
+    assert idx.tolist() == [2, 3, 4] and inside.tolist() == [True, True, False]

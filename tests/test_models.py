@@ -265,3 +265,30 @@ def test_configs_load_through_the_project_loader():
         from_dict(GraderConfig, {"target_mixer": "lstm"})
     with pytest.raises(ConfigError):
         from_dict(LocalizerConfig, {"out_stride": 3})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_both_stages_train_a_step_on_cuda_under_autocast():
+    dev = torch.device("cuda")
+    loc = Localizer(LocalizerConfig(backbone="resnet10t", n_points=5, hidden=16)).to(dev)
+    g = Grader(small_grader(level_embedding=True, target_mixer="transformer")).to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        heat = loc(torch.rand(2, 8, 1, 64, 64, device=dev))
+        kl = keypoint_loss(heat, torch.full((2, 5, 3), 4.0, device=dev), torch.ones(2, 5, dtype=torch.bool, device=dev), 1.0)
+        out = g(torch.rand(2, 5, 5, 1, 32, 32, device=dev), level=torch.zeros(2, 5, dtype=torch.long, device=dev))
+        gl = grader_loss(out, torch.zeros(2, 5, dtype=torch.long, device=dev),
+                         torch.full((2, 5), 2, device=dev), torch.zeros(2, 5, dtype=torch.long, device=dev))
+    (kl + gl["loss"]).backward()
+    assert torch.isfinite(kl) and torch.isfinite(gl["loss"])
+
+
+def test_slice_mask_keeps_attention_off_missing_slices():
+    m = Grader(small_grader())
+    mask = torch.tensor([[[False, False, True, True, True], [True, True, True, True, False]]])
+    out = m(torch.rand(1, 2, 5, 1, 32, 32), slice_mask=mask)
+    assert out["slice_attention"][~mask].max() < 1e-6
+    assert torch.allclose(out["slice_attention"].sum(-1), torch.ones(1, 2))
+    loss = slice_loss(out["slice_logits"], torch.tensor([[0, 2]]))  # even a target on a masked slice
+    loss.backward()
+    assert torch.isfinite(loss)

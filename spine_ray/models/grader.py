@@ -128,9 +128,11 @@ class Grader(nn.Module):
         condition: Tensor | None = None,
         view: Tensor | None = None,
         target_mask: Tensor | None = None,
+        slice_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """x [B, T, S, C, H, W]; level/condition/view [B, T] long (indices into LEVELS, CONDITIONS,
-        views), needed when their embedding is on; target_mask [B, T] bool, False for padding."""
+        views), needed when their embedding is on; target_mask [B, T] bool, False for padding;
+        slice_mask [B, T, S] bool, False for slices beyond the volume (no attention goes there)."""
         if x.ndim != 6:
             raise ValueError(f"expected [B, T, S, C, H, W], got {tuple(x.shape)}")
         b, t, s = x.shape[:3]
@@ -147,6 +149,9 @@ class Grader(nn.Module):
         )
         seq = self.lstm(self.dropout(f).flatten(0, 1))[0]  # [B·T, S, 2h]
         slice_logits = self.attention(seq).squeeze(-1)  # [B·T, S]
+        if slice_mask is not None:
+            # Large but finite, so a CE target on a masked slice stays finite.
+            slice_logits = slice_logits.masked_fill(~slice_mask.bool().flatten(0, 1), -1e4)
         attn = slice_logits.softmax(-1)
         pooled = (attn[..., None] * seq).sum(1).view(b, t, -1)  # [B, T, 2h]
         if self.mixer is not None:
