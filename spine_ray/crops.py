@@ -33,7 +33,7 @@ def intensity_window(volume: np.ndarray) -> tuple[float, float]:
 def _bilinear(
     image: np.ndarray, rows: np.ndarray, cols: np.ndarray, window: tuple[float, float] | None
 ) -> np.ndarray:
-    """Sample image [N, H, W] at float positions rows [h], cols [w] → [N, h, w]; zero outside.
+    """Sample image [N, H, W] at float positions rows, cols (both [h, w]) → [N, h, w]; zero outside.
 
     Outside voxels count as 0 *after* windowing, so padding reads as black, and a sample half
     a pixel off the edge is half as bright (like grid_sample's zero padding).
@@ -41,21 +41,45 @@ def _bilinear(
     n, h, w = image.shape
     r0 = np.floor(rows).astype(np.int64)
     c0 = np.floor(cols).astype(np.int64)
-    fr = (rows - r0).astype(np.float32)[:, None]
-    fc = (cols - c0).astype(np.float32)[None, :]
-    out = np.zeros((n, len(rows), len(cols)), dtype=np.float32)
+    fr = (rows - r0).astype(np.float32)
+    fc = (cols - c0).astype(np.float32)
+    out = np.zeros((n, *rows.shape), dtype=np.float32)
     for dr, wr in ((0, 1 - fr), (1, fr)):
-        rr = r0 + dr
-        rok = (rr >= 0) & (rr < h)
         for dc, wc in ((0, 1 - fc), (1, fc)):
-            cc = c0 + dc
-            cok = (cc >= 0) & (cc < w)
-            vals = image[:, np.clip(rr, 0, h - 1)][:, :, np.clip(cc, 0, w - 1)].astype(np.float32)
+            rr, cc = r0 + dr, c0 + dc
+            ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            vals = image[:, np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)].astype(np.float32)
             if window is not None:
                 vals = normalise_intensity(vals, *window)
-            mask = (rok[:, None] & cok[None, :]).astype(np.float32)
-            out += vals * (wr * wc * mask)[None]
+            out += vals * (wr * wc * ok)[None]
     return out
+
+
+def _pair(v: float | Sequence[float], kind: type) -> tuple:
+    return (kind(v),) * 2 if np.isscalar(v) else tuple(kind(x) for x in v)
+
+
+def crop_affine(
+    centre: Sequence[float],
+    spacing: Sequence[float],
+    size_mm: float | Sequence[float] = 40.0,
+    out_px: int | Sequence[int] = 64,
+    angle: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A [2, 2], b [2]) with native (row, col) = A @ crop (i, j) + b for a crop around centre's (row, col).
+
+    Crop pixel (i, j) samples at the centre of its cell; the window is size_mm (height, width)
+    and its axes are turned `angle` degrees counter-clockwise on screen (rows down) from the
+    image's, rotating in millimetres so non-square pixels stay right.
+    """
+    hmm, wmm = _pair(size_mm, float)
+    oh, ow = _pair(out_px, int)
+    rmm, cmm = (float(v) for v in spacing)
+    ph, pw = hmm / oh, wmm / ow  # mm per crop pixel
+    cos, sin = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+    a = np.array([[cos * ph / rmm, -sin * pw / rmm], [sin * ph / cmm, cos * pw / cmm]])
+    b = np.asarray(centre, dtype=np.float64)[-2:] - a @ np.array([oh / 2 - 0.5, ow / 2 - 0.5])
+    return a, b
 
 
 def crop_stack(
@@ -67,34 +91,33 @@ def crop_stack(
     k: int = 2,
     window: tuple[float, float] | None = None,
     slice_pad: SlicePad = "zero",
+    angle: float = 0.0,
 ) -> np.ndarray:
     """2.5D crop: slices round(point.slice) ± k, each a `size_mm` window around (row, col) → [2k+1, h, w].
 
     volume [S, H, W] native; spacing [row_mm, col_mm]; size_mm (height_mm, width_mm) or one
-    number; out_px (h, w) or one number. With `window=(p01, p99)` values are normalised to
-    [0, 1] float32 (use the whole series' window, not the crop's). In-plane, anything outside
-    the image is 0. Slices beyond the volume are all-zero (`slice_pad="zero"`, default: the
-    model sees there is nothing there rather than a copy that looks like a real neighbour) or
-    repeat the edge slice (`"edge"`). The same function serves the axial case: pass the axial
-    stack and the axial slice index found from the sagittal point.
+    number; out_px (h, w) or one number; angle: in-plane rotation of the window in degrees
+    (see `crop_affine`). With `window=(p01, p99)` values are normalised to [0, 1] float32 (use
+    the whole series' window, not the crop's). In-plane, anything outside the image is 0.
+    Slices beyond the volume are all-zero (`slice_pad="zero"`, default: the model sees there is
+    nothing there rather than a copy that looks like a real neighbour; `stack_slices` gives the
+    mask) or repeat the edge slice (`"edge"`). The same function serves the axial case: pass
+    the axial stack and the axial slice index found from the sagittal point.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume must be [S, H, W], got shape {volume.shape}")
-    hmm, wmm = (float(size_mm),) * 2 if np.isscalar(size_mm) else map(float, size_mm)
-    oh, ow = (int(out_px),) * 2 if np.isscalar(out_px) else map(int, out_px)
-    s, r, c = (float(v) for v in point)
-    rmm, cmm = (float(v) for v in spacing)
-    # Output pixel j covers [j, j+1)/n of the window; sample at its centre, in native pixels.
-    rows = r + ((np.arange(oh) + 0.5) / oh - 0.5) * (hmm / rmm)
-    cols = c + ((np.arange(ow) + 0.5) / ow - 0.5) * (wmm / cmm)
+    if slice_pad not in ("zero", "edge"):
+        raise ValueError(f"slice_pad must be 'zero' or 'edge', got {slice_pad!r}")
+    oh, ow = _pair(out_px, int)
+    a, b = crop_affine(point, spacing, size_mm, (oh, ow), angle)
+    ij = np.stack(np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij"), axis=-1).astype(np.float64)
+    rc = ij @ a.T + b  # [h, w, 2] native positions
     n_slices = volume.shape[0]
-    idx, inside = stack_slices(n_slices, s, k)
-    out = _bilinear(volume[np.clip(idx, 0, n_slices - 1)], rows, cols, window)
+    idx, inside = stack_slices(n_slices, point[0], k)
+    out = _bilinear(volume[np.clip(idx, 0, n_slices - 1)], rc[..., 0], rc[..., 1], window)
     if slice_pad == "zero":
         out[~inside] = 0.0
-    elif slice_pad != "edge":
-        raise ValueError(f"slice_pad must be 'zero' or 'edge', got {slice_pad!r}")
     return out
 
 
@@ -113,13 +136,11 @@ def crop_to_native(
     spacing: Sequence[float],
     size_mm: float | Sequence[float] = 40.0,
     out_px: int | Sequence[int] = 64,
+    angle: float = 0.0,
 ) -> np.ndarray:
-    """Map (row, col) positions in a crop's pixels [..., 2] back to native pixels (inverse of crop_stack's grid)."""
-    hmm, wmm = (float(size_mm),) * 2 if np.isscalar(size_mm) else map(float, size_mm)
-    oh, ow = (int(out_px),) * 2 if np.isscalar(out_px) else map(int, out_px)
-    step = np.array([hmm / spacing[0] / oh, wmm / spacing[1] / ow])
-    size = np.array([oh, ow], dtype=np.float64)
-    return np.asarray(centre, dtype=np.float64)[-2:] + (np.asarray(points, dtype=np.float64) + 0.5 - size / 2) * step
+    """Map (row, col) positions in a crop's pixels [..., 2] back to native pixels (crop_stack's grid)."""
+    a, b = crop_affine(centre, spacing, size_mm, out_px, angle)
+    return np.asarray(points, dtype=np.float64) @ a.T + b
 
 
 def native_to_crop(
@@ -128,13 +149,11 @@ def native_to_crop(
     spacing: Sequence[float],
     size_mm: float | Sequence[float] = 40.0,
     out_px: int | Sequence[int] = 64,
+    angle: float = 0.0,
 ) -> np.ndarray:
     """Map native (row, col) [..., 2] into a crop's pixel grid (e.g. to place a second point)."""
-    hmm, wmm = (float(size_mm),) * 2 if np.isscalar(size_mm) else map(float, size_mm)
-    oh, ow = (int(out_px),) * 2 if np.isscalar(out_px) else map(int, out_px)
-    step = np.array([hmm / spacing[0] / oh, wmm / spacing[1] / ow])
-    size = np.array([oh, ow], dtype=np.float64)
-    return (np.asarray(points, dtype=np.float64) - np.asarray(centre, dtype=np.float64)[-2:]) / step + size / 2 - 0.5
+    a, b = crop_affine(centre, spacing, size_mm, out_px, angle)
+    return (np.asarray(points, dtype=np.float64) - b) @ np.linalg.inv(a).T
 
 
 def resample_volume(volume: np.ndarray, out_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +184,7 @@ def to_native(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
 __all__ = [
     "normalise_intensity",
     "intensity_window",
+    "crop_affine",
     "crop_stack",
     "stack_slices",
     "crop_to_native",

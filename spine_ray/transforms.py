@@ -55,6 +55,11 @@ def jitter_point(
     return np.array([s + shift, r + d[0], c + d[1]]), shift
 
 
+def random_angle(rng: np.random.Generator, max_deg: float = 15.0) -> float:
+    """An in-plane crop rotation in degrees, uniform in ±max_deg (for `crops.crop_stack(angle=…)`)."""
+    return float(rng.uniform(-max_deg, max_deg))
+
+
 def intensity(
     x: np.ndarray,
     rng: np.random.Generator,
@@ -128,6 +133,7 @@ __all__ = [
     "MIRROR_CONDITION",
     "sample_slice_shift",
     "jitter_point",
+    "random_angle",
     "intensity",
     "mirror_name",
     "swap_left_right",

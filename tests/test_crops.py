@@ -137,3 +137,25 @@ def test_stack_slices_marks_what_lies_inside():
     assert idx.tolist() == [-2, -1, 0, 1, 2] and inside.tolist() == [False, False, True, True, True]
     idx, inside = stack_slices(4, 2.5, k=1)
     assert idx.tolist() == [2, 3, 4] and inside.tolist() == [True, True, False]
+
+
+def test_rotation_turns_the_window_in_millimetres():
+    cols, rows = ramps()
+    # 90° counter-clockwise: along the crop's columns we walk up the image, along its rows right.
+    r = crop_stack(rows, (0.5, 1.0), (3, 100, 110), size_mm=20, out_px=20, k=0, angle=90)[0]
+    c = crop_stack(cols, (0.5, 1.0), (3, 100, 110), size_mm=20, out_px=20, k=0, angle=90)[0]
+    assert np.allclose(np.diff(r[5]), -2.0) and np.allclose(np.diff(c[:, 5]), 1.0)  # 1 mm = 2 rows = 1 col
+    # A dot 10 mm below the centre on 0.5 x 1.0 mm pixels shows 10 mm to the left in the turned crop.
+    v = np.zeros((1, 200, 220), np.float32)
+    v[0, 116:125, 108:113] = 1.0  # a blob 4.5 x 5 mm centred on (120, 110)
+    out = crop_stack(v, (0.5, 1.0), (0, 100, 110), size_mm=40, out_px=40, k=0, angle=90)[0]
+    want = native_to_crop(np.array([120.0, 110.0]), (0, 100, 110), (0.5, 1.0), 40, 40, angle=90)
+    assert np.allclose(want, [19.5, 9.5])
+    grid = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    com = np.array([(g * out).sum() / out.sum() for g in grid])
+    assert np.abs(com - want).max() < 0.3
+    back = crop_to_native(want, (0, 100, 110), (0.5, 1.0), 40, 40, angle=90)
+    assert np.allclose(back, [120.0, 110.0])
+    # A small angle keeps the centre pixel on the centre.
+    a = crop_stack(cols, (0.7, 0.7), (3, 100, 110), size_mm=21, out_px=21, k=0, angle=17)[0]
+    assert a[10, 10] == pytest.approx(110.0)

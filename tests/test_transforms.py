@@ -13,6 +13,7 @@ from spine_ray.transforms import (
     jitter_point,
     mirror_conditions,
     mirror_name,
+    random_angle,
     sample_slice_shift,
     swap_left_right,
 )
@@ -115,3 +116,9 @@ def test_flip_a_grader_sample_with_per_target_crops():
     assert out[0, 4].max() == 1.0 and out[0, 0].max() == 0.0 and out[1].max() == 0.0
     # Each crop keeps its severity; its condition becomes the mirror side.
     assert mirror_conditions(condition).tolist() == [2, 1] and severity.tolist() == [2, 0]
+
+
+def test_random_angle_is_bounded_and_seeded():
+    a = [random_angle(np.random.default_rng(i), 10.0) for i in range(200)]
+    assert max(map(abs, a)) <= 10.0 and np.std(a) > 4.0
+    assert random_angle(np.random.default_rng(5)) == random_angle(np.random.default_rng(5))
