@@ -84,7 +84,7 @@ def generate(out: str, cfg: SynthConfig, workers: int = 0, overwrite: bool = Fal
     manifest = join(out, MANIFEST)
     if exists(manifest):
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a finished dataset (pass overwrite to replace it)")
+            raise FileExistsError(f"{out} already holds a finished dataset (overwrite it with --overwrite)")
         remove(manifest)
     for split in ("train_images", "test_images"):
         remove(join(out, split), recursive=True)

@@ -81,14 +81,15 @@ class Phantom:
         return self.rotation @ np.array([0.0, float(ty), float(tz)])
 
     def target_points(self) -> dict[tuple[int, int], np.ndarray]:
-        """Where each (condition, level) is annotated, in patient coordinates."""
+        """Where each (condition, level) is annotated, in patient coordinates (inside the narrowed structure)."""
         pts = {}
         for lv in range(N_LEVELS):
-            pts[(0, lv)] = self.disc_point(lv)
+            pts[(0, lv)] = self.disc_point(lv, v=self.canal_half_v * (1.0 - self.narrow[0][lv]))
             for c, side in ((1, 1.0), (2, -1.0)):
                 pts[(c, lv)] = self.disc_point(lv, u=side * self.foramen_u, v=-1.0, dw=4.0)
             for c, side in ((3, 1.0), (4, -1.0)):
-                pts[(c, lv)] = self.disc_point(lv, u=side * (self.canal_half_u - 1.0), v=-0.45 * self.canal_half_v)
+                half_u = self.canal_half_u * (0.55 + 0.45 * self.narrow[c][lv])
+                pts[(c, lv)] = self.disc_point(lv, u=side * (half_u - 1.0), v=-0.45 * self.canal_half_v)
         return pts
 
     def tissue(self, points: np.ndarray) -> np.ndarray:
