@@ -52,21 +52,20 @@ class Phantom:
     def _curve(self, s: np.ndarray) -> tuple[np.ndarray, ...]:
         """Curve point (y, z) and unit tangent (ty, tz) at arc length s (parabola, small-angle exact enough)."""
         k = self.curvature
-        y = k * s**2
+        s2 = s * s
+        y = k * s2
         dy = 2 * k * s
-        norm = np.sqrt(1 + dy**2)
+        inv = 1 / np.sqrt(1 + dy * dy)
         # z from arc length: z ≈ s for the gentle curves used here, corrected to second order.
-        z = s - (2 * k**2 * s**3) / 3
-        return y, z, dy / norm, 1 / norm
+        z = s - (2 * k * k / 3) * s2 * s
+        return y, z, dy * inv, inv
 
     def to_local(self, points: np.ndarray) -> np.ndarray:
         """Patient points [..., 3] → local (u, v, w) [..., 3] (one Newton step onto the curve)."""
         p = (points - self.origin) @ self.rotation
         x, y, z = p[..., 0], p[..., 1], p[..., 2]
-        s = z.copy()
-        for _ in range(2):
-            cy, cz, ty, tz = self._curve(s)
-            s = s + (y - cy) * ty + (z - cz) * tz
+        cy, cz, ty, tz = self._curve(z)
+        s = z + (y - cy) * ty + (z - cz) * tz  # one Newton step: the curve is gentle
         cy, cz, ty, tz = self._curve(s)
         v = (y - cy) * tz - (z - cz) * ty
         return np.stack([x, v, s], axis=-1)
@@ -94,9 +93,10 @@ class Phantom:
 
     def tissue(self, points: np.ndarray) -> np.ndarray:
         """Tissue class of each patient point [..., 3] → uint8 [...]."""
+        points = np.asarray(points, dtype=np.float32)  # sub-micrometre precision is plenty
         loc = self.to_local(points)
         u, v, w = loc[..., 0], loc[..., 1], loc[..., 2]
-        p = (points - self.origin) @ self.rotation
+        p = (points - self.origin.astype(np.float32)) @ self.rotation.astype(np.float32)
         out = np.full(u.shape, AIR, dtype=np.uint8)
         # Trunk: an ellipse in the phantom's axial plane, fat rim, muscle behind the spine.
         bx, by = (p[..., 0] / 150.0), ((p[..., 1] + 40.0) / 115.0)
@@ -107,7 +107,7 @@ class Phantom:
         s_top, s_bot = self.disc_s[0] + 45.0, self.disc_s[-1] - 60.0
         column = (w < s_top) & (w > s_bot)
         # Nearest disc and the distance to it along the spine.
-        dw_all = w[..., None] - self.disc_s
+        dw_all = w[..., None] - self.disc_s.astype(np.float32)
         k = np.argmin(np.abs(dw_all), axis=-1)
         dw = np.take_along_axis(dw_all, k[..., None], axis=-1)[..., 0]
         # Posterior elements: lamina and pedicles around the canal.

@@ -46,10 +46,10 @@ def render_series(
     images = []
     for s in geom.slices:
         pts = s.voxel_centres()
-        img = contrast[phantom.tissue(pts)] * bias_field(pts, bias)
+        img = (contrast[phantom.tissue(pts)] * bias_field(pts, bias)).astype(np.float32)
         # Rician-like noise: magnitude of a complex signal with Gaussian noise on both parts.
-        re = img + rng.normal(0.0, noise, img.shape)
-        im = rng.normal(0.0, noise, img.shape)
+        re = img + noise * rng.standard_normal(img.shape, dtype=np.float32)
+        im = noise * rng.standard_normal(img.shape, dtype=np.float32)
         mag = np.sqrt(re**2 + im**2)
         images.append(np.clip(np.rint(mag * scale), 0, MAX_STORED).astype(np.uint16))
     return images
