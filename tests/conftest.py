@@ -9,7 +9,10 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "rsna2024"
+# SPINE_RAY_REAL_TABLES points elsewhere, e.g. from a git worktree that is not beside ../shared.
+SHARED = Path(
+    os.environ.get("SPINE_RAY_REAL_TABLES", Path(__file__).resolve().parents[1].parent / "shared" / "rsna2024")
+)
 
 
 @pytest.fixture(scope="session")
