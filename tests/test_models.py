@@ -86,6 +86,8 @@ def test_localizer_rejects_bad_input_and_config():
     m = Localizer(LocalizerConfig(backbone="test_resnet", hidden=8))
     with pytest.raises(ValueError):
         m(torch.randn(1, 8, 64, 64))
+    with pytest.raises(ValueError, match="multiples"):
+        m(torch.randn(1, 8, 1, 66, 64))
     with pytest.raises(ValueError):
         LocalizerConfig(out_stride=3)
     with pytest.raises(ValueError):

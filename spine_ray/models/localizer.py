@@ -115,6 +115,9 @@ class Localizer(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"expected [B, S, C, H, W], got {tuple(x.shape)}")
         b, s, c, h, w = x.shape
+        if h % self.cfg.out_stride or w % self.cfg.out_stride:
+            # Otherwise heatmap voxels would not sit exactly `stride` input pixels apart.
+            raise ValueError(f"H, W ({h}, {w}) must be multiples of out_stride ({self.cfg.out_stride})")
         size = (h // self.cfg.out_stride, w // self.cfg.out_stride)
         x = x.reshape(b * s, c, h, w)
         if self.cfg.normalise_input:
@@ -126,7 +129,7 @@ class Localizer(nn.Module):
             y = self.smooth[i](lat + F.interpolate(y, size=lat.shape[-2:], mode="bilinear", align_corners=False))
         if tuple(y.shape[-2:]) != size:
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)  # [B·S, D, h', w']
-        y = y.view(b, s, -1, *size).transpose(1, 2)  # [B, D, S, h', w']
+        y = y.reshape(b, s, -1, *size).transpose(1, 2)  # [B, D, S, h', w']
         y = self.context(y)
         return self.head(self.dropout(y))  # [B, P, S, h', w']
 
