@@ -318,3 +318,19 @@ def test_the_two_stages_fit_together():
     parts = grader_loss(out, torch.tensor([[0, 1, 2, 0, -1]]), torch.full((1, 5), 2), torch.zeros(1, 5, dtype=torch.long))
     parts["loss"].backward()
     assert out["logits"].shape == (1, 5, 3) and torch.isfinite(parts["loss"])
+
+
+def test_create_backbone_passes_hub_ids_and_files_to_timm(monkeypatch):
+    from spine_ray.models import backbone
+
+    seen = {}
+    monkeypatch.setattr(backbone.timm, "create_model", lambda name, **kw: seen.update(name=name, **kw))
+    backbone.create_backbone("convnext_small", True, "hf-hub:timm/convnext_small.fb_in22k_ft_in1k", 1, num_classes=0)
+    assert seen["pretrained_cfg_overlay"] == {"hf_hub_id": "timm/convnext_small.fb_in22k_ft_in1k", "source": "hf-hub"}
+    assert seen["pretrained"] and seen["in_chans"] == 1 and seen["num_classes"] == 0
+    backbone.create_backbone("convnext_small", True, "/ckpt/convnext.safetensors", 1)
+    assert seen["pretrained_cfg_overlay"] == {"file": "/ckpt/convnext.safetensors", "source": "file"}
+    backbone.create_backbone("convnext_small.fb_in22k_ft_in1k", True, None, 1)
+    assert seen["pretrained_cfg_overlay"] is None  # timm's own weights for the tag
+    with pytest.raises(ValueError, match="pretrained=False"):
+        backbone.create_backbone("convnext_small", False, "/ckpt/x.pth", 1)
