@@ -89,6 +89,16 @@ def mirror_conditions(condition: np.ndarray) -> np.ndarray:
     return np.asarray(MIRROR_CONDITION)[np.asarray(condition)]
 
 
+def mirror_permutation(names: Sequence[str]) -> np.ndarray:
+    """Index array that reorders per-name rows (points, heatmap channels, labels) after a flip.
+
+    `flipped_points = points[mirror_permutation(names)]`: row i of the result is the old row of
+    mirror_name(names[i]). Every mirrored name must be in `names`.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[mirror_name(n)] for n in names], dtype=np.int64)
+
+
 def flip_left_right(
     image: np.ndarray,
     view: View,
@@ -138,5 +148,6 @@ __all__ = [
     "mirror_name",
     "swap_left_right",
     "mirror_conditions",
+    "mirror_permutation",
     "flip_left_right",
 ]

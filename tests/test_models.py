@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import timm
 import torch
 
+from spine_ray.config import ConfigError, from_dict, to_dict
+from spine_ray.crops import crop_stack, intensity_window, resample_volume, stack_slices, to_native
 from spine_ray.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.losses import grader_loss, severity_loss, slice_loss
 from spine_ray.models import Grader, GraderConfig, Localizer, LocalizerConfig
@@ -83,6 +86,8 @@ def test_localizer_rejects_bad_input_and_config():
     m = Localizer(LocalizerConfig(backbone="test_resnet", hidden=8))
     with pytest.raises(ValueError):
         m(torch.randn(1, 8, 64, 64))
+    with pytest.raises(ValueError, match="multiples"):
+        m(torch.randn(1, 8, 1, 66, 64))
     with pytest.raises(ValueError):
         LocalizerConfig(out_stride=3)
     with pytest.raises(ValueError):
@@ -257,8 +262,6 @@ def test_inputs_are_standardised_with_the_backbone_stats():
 
 
 def test_configs_load_through_the_project_loader():
-    from spine_ray.config import ConfigError, from_dict, to_dict
-
     cfg = from_dict(GraderConfig, {"backbone": "test_resnet", "target_mixer": "gru", "n_views": 3})
     assert cfg.target_mixer == "gru" and from_dict(GraderConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError):
@@ -292,3 +295,42 @@ def test_slice_mask_keeps_attention_off_missing_slices():
     loss = slice_loss(out["slice_logits"], torch.tensor([[0, 2]]))  # even a target on a masked slice
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_the_two_stages_fit_together():
+    """Native volume → resample → localizer → native points → mm crops → grader → losses."""
+    rng = np.random.default_rng(0)
+    native = rng.normal(500, 100, size=(15, 96, 80)).astype(np.float32)  # a sagittal T2 series
+    spacing = (0.6, 0.7)
+    window = intensity_window(native)
+    vol, scale = resample_volume(native, (8, 64, 64))
+    loc = Localizer(LocalizerConfig(backbone="test_resnet", n_points=5, hidden=8)).eval()
+    with torch.no_grad():
+        x = torch.from_numpy((vol - window[0]) / (window[1] - window[0])).clip(0, 1)[None, :, None]
+        coords, conf = decode_points(loc(x))  # [1, 5, 3] heatmap voxels
+    points = to_native(scale_coords(coords, loc.stride)[0].numpy(), scale)  # [5, 3] native
+    assert points.shape == (5, 3) and (points[:, 0] > -0.5).all() and (points[:, 0] < 14.5).all()
+    crops = np.stack([crop_stack(native, spacing, p, size_mm=30, out_px=32, k=2, window=window) for p in points])
+    masks = np.stack([stack_slices(native.shape[0], p[0], 2)[1] for p in points])
+    g = Grader(small_grader(level_embedding=True))
+    out = g(torch.from_numpy(crops)[None, :, :, None], level=torch.arange(5)[None],
+            slice_mask=torch.from_numpy(masks)[None])  # one study, T = 5 levels
+    parts = grader_loss(out, torch.tensor([[0, 1, 2, 0, -1]]), torch.full((1, 5), 2), torch.zeros(1, 5, dtype=torch.long))
+    parts["loss"].backward()
+    assert out["logits"].shape == (1, 5, 3) and torch.isfinite(parts["loss"])
+
+
+def test_create_backbone_passes_hub_ids_and_files_to_timm(monkeypatch):
+    from spine_ray.models import backbone
+
+    seen = {}
+    monkeypatch.setattr(backbone.timm, "create_model", lambda name, **kw: seen.update(name=name, **kw))
+    backbone.create_backbone("convnext_small", True, "hf-hub:timm/convnext_small.fb_in22k_ft_in1k", 1, num_classes=0)
+    assert seen["pretrained_cfg_overlay"] == {"hf_hub_id": "timm/convnext_small.fb_in22k_ft_in1k", "source": "hf-hub"}
+    assert seen["pretrained"] and seen["in_chans"] == 1 and seen["num_classes"] == 0
+    backbone.create_backbone("convnext_small", True, "/ckpt/convnext.safetensors", 1)
+    assert seen["pretrained_cfg_overlay"] == {"file": "/ckpt/convnext.safetensors", "source": "file"}
+    backbone.create_backbone("convnext_small.fb_in22k_ft_in1k", True, None, 1)
+    assert seen["pretrained_cfg_overlay"] is None  # timm's own weights for the tag
+    with pytest.raises(ValueError, match="pretrained=False"):
+        backbone.create_backbone("convnext_small", False, "/ckpt/x.pth", 1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spine_ray.schema import CONDITIONS, LABEL_COLUMNS
+from spine_ray.models.localizer import POINT_NAMES
+from spine_ray.schema import AXIAL_T2, CONDITIONS, LABEL_COLUMNS, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.transforms import (
     MIRROR_CONDITION,
     flip_left_right,
@@ -13,6 +14,7 @@ from spine_ray.transforms import (
     jitter_point,
     mirror_conditions,
     mirror_name,
+    mirror_permutation,
     random_angle,
     sample_slice_shift,
     swap_left_right,
@@ -122,3 +124,21 @@ def test_random_angle_is_bounded_and_seeded():
     a = [random_angle(np.random.default_rng(i), 10.0) for i in range(200)]
     assert max(map(abs, a)) <= 10.0 and np.std(a) > 4.0
     assert random_angle(np.random.default_rng(5)) == random_angle(np.random.default_rng(5))
+
+
+def test_mirror_permutation_swaps_the_t1_heatmap_channels():
+    names = POINT_NAMES[SAGITTAL_T1]
+    assert set(names) <= set(LABEL_COLUMNS) and len(names) == 10
+    perm = mirror_permutation(names)
+    assert perm.tolist() == [5, 6, 7, 8, 9, 0, 1, 2, 3, 4]
+    assert mirror_permutation(POINT_NAMES[SAGITTAL_T2]).tolist() == [0, 1, 2, 3, 4]
+    assert mirror_permutation(POINT_NAMES[AXIAL_T2]).tolist() == [1, 0]
+    # Flip a T1 volume with its [P, 3] points: the same answer as the dict form.
+    pts = np.random.default_rng(0).uniform(0, 15, size=(10, 3))
+    vol = np.zeros((16, 8, 8), np.float32)
+    _, _, as_dict = flip_left_right(vol, "sagittal", points=dict(zip(names, pts, strict=True)))
+    moved = pts[perm].copy()
+    moved[:, 0] = 15 - moved[:, 0]
+    assert np.allclose(moved, np.stack([as_dict[n] for n in names]))
+    with pytest.raises(KeyError):
+        mirror_permutation(["left_subarticular_stenosis"])
