@@ -175,10 +175,11 @@ def submit_job(
     entrypoint: Sequence[str],
     working_dir: Path,
     runtime_env: Mapping | None = None,
+    runtime_env_file: Path | None = None,
     submission_id: str | None = None,
     timeout_s: float = 300,
 ) -> tuple[str, subprocess.CompletedProcess]:
-    """`ray job submit --address … --working-dir … --runtime-env-json … -- <entrypoint>`.
+    """`ray job submit --address … --working-dir … [--runtime-env FILE | --runtime-env-json …] -- <entrypoint>`.
 
     The CLI streams the job's logs and returns when the job ends; returns (submission id, result).
     """
@@ -187,6 +188,8 @@ def submit_job(
         RAY, "job", "submit", "--address", head.address, "--submission-id", submission_id,
         "--working-dir", str(working_dir), "--log-style=record", "--log-color=false",
     ]
+    if runtime_env_file is not None:
+        cmd += ["--runtime-env", str(runtime_env_file)]
     if runtime_env:
         cmd += ["--runtime-env-json", json.dumps(dict(runtime_env))]
     cmd += ["--", *entrypoint]

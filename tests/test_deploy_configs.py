@@ -102,3 +102,17 @@ def test_aws_node_configs_match_run_instances():
         assert not report.has_errors(), f"{name}: {report.generate_report()}"
     bad = {**config["available_node_types"]["gpu"]["node_config"], "InstanceTyp": "g5.2xlarge"}
     assert ParamValidator().validate({**bad, "MinCount": 1, "MaxCount": 1}, shape).has_errors()
+
+
+def test_runtime_env_file_is_a_valid_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = load("jobs/runtime_env.yaml")
+    # Ray accepts unknown top-level keys as plugin names, so a typo would be silently ignored.
+    assert set(spec) <= RuntimeEnv.known_fields, set(spec) - RuntimeEnv.known_fields
+    env = RuntimeEnv(**spec)  # rejects malformed values
+    assert "working_dir" not in spec, "the working dir comes from --working-dir on the command line"
+    for pattern in (".venv", "data/", "runs/", ".git"):
+        assert pattern in env["excludes"]
+    assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert all(isinstance(v, str) for v in env["env_vars"].values())

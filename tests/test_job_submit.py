@@ -13,12 +13,8 @@ from spine_ray.schema import labels_from_matrix
 from tests.ray_head import AUTH_ENV_VARS, RAY, job_client, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
-# What the job needs beyond the uploaded working dir; mirrors jobs/runtime_env.yaml, which adds
-# the pip install a fresh cluster needs (here the head already runs in the project's venv).
-RUNTIME_ENV = {
-    "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"},
-    "excludes": [".git", ".venv", "data", "runs", "demo", "*.egg-info"],
-}
+# The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.
+RUNTIME_ENV_FILE = REPO / "jobs" / "runtime_env.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +34,22 @@ def pipeline_entrypoint(tmp: Path) -> tuple[list[str], list[Path]]:
 
 def test_job_imports_the_uploaded_working_dir(job_head):
     # `ray job submit` quotes each argument, so an entrypoint is one command, not a shell line.
-    probe = ["python", "-c", "import spine_ray; print('spine_ray at', spine_ray.__file__)"]
-    job_id, r = submit_job(job_head, probe, REPO, RUNTIME_ENV)
+    probe = [
+        "python", "-c",
+        "import os, spine_ray; print('spine_ray at', spine_ray.__file__); print('probe', os.environ['PROBE'])",
+    ]
+    runtime_env = {"env_vars": {"PROBE": "set-by-runtime-env"}, "excludes": [".git", "data/", "runs/"]}
+    job_id, r = submit_job(job_head, probe, REPO, runtime_env=runtime_env)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     origin = next(line for line in r.stdout.splitlines() if line.startswith("spine_ray at"))
     # Ray unpacks the uploaded package under the head's session dir and puts it first on PYTHONPATH.
     assert str(job_head.temp_dir) in origin and "runtime_resources" in origin, origin
+    assert "probe set-by-runtime-env" in r.stdout
 
 
 def test_submit_runs_pipeline_and_writes_outputs(job_head, tmp_path):
     entrypoint, outputs = pipeline_entrypoint(tmp_path)
-    job_id, r = submit_job(job_head, entrypoint, REPO, RUNTIME_ENV)
+    job_id, r = submit_job(job_head, entrypoint, REPO, runtime_env_file=RUNTIME_ENV_FILE)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert job_client(job_head).get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "prior baseline, 3-fold out-of-fold, 30 studies" in r.stdout
