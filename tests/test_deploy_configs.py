@@ -116,3 +116,121 @@ def test_runtime_env_file_is_a_valid_runtime_env():
         assert pattern in env["excludes"]
     assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+# Field names of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/rayjob_types.go and
+# raycluster_types.go). The operator's CRD prunes unknown fields silently, so a typo here would
+# only show up as a cluster that ignores the setting.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
+    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
+}
+RAYCLUSTER_SPEC_FIELDS = {
+    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions",
+    "headServiceAnnotations", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+    "headGroupSpec", "rayVersion", "workerGroupSpecs",
+}
+HEAD_GROUP_FIELDS = {
+    "template", "headService", "enableIngress", "resources", "labels", "rayStartParams", "serviceType",
+}
+WORKER_GROUP_FIELDS = {
+    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+    "resources", "labels", "rayStartParams", "template", "scaleStrategy", "numOfHosts",
+}
+
+
+def rayjob_problems(job: dict) -> list[str]:
+    """What keeps a RayJob manifest from running this pipeline; empty when it is fine."""
+    problems = []
+    if job.get("apiVersion") != "ray.io/v1" or job.get("kind") != "RayJob":
+        problems.append("not a ray.io/v1 RayJob")
+    spec = job.get("spec", {})
+    cluster = spec.get("rayClusterSpec", {})
+    head = cluster.get("headGroupSpec", {})
+    workers = cluster.get("workerGroupSpecs", [])
+    for where, keys, allowed in [
+        ("spec", spec, RAYJOB_SPEC_FIELDS),
+        ("rayClusterSpec", cluster, RAYCLUSTER_SPEC_FIELDS),
+        ("headGroupSpec", head, HEAD_GROUP_FIELDS),
+        *((f"workerGroupSpecs[{i}]", w, WORKER_GROUP_FIELDS) for i, w in enumerate(workers)),
+    ]:
+        problems += [f"{where}: unknown field {k!r}" for k in set(keys) - allowed]
+    if "train" not in spec.get("entrypoint", ""):
+        problems.append("entrypoint does not run training")
+    if not spec.get("shutdownAfterJobFinishes"):
+        problems.append("the cluster outlives the job (shutdownAfterJobFinishes)")
+    if not head.get("template", {}).get("spec", {}).get("containers"):
+        problems.append("no head container")
+    gpu_groups = [
+        w for w in workers
+        if any(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
+               for c in w["template"]["spec"]["containers"])
+    ]
+    if not gpu_groups:
+        problems.append("no worker group requests nvidia.com/gpu")
+    for w in workers:
+        if not w.get("minReplicas", 0) <= w.get("replicas", 0) <= w.get("maxReplicas", 2**31 - 1):
+            problems.append(f"{w.get('groupName')}: replicas outside [minReplicas, maxReplicas]")
+    return problems
+
+
+def rayjob_containers(job: dict) -> list[dict]:
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_rayjob_has_what_kuberay_needs():
+    job = load("jobs/rayjob.yaml")
+    assert rayjob_problems(job) == []
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_rayjob_runs_the_ray_version_cluster_yaml_pins():
+    job = load("jobs/rayjob.yaml")
+    version = pinned_ray_version(load("cluster.yaml"))
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == version
+    for c in rayjob_containers(job):
+        m = RAY_IMAGE.match(c["image"])
+        assert m and m.group(1) == version, c["image"]
+
+
+def test_rayjob_takes_s3_credentials_from_a_secret_and_auth_on():
+    job = load("jobs/rayjob.yaml")
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    for c in rayjob_containers(job):
+        env = {e["name"]: e for e in c["env"]}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "secretKeyRef" in env[key]["valueFrom"], (c["name"], key)
+
+
+def test_rayjob_runtime_env_is_valid():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = yaml.safe_load(load("jobs/rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    assert set(spec) <= RuntimeEnv.known_fields, set(spec) - RuntimeEnv.known_fields
+    env = RuntimeEnv(**spec)
+    assert env["working_dir"].endswith(".zip")  # KubeRay cannot upload a local directory
+    packages = " ".join(env["pip"]["packages"])
+    for dep in ("torch", "timm", "pydicom", "s3fs"):
+        assert dep in packages
+
+
+@pytest.mark.parametrize(
+    ("mutate", "says"),
+    [
+        (lambda j: j["spec"].update(shutdownAfterJobFinished=True), "unknown field 'shutdownAfterJobFinished'"),
+        (lambda j: j["spec"]["rayClusterSpec"].update(workerGroupSpec=[]), "unknown field 'workerGroupSpec'"),
+        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplica=3), "unknown field 'maxReplica'"),
+        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         ["resources"]["limits"].pop("nvidia.com/gpu"), "no worker group requests nvidia.com/gpu"),
+        (lambda j: j.update(apiVersion="ray.io/v1alpha1"), "not a ray.io/v1 RayJob"),
+    ],
+    ids=["spec-typo", "cluster-typo", "worker-typo", "no-gpu", "old-api"],
+)
+def test_rayjob_mistakes_are_caught(mutate, says):
+    job = load("jobs/rayjob.yaml")
+    mutate(job)
+    assert any(says in p for p in rayjob_problems(job)), rayjob_problems(job)
