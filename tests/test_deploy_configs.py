@@ -234,3 +234,20 @@ def test_rayjob_mistakes_are_caught(mutate, says):
     job = load("jobs/rayjob.yaml")
     mutate(job)
     assert any(says in p for p in rayjob_problems(job)), rayjob_problems(job)
+
+
+def test_cluster_file_mounts_exist_from_the_repo_root(tmp_path, monkeypatch):
+    """`ray up`, run from the repository root, hashes every local file mount before syncing it."""
+    from ray.autoscaler._private.util import hash_runtime_conf
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)  # what `ray get-auth-token --generate` makes
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    mounts = bootstrap_offline(load("cluster.yaml"))["file_mounts"]
+    for remote, local in mounts.items():
+        assert Path(local).expanduser().exists(), f"{remote}: {local} missing"
+    assert hash_runtime_conf(mounts, None, {}, generate_file_mounts_contents_hash=True)[1]
+    assert not any(Path(local).expanduser().resolve() == REPO for local in mounts.values()), (
+        "mounting the whole checkout makes `ray up` hash data/ and .venv"
+    )
