@@ -64,8 +64,9 @@ def test_cluster_config_passes_ray_validation(name):
     assert "~/.ray/auth_token" in prepared["file_mounts"]
 
 
-def test_cluster_configs_exist():
-    assert "cluster.yaml" in CLUSTER_FILES
+def test_cluster_configs_exist_and_agree_on_ray():
+    assert {"cluster.yaml", "cluster-gcp.yaml"} <= set(CLUSTER_FILES)
+    assert len({pinned_ray_version(load(name)) for name in CLUSTER_FILES}) == 1
 
 
 @pytest.mark.parametrize(
@@ -236,7 +237,8 @@ def test_rayjob_mistakes_are_caught(mutate, says):
     assert any(says in p for p in rayjob_problems(job)), rayjob_problems(job)
 
 
-def test_cluster_file_mounts_exist_from_the_repo_root(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_file_mounts_exist_from_the_repo_root(name, tmp_path, monkeypatch):
     """`ray up`, run from the repository root, hashes every local file mount before syncing it."""
     from ray.autoscaler._private.util import hash_runtime_conf
 
@@ -244,7 +246,7 @@ def test_cluster_file_mounts_exist_from_the_repo_root(tmp_path, monkeypatch):
     (tmp_path / ".ray" / "auth_token").write_text("0" * 64)  # what `ray get-auth-token --generate` makes
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(REPO)
-    mounts = bootstrap_offline(load("cluster.yaml"))["file_mounts"]
+    mounts = bootstrap_offline(load(name))["file_mounts"]
     for remote, local in mounts.items():
         assert Path(local).expanduser().exists(), f"{remote}: {local} missing"
     assert hash_runtime_conf(mounts, None, {}, generate_file_mounts_contents_hash=True)[1]
