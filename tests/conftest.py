@@ -89,7 +89,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def job_head():
     """A real local Ray head (loopback, token auth, 2 CPUs) for `ray job submit` tests; see tests/ray_head.py."""
-    from tests.ray_head import ray_head
+    from ray_head import ray_head
 
     with ray_head(num_cpus=2) as head:
         yield head

@@ -10,6 +10,9 @@ by default since 2.59; `ray start` turns it on only when the mode is set or a to
 exists). The token is read from RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else
 ~/.ray/auth_token. We set the mode and a private token file explicitly on both sides — the
 head and the CLI — so the tests neither depend on nor write to the user's ~/.ray.
+
+Use the session fixture `job_head` (tests/conftest.py), or `from ray_head import ray_head`
+(pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations

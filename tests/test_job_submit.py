@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ray.job_submission import JobStatus
+from ray_head import AUTH_ENV_VARS, RAY, job_client, submit_job
 
 from spine_ray.schema import labels_from_matrix
-from tests.ray_head import AUTH_ENV_VARS, RAY, job_client, submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 # The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.
