@@ -62,18 +62,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def head_env(token_path: Path) -> dict[str, str]:
-    """This environment with token auth on, our token file, and the venv's bin first on PATH."""
+def head_env(temp_dir: Path, token_in_home: bool) -> tuple[dict[str, str], str]:
+    """Environment for the head and its clients, and the token they share.
+
+    Token auth on, the venv's bin first on PATH. The token is either a private file named by
+    RAY_AUTH_TOKEN_PATH, or (token_in_home) made by `ray get-auth-token --generate` in a private
+    HOME, as the docs tell users to do.
+    """
     env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV_VARS}
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     # The job's driver must import the uploaded working_dir, not a path left by the test runner.
     env.pop("PYTHONPATH", None)
-    return env
+    if token_in_home:
+        env["HOME"] = str(temp_dir / "home")
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+        token_path = temp_dir / "home" / ".ray" / "auth_token"
+    else:
+        token_path = temp_dir / "auth_token"
+        token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes
+        token_path.chmod(0o600)
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    return env, token_path.read_text().strip()
 
 
 def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -121,15 +130,11 @@ def _pids_mentioning(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, timeout_s: float = 120) -> Iterator[RayHead]:
+def ray_head(num_cpus: int = 2, timeout_s: float = 120, token_in_home: bool = False) -> Iterator[RayHead]:
     """Start a real Ray head on loopback with token auth; stop it on exit, even on failure."""
     # Short path: Ray puts unix sockets under it and those are limited to ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="srh-", dir="/tmp"))
-    token_path = temp_dir / "auth_token"
-    token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes: 256 random bits
-    token_path.write_text(token)
-    token_path.chmod(0o600)
-    env = head_env(token_path)
+    env, token = head_env(temp_dir, token_in_home)
     (gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client, node_manager,
      object_manager) = free_ports(9)
     cmd = [

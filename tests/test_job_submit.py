@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ray.job_submission import JobStatus
-from ray_head import AUTH_ENV_VARS, RAY, job_client, submit_job
+from ray_head import AUTH_ENV_VARS, RAY, job_client, ray_head, submit_job
 
 from spine_ray.schema import labels_from_matrix
 
@@ -72,3 +72,13 @@ def test_head_refuses_client_without_its_token(job_head, tmp_path, token_env, re
     )
     assert r.returncode != 0
     assert refusal in r.stderr, r.stderr[-2000:]
+
+
+def test_documented_token_flow_with_default_token_file():
+    """docs/scale-out.md: `ray get-auth-token --generate`, RAY_AUTH_MODE=token, start, submit."""
+    with ray_head(num_cpus=1, token_in_home=True) as head:
+        assert "RAY_AUTH_TOKEN_PATH" not in head.env and "RAY_AUTH_TOKEN" not in head.env
+        job_id, r = submit_job(head, ["python", "-c", "print('hello from the job')"], REPO / "jobs")
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        assert "hello from the job" in r.stdout
+        assert job_client(head).get_job_status(job_id) == JobStatus.SUCCEEDED
