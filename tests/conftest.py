@@ -90,3 +90,12 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def job_head():
+    """A real local Ray head (loopback, token auth, 2 CPUs) for `ray job submit` tests; see tests/ray_head.py."""
+    from ray_head import ray_head
+
+    with ray_head(num_cpus=2) as head:
+        yield head

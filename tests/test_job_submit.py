@@ -1,0 +1,84 @@
+"""`ray job submit` against a real local head with token authentication, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ray.job_submission import JobStatus
+from ray_head import AUTH_ENV_VARS, RAY, job_client, ray_head, submit_job
+
+from spine_ray.schema import labels_from_matrix
+
+REPO = Path(__file__).resolve().parents[1]
+# The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.
+RUNTIME_ENV_FILE = REPO / "jobs" / "runtime_env.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def pipeline_entrypoint(tmp: Path) -> tuple[list[str], list[Path]]:
+    """The command the job runs and the files it must leave behind.
+
+    The one place to change when `spine-ray train --config jobs/smoke.yaml` exists.
+    """
+    rng = np.random.default_rng(0)
+    labels = labels_from_matrix(range(1, 31), rng.choice(3, size=(30, 25), p=[0.7, 0.2, 0.1]).astype(np.int8))
+    labels.to_csv(tmp / "train.csv", index=False)
+    out = tmp / "out"
+    cmd = ["spine-ray", "baseline", "--labels", str(tmp / "train.csv"), "--folds", "3", "--out", str(out)]
+    return cmd, [out / "prior.csv", out / "folds.csv", out / "oof_prior.csv"]
+
+
+def test_job_imports_the_uploaded_working_dir(job_head):
+    # `ray job submit` quotes each argument, so an entrypoint is one command, not a shell line.
+    probe = [
+        "python", "-c",
+        "import os, spine_ray; print('spine_ray at', spine_ray.__file__); print('probe', os.environ['PROBE'])",
+    ]
+    runtime_env = {"env_vars": {"PROBE": "set-by-runtime-env"}, "excludes": [".git", "data/", "runs/"]}
+    job_id, r = submit_job(job_head, probe, REPO, runtime_env=runtime_env)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    origin = next(line for line in r.stdout.splitlines() if line.startswith("spine_ray at"))
+    # Ray unpacks the uploaded package under the head's session dir and puts it first on PYTHONPATH.
+    assert str(job_head.temp_dir) in origin and "runtime_resources" in origin, origin
+    assert "probe set-by-runtime-env" in r.stdout
+
+
+def test_submit_runs_pipeline_and_writes_outputs(job_head, tmp_path):
+    entrypoint, outputs = pipeline_entrypoint(tmp_path)
+    job_id, r = submit_job(job_head, entrypoint, REPO, runtime_env_file=RUNTIME_ENV_FILE)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert job_client(job_head).get_job_status(job_id) == JobStatus.SUCCEEDED
+    assert "prior baseline, 3-fold out-of-fold, 30 studies" in r.stdout
+    for f in outputs:
+        assert f.exists() and f.stat().st_size > 0, f
+
+
+@pytest.mark.parametrize(
+    ("token_env", "refusal"),
+    [({}, "Missing authentication token"), ({"RAY_AUTH_TOKEN": "0" * 64}, "Invalid authentication token")],
+    ids=["no-token", "wrong-token"],
+)
+def test_head_refuses_client_without_its_token(job_head, tmp_path, token_env, refusal):
+    env = {k: v for k, v in job_head.env.items() if k not in AUTH_ENV_VARS}
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="token", **token_env)  # no ~/.ray/auth_token to fall back on
+    if not token_env:
+        env.pop("RAY_AUTH_MODE")
+    r = subprocess.run(
+        [RAY, "job", "list", "--address", job_head.address], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0
+    assert refusal in r.stderr, r.stderr[-2000:]
+
+
+def test_documented_token_flow_with_default_token_file():
+    """docs/scale-out.md: `ray get-auth-token --generate`, RAY_AUTH_MODE=token, start, submit."""
+    with ray_head(num_cpus=1, token_in_home=True) as head:
+        assert "RAY_AUTH_TOKEN_PATH" not in head.env and "RAY_AUTH_TOKEN" not in head.env
+        job_id, r = submit_job(head, ["python", "-c", "print('hello from the job')"], REPO / "jobs")
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        assert "hello from the job" in r.stdout
+        assert job_client(head).get_job_status(job_id) == JobStatus.SUCCEEDED
