@@ -141,6 +141,28 @@ def synth(
     out.print(table)
 
 
+@app.command()
+def train(
+    config: str = typer.Option(..., "--config", help="Pipeline config YAML (see jobs/)."),
+    stage: str = typer.Option(None, "--stage", help="Run one stage (localize or grade); default: every stage in order."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3 --set localize.sag_t2.train.epochs=2."),
+) -> None:
+    """Train every model stage, all folds in parallel, and write out-of-fold tables."""
+    from spine_ray.config import load
+    from spine_ray.pipeline import PipelineConfig
+    from spine_ray.pipeline import train as run_train
+
+    cfg = load(PipelineConfig, config, overrides)
+    report = run_train(cfg, stage)
+    if "localize" in report:
+        table = Table(title=f"stage 1 out-of-fold localisation error ({cfg.run_dir})")
+        for col in ("view", "points", "median mm", "p90 mm", "exact slice", "±1 slice"):
+            table.add_column(col, justify="right")
+        for view, r in report["localize"].iterrows():
+            table.add_row(view, str(int(r["points"])), f"{r['median_mm']:.1f}", f"{r['p90_mm']:.1f}", f"{r['slice_exact']:.0%}", f"{r['slice_within_1']:.0%}")
+        out.print(table)
+
+
 def main() -> None:
     """Entry point: user mistakes become one clear line and exit code 2, not a traceback."""
     try:

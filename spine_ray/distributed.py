@@ -165,7 +165,12 @@ def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resum
     return oof
 
 
-def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[int, FoldJob], resources: ResourcesConfig, storage: str) -> None:
+def job_key(job: FoldJob) -> str:
+    """A fold's name in progress tables and storage: `{member}-fold{k}`."""
+    return f"{job.member}-fold{job.fold}"
+
+
+def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], resources: ResourcesConfig, storage: str) -> None:
     """One Tune trial: train one fold with a TorchTrainer and relay its metrics to Tune."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -215,7 +220,11 @@ def _storage_root(url: str) -> str:
 
 
 def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> list[pd.DataFrame]:
-    """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables."""
+    """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables.
+
+    Jobs may belong to several members of one stage: they share one Tune run, so every model of
+    the stage is trained at once and the cluster's resources are shared out between them.
+    """
     from ray import tune
 
     pending = [j for j in jobs if not is_done(j)]
@@ -229,7 +238,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
         trainable = tune.with_parameters(
             _fold_trial,
             stage=stage,
-            jobs={j.fold: j for j in pending},
+            jobs={job_key(j): j for j in pending},
             resources=resources,
             storage=_storage_root(join(storage, "train")),
         )
@@ -237,10 +246,10 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
             # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
             # asks for no CPU (a head bundle must ask for something: a token of memory).
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
-            param_space={"fold": tune.grid_search([j.fold for j in pending])},
+            param_space={"fold": tune.grid_search([job_key(j) for j in pending])},
             tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or len(pending)),
             run_config=tune.RunConfig(
-                name=f"{first.stage}-{first.member}",
+                name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
                 storage_path=_storage_root(join(storage, "tune")),
                 storage_filesystem=_pyarrow_fs(storage),
                 verbose=1,
@@ -249,10 +258,10 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
         grid = tuner.fit()
         failed = [r for r in grid if r.error is not None]
         if failed:
-            raise RuntimeError(f"{len(failed)} fold(s) of {first.stage}/{first.member} failed: {failed[0].error}")
-    missing = [j.fold for j in jobs if not is_done(j)]
+            raise RuntimeError(f"{len(failed)} fold(s) of stage {first.stage} failed: {failed[0].error}")
+    missing = [job_key(j) for j in jobs if not is_done(j)]
     if missing:
-        raise RuntimeError(f"folds {missing} of {jobs[0].stage}/{jobs[0].member} finished without their outputs")
+        raise RuntimeError(f"folds {missing} of stage {jobs[0].stage} finished without their outputs")
     return [read_oof(j) for j in jobs]
 
 

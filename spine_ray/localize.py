@@ -112,8 +112,8 @@ def _sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame,
     return {
         "study_id": int(row["study_id"]), "series_id": int(row["series_id"]), "stack": int(row["stack"]),
         "level": "", "x": x.astype(np.float16).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
-        "visible": visible.tobytes(), "scale": list(scale), "slice0": 0, "affine": list(meta["affine"].reshape(-1)),
-        "gt": coords.tobytes(),
+        "visible": visible.tobytes(), "has_gt": visible.tobytes(), "scale": list(scale), "slice0": 0,
+        "affine": list(meta["affine"].reshape(-1)), "gt": coords.tobytes(),
     }
 
 
@@ -140,6 +140,7 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
         slice0 = int(hits[best].slice - k)
         coords = np.zeros((2, 3), np.float32)
         visible = np.zeros(2, bool)
+        has_gt = np.zeros(2, bool)
         for i, side in enumerate(SUBARTICULAR):
             hit = gt[(gt["target"] == f"{side}_{lv}") & (gt["series_id"] == row["series_id"]) & (gt["stack"] == row["stack"])]
             if len(hit):
@@ -147,10 +148,11 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
                 local = np.array([h["slice"] - slice0, h["row"], h["col"]], float)
                 coords[i] = to_resampled(local, scale)
                 visible[i] = 0 <= local[0] <= len(idx) - 1
+                has_gt[i] = True
         out.append({
             "study_id": study, "series_id": int(row["series_id"]), "stack": int(row["stack"]), "level": lv,
             "x": x.astype(np.float16).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
-            "visible": visible.tobytes(), "scale": list(scale), "slice0": slice0,
+            "visible": visible.tobytes(), "has_gt": has_gt.tobytes(), "scale": list(scale), "slice0": slice0,
             "affine": list(meta["affine"].reshape(-1)), "gt": coords.tobytes(),
         })
     return out
@@ -215,7 +217,10 @@ class LocalizeStage:
         return predict_points(job, model, samples)
 
 
-SAMPLE_COLUMNS = ["study_id", "series_id", "stack", "level", "x", "shape", "coords", "visible", "scale", "slice0", "affine", "gt"]
+# Sample rows: volume/slab x (float16 bytes, `shape`), label coords in resampled voxels, `visible`
+# (inside the input: trained on), `has_gt` (a label point exists: scored), `scale` resampled/native,
+# `slice0` the slab's first native slice, `affine` voxel→patient of the stack.
+SAMPLE_COLUMNS = ["study_id", "series_id", "stack", "level", "x", "shape", "coords", "visible", "has_gt", "scale", "slice0", "affine", "gt"]
 
 
 def _spinal_points(job: FoldJob, split: str) -> pd.DataFrame:
@@ -247,7 +252,7 @@ def predict_points(job: FoldJob, model: nn.Module, samples: pd.DataFrame, batch_
             native[:, 0] += s["slice0"]
             gt = to_native(np.frombuffer(s["gt"], np.float32).reshape(-1, 3).astype(float), scale)
             gt[:, 0] += s["slice0"]
-            vis = np.frombuffer(s["visible"], bool)
+            vis = np.frombuffer(s["has_gt"], bool)
             mm = geometry.voxel_to_patient(aff, native)
             gt_mm = geometry.voxel_to_patient(aff, gt)
             for p, t in enumerate(targets):

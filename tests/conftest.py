@@ -99,3 +99,26 @@ def job_head():
 
     with ray_head(num_cpus=2) as head:
         yield head
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in the Kaggle layout: 6 train + 2 test studies at 64 px."""
+    from spine_ray.config import from_dict
+    from spine_ray.synth.generate import generate
+    from spine_ray.synth.study import SynthConfig
+
+    out = tmp_path_factory.mktemp("synthetic")
+    cfg = from_dict(SynthConfig, {"studies": 6, "test_studies": 2, "seed": 3, "acquisition": {"image_sizes": [64]}})
+    generate(str(out), cfg, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic, ray_local, tmp_path_factory) -> Path:
+    """The tiny synthetic train split, prepared into volumes and labels."""
+    from spine_ray.ingest import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(str(synthetic), str(out), "train", workers=1)
+    return out

@@ -1,0 +1,141 @@
+"""`spine-ray train`: every model stage in order, all folds of a stage in parallel.
+
+A run directory holds everything a run produced (paths or URLs):
+
+    config.yaml           the PipelineConfig that made it
+    train_labels.csv      the training labels (train.csv format), from the prepared labels
+    folds.parquet         study_id, fold: study-level folds, stratified, fixed by the seed
+    prior.csv             the prior fitted on all training labels (target, normal_mild, moderate, severe)
+    localize/{view}/fold{k}/   model.pt, oof.parquet, done.json (stage 1, per view and fold)
+    localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.localize)
+    localize/summary.json      out-of-fold localisation error per view
+    ray/                  Ray Train checkpoints and Ray Tune experiment state
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from spine_ray.baseline import write_prior
+from spine_ray.config import save, to_dict
+from spine_ray.distributed import ResourcesConfig, run_folds
+from spine_ray.folds import assign_folds
+from spine_ray.localize import LocalizeConfig, LocalizeStage, error_summary
+from spine_ray.prior import fit_prior
+from spine_ray.schema import (
+    LABEL_COLUMNS,
+    SchemaError,
+    label_matrix,
+    labels_from_matrix,
+    read_labels,
+)
+from spine_ray.stage import FoldJob
+from spine_ray.storage import atomic_write_bytes, atomic_write_text, exists, join, read_bytes
+from spine_ray.volumes import LABELS_FILE, read_manifest
+
+log = logging.getLogger(__name__)
+
+STAGES = ("localize",)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole training run: data, folds, resources and every stage's models."""
+
+    name: str = "demo"
+    prepared: str = "runs/demo/prepared"  # output of `spine-ray prepare` (train split)
+    run_dir: str = "runs/demo/run"
+    folds: int = 5
+    seed: int = 0
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("folds must be ≥ 2")
+
+
+def _df_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def read_parquet(url: str) -> pd.DataFrame:
+    """A Parquet table from a path or URL."""
+    return pd.read_parquet(io.BytesIO(read_bytes(url)))
+
+
+def training_labels(prepared: str) -> pd.DataFrame:
+    """Wide labels (train.csv format) of every study in a prepared train split."""
+    long = read_parquet(join(prepared, LABELS_FILE))
+    long = long.drop_duplicates(["study_id", "condition", "level"])
+    long["target"] = long["condition"] + "_" + long["level"]
+    wide = long.pivot(index="study_id", columns="target", values="severity").reindex(columns=list(LABEL_COLUMNS))
+    matrix = wide.fillna(-1).to_numpy(dtype=np.int8)
+    return labels_from_matrix(wide.index.astype(np.int64), matrix)
+
+
+def setup_run(cfg: PipelineConfig) -> pd.DataFrame:
+    """Write config, labels, folds and prior (folds are kept on re-runs); returns the folds."""
+    try:
+        read_manifest(cfg.prepared)
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        raise SchemaError(cfg.prepared, f"not a finished prepare output ({e}); run `spine-ray prepare` first") from None
+    labels = training_labels(cfg.prepared)
+    save(cfg, join(cfg.run_dir, "config.yaml"))
+    atomic_write_bytes(join(cfg.run_dir, "train_labels.csv"), labels.to_csv(index=False).encode())
+    folds_url = join(cfg.run_dir, "folds.parquet")
+    if exists(folds_url):
+        folds = read_parquet(folds_url)
+        if set(folds["study_id"]) != set(labels["study_id"]):
+            raise SchemaError(folds_url, "its studies differ from the prepared labels; use a new run_dir")
+    else:
+        folds = assign_folds(labels, cfg.folds, cfg.seed)
+        atomic_write_bytes(folds_url, _df_bytes(folds))
+    write_prior(fit_prior(label_matrix(labels)), join(cfg.run_dir, "prior.csv"))
+    return folds
+
+
+def _jobs(cfg: PipelineConfig, stage: str, member: str, config: dict, inputs: dict[str, str]) -> list[FoldJob]:
+    return [FoldJob(stage, member, k, cfg.folds, config, cfg.prepared, cfg.run_dir, inputs) for k in range(cfg.folds)]
+
+
+def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
+    """Stage 1: sagittal views in parallel, then the axial view placed by the sagittal T2 points."""
+    stage = LocalizeStage()
+    loc = cfg.localize
+    sagittal = _jobs(cfg, "localize", "sag_t2", to_dict(loc.sag_t2), {}) + _jobs(cfg, "localize", "sag_t1", to_dict(loc.sag_t1), {})
+    sag = pd.concat(run_folds(stage, sagittal, cfg.resources), ignore_index=True)
+    spinal_url = join(cfg.run_dir, "localize", "spinal_points.parquet")
+    atomic_write_bytes(spinal_url, _df_bytes(sag[sag["view"] == "sag_t2"]))
+    axial = pd.concat(run_folds(stage, _jobs(cfg, "localize", "axial", to_dict(loc.axial), {"spinal_points": spinal_url}), cfg.resources), ignore_index=True)
+    points = pd.concat([sag, axial], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
+    atomic_write_bytes(join(cfg.run_dir, "localize", "points.parquet"), _df_bytes(points))
+    summary = error_summary(points)
+    atomic_write_text(join(cfg.run_dir, "localize", "summary.json"), json.dumps(summary.reset_index().to_dict(orient="records"), indent=2))
+    return summary
+
+
+def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
+    """Run one stage, or every stage in order; returns what each stage reported."""
+    stages = STAGES if stage is None else (stage,)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(STAGES)})")
+    setup_run(cfg)
+    report: dict = {}
+    for s in stages:
+        match s:
+            case "localize":
+                report["localize"] = train_localize(cfg)
+    return report
+
+
+__all__ = ["PipelineConfig", "train", "setup_run", "training_labels", "read_labels"]
