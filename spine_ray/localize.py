@@ -287,3 +287,51 @@ def error_summary(points: pd.DataFrame) -> pd.DataFrame:
         slice_exact=("slice_err", lambda e: float((e == 0).mean())),
         slice_within_1=("slice_err", lambda e: float((e.abs() <= 1).mean())),
     )
+
+
+def _fold_average(points: pd.DataFrame) -> pd.DataFrame:
+    """Points of several fold models → one per study × target: the stack most folds chose, averaged there."""
+    if points.empty:
+        return points
+    keys = ["study_id", "target", "series_id", "stack"]
+    g = points.groupby(keys, as_index=False).agg(
+        n=("confidence", "size"), confidence=("confidence", "mean"), view=("view", "first"),
+        slice=("slice", "mean"), row=("row", "mean"), col=("col", "mean"),
+        x_mm=("x_mm", "mean"), y_mm=("y_mm", "mean"), z_mm=("z_mm", "mean"),
+    )
+    g = g.sort_values(["n", "confidence"], ascending=False).drop_duplicates(["study_id", "target"])
+    return g.drop(columns="n").sort_values(["study_id", "target"]).reset_index(drop=True)
+
+
+@torch.no_grad()
+def locate_study(models: dict[str, list[nn.Module]], configs: dict[str, dict], rows: pd.DataFrame) -> pd.DataFrame:
+    """Stage-1 inference on one study's volume rows: every fold's model per view, fold-averaged.
+
+    models: view → fold models (eval mode); configs: view → ViewConfig as plain data. Returns one
+    point per target found (columns as the points table, without the label columns).
+    """
+    found = []
+    for view in ("sag_t2", "sag_t1", "axial"):
+        if view not in models:
+            continue
+        job = FoldJob("localize", view, 0, len(models[view]), configs[view], "", "", {})
+        cfg = _view_cfg(job)
+        description, targets = VIEWS[view]
+        rel = rows[rows["series_description"] == description]
+        if rel.empty:
+            continue
+        if view == "axial":
+            spinal = pd.concat(found) if found else pd.DataFrame(columns=["target"])
+            spinal = spinal[spinal["target"].isin(SPINAL)]
+            study = int(rel["study_id"].iloc[0])
+            samples = pd.DataFrame(_axial_samples(rel.reset_index(drop=True), study, spinal, _NO_LABELS, cfg), columns=SAMPLE_COLUMNS)
+        else:
+            samples = pd.DataFrame([_sagittal_sample(r, targets, _NO_LABELS, cfg) for _, r in rel.iterrows()], columns=SAMPLE_COLUMNS)
+        if samples.empty:
+            continue
+        per_fold = [predict_points(FoldJob("localize", view, k, len(models[view]), configs[view], "", "", {}), m, samples) for k, m in enumerate(models[view])]
+        found.append(_fold_average(pd.concat(per_fold, ignore_index=True)))
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=POINT_COLUMNS)
+
+
+_NO_LABELS = pd.DataFrame({"study_id": pd.Series(dtype="int64"), "target": pd.Series(dtype=str), "series_id": pd.Series(dtype="int64"), "stack": pd.Series(dtype="int64"), "slice": pd.Series(dtype=float), "row": pd.Series(dtype=float), "col": pd.Series(dtype=float)})

@@ -1,0 +1,86 @@
+"""Stage-1 training: Ray Train overhead over the plain loop, and the fold-parallel speed-up.
+
+In one run, on one synthetic dataset and the sagittal T2 localiser of the given config:
+  plain      each fold through `stage.run_fold` in this process, one after another
+  ray-seq    the same folds through Tune trial → TorchTrainer, one at a time
+  ray-par    the same folds through Tune trial → TorchTrainer, all at once
+Each mode trains the same epochs on the same samples with the same threads per fold.
+
+    python benchmarks/train_stage1.py --studies 24 --folds 2 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def main() -> None:
+    """Run the three modes and print seconds and ratios."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--studies", type=int, default=24)
+    ap.add_argument("--folds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--config", default="jobs/demo.yaml")
+    ap.add_argument("--image-size", type=int, default=128)
+    args = ap.parse_args()
+
+    import ray
+
+    from spine_ray.config import from_dict, load, to_dict
+    from spine_ray.distributed import ResourcesConfig, init_ray, run_folds
+    from spine_ray.ingest import prepare
+    from spine_ray.localize import LocalizeStage, ViewConfig
+    from spine_ray.pipeline import PipelineConfig, _jobs, setup_run
+    from spine_ray.stage import run_fold
+    from spine_ray.synth.generate import generate
+    from spine_ray.synth.study import SynthConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    cpus = os.cpu_count() or 2
+    init_ray(num_cpus=cpus)
+    generate(str(tmp / "data"), from_dict(SynthConfig, {"studies": args.studies, "seed": 5, "acquisition": {"image_sizes": [args.image_size]}}), workers=0)
+    prepare(str(tmp / "data"), str(tmp / "prepared"), "train")
+    base = load(PipelineConfig, args.config, [f"prepared={tmp / 'prepared'}", f"folds={args.folds}"])
+    view = to_dict(base.localize.sag_t2)
+    view["train"]["epochs"] = args.epochs
+    view_cfg = from_dict(ViewConfig, view)
+    stage = LocalizeStage()
+    threads = max(1, cpus // args.folds)  # what each fold gets when all folds run at once
+
+    def jobs_for(mode: str):
+        cfg = PipelineConfig(prepared=base.prepared, run_dir=str(tmp / mode), folds=args.folds, seed=base.seed)
+        setup_run(cfg)
+        return _jobs(cfg, "localize", "sag_t2", to_dict(view_cfg), {})
+
+    results = {}
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    for job in jobs_for("plain"):
+        run_fold(stage, job, device=torch.device("cpu"))
+    results["plain"] = time.perf_counter() - t
+
+    for mode, concurrent in (("ray-seq", 1), ("ray-par", 0)):
+        jobs = jobs_for(mode)
+        t = time.perf_counter()
+        run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent))
+        results[mode] = time.perf_counter() - t
+
+    print(f"\nstage-1 sag_t2 localiser, {args.studies} studies, {args.folds} folds × {args.epochs} epochs, {threads} thread(s) per fold, {cpus} CPUs")
+    for mode, sec in results.items():
+        print(f"  {mode:8s} {sec:8.1f} s")
+    print(f"  Ray Train overhead (ray-seq / plain): {results['ray-seq'] / results['plain']:.2f}x")
+    print(f"  fold-parallel speed-up (ray-seq / ray-par): {results['ray-seq'] / results['ray-par']:.2f}x")
+    print(f"  fold-parallel vs plain sequential (plain / ray-par): {results['plain'] / results['ray-par']:.2f}x")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
