@@ -163,6 +163,33 @@ def train(
         out.print(table)
 
 
+@app.command("tune-lr")
+def tune_lr_cmd(
+    config: str = typer.Option(..., "--config", help="Pipeline config YAML (see jobs/)."),
+    target: str = typer.Option("localize.sag_t2", "--target", help="Which model: localize.sag_t2|sag_t1|axial or grade.<member>."),
+    trials: int = typer.Option(8, "--trials", help="Number of trials (each a real training run on one fold)."),
+    fold: int = typer.Option(0, "--fold", help="The fold whose held-out studies score each trial."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3."),
+) -> None:
+    """Search a model's learning rate and weight decay with Ray Tune, Optuna and ASHA."""
+    from spine_ray.config import load
+    from spine_ray.pipeline import PipelineConfig, setup_run, stage_for
+    from spine_ray.storage import join
+    from spine_ray.tune_lr import TuneLRConfig, tune_lr
+
+    cfg = load(PipelineConfig, config, overrides)
+    setup_run(cfg)
+    stage, inputs = stage_for(cfg, target.partition(".")[0])
+    result = tune_lr(cfg, target, TuneLRConfig(trials=trials, fold=fold), stage, inputs)
+    table = Table(title=f"tune-lr {target}, fold {fold}: best of {len(result['trials'])} trials")
+    for col in ("", *result["best"].keys(), "val loss"):
+        table.add_column(col, justify="right")
+    table.add_row("start", *(f"{v:.2e}" for v in result["start"].values()), "")
+    table.add_row("best", *(f"{v:.2e}" for v in result["best"].values()), f"{result['best_val_loss']:.4f}")
+    out.print(table)
+    out.print(f"train with it: spine-ray train --config {join(cfg.run_dir, 'tune_lr', target, 'best.yaml')}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one clear line and exit code 2, not a traceback."""
     try:

@@ -123,6 +123,14 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     return summary
 
 
+def stage_for(cfg: PipelineConfig, stage: str):
+    """The Stage object of a stage name and the tables it reads from earlier stages."""
+    match stage:
+        case "localize":
+            return LocalizeStage(), {}
+    raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
+
+
 def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
     """Run one stage, or every stage in order; returns what each stage reported."""
     stages = STAGES if stage is None else (stage,)
