@@ -1,0 +1,215 @@
+"""`spine-ray infer`: score a study collection of any size into a submission with Ray Data.
+
+One streaming pipeline: studies → decode their series (CPU tasks, the ingest module) → predict
+(an actor pool of `StudyPredictor`s, each loading every fold's checkpoint of every model once:
+stage 1 on each view, crops, stage 2 for every member and fold, blend) → submission rows,
+gathered on the driver a study at a time. Every study gets all 25 rows whatever happens: a
+missing series, a failed decode or a failing model falls back to the prior model for the targets
+it could not predict, and each fallback is counted and logged. The file is validated by the
+submission reader's rules before it is written, atomically.
+
+`StudyPredictor` is plain PyTorch: the benchmark and tests call it without Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from spine_ray.baseline import read_prior_table
+from spine_ray.config import load
+from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
+from spine_ray.storage import atomic_write_text, exists, join, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _load_models(run_dir: str, stage: str, member: str, folds: int, build: Any, device: torch.device) -> tuple[list[torch.nn.Module], dict]:
+    """Every fold's final model of one member (model.pt written by the fold's trainer)."""
+    from spine_ray.stage import FoldJob
+
+    models, config = [], {}
+    for k in range(folds):
+        ck = torch.load(io.BytesIO(read_bytes(join(run_dir, stage, member, f"fold{k}", "model.pt"))), map_location=device, weights_only=False)
+        config = ck["config"]
+        m = build(FoldJob(stage, member, k, folds, config, "", run_dir, {}))
+        m.load_state_dict(ck["model"])
+        models.append(m.to(device).eval())
+    return models, config
+
+
+def _volumes_bytes(rows: list[dict[str, Any]]) -> bytes:
+    from spine_ray.volumes import rows_to_table
+
+    buf = io.BytesIO()
+    pq.write_table(rows_to_table(rows) if rows else pa.table({}), buf, compression="none")
+    return buf.getvalue()
+
+
+def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[int, str]]) -> tuple[bytes, list[str]]:
+    """Decode one study's listed series: (volume rows as Parquet bytes, problems found)."""
+    from spine_ray.ingest import decode_one_series, list_images
+    from spine_ray.storage import fs_for
+
+    fs, _ = fs_for(data_dir)
+    files = list_images(data_dir, split, study_id)
+    rows, problems = [], []
+    for series_id, description in series:
+        listed = files.get((study_id, series_id))
+        if not listed:
+            problems.append(f"series {series_id} ({description}): no files")
+            continue
+        got, errors = decode_one_series(fs, study_id, series_id, description, [p for p, _ in listed])
+        rows += got
+        problems += [f"{e['path']}: {e['reason']}" for e in errors]
+    return _volumes_bytes(rows), problems
+
+
+class StudyPredictor:
+    """All models of a run, loaded once: one study's volume rows → blended probabilities [25, 3]."""
+
+    def __init__(self, run_dir: str, device: str = "cpu") -> None:
+        from spine_ray.grade import GradeStage
+        from spine_ray.localize import LocalizeStage
+        from spine_ray.pipeline import PipelineConfig
+
+        self.device = torch.device(device)
+        cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
+        self.prior = read_prior_table(pd.read_csv(io.BytesIO(read_bytes(join(run_dir, "prior.csv")))))
+        self.localizers, self.loc_configs = {}, {}
+        for view in ("sag_t2", "sag_t1", "axial"):
+            self.localizers[view], self.loc_configs[view] = _load_models(run_dir, "localize", view, cfg.folds, LocalizeStage().build_model, self.device)
+        self.graders = {}
+        for member in cfg.grade:
+            models, _ = _load_models(run_dir, "grade", member.name, cfg.folds, GradeStage().build_model, self.device)
+            self.graders[member.name] = (models, member)
+        self.blend = None
+        if exists(join(run_dir, "blend.json")):
+            from spine_ray.blend import load_blend
+
+            self.blend = load_blend(join(run_dir, "blend.json"))
+
+    @torch.no_grad()
+    def predict(self, volumes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Volume rows of one study → (probabilities [25, 3], predicted mask [25]); prior where not predicted."""
+        from spine_ray.grade import predict_study
+        from spine_ray.localize import locate_study
+
+        if volumes.empty:
+            return self.prior.copy(), np.zeros(N_TARGETS, bool)
+        points = locate_study(self.localizers, self.loc_configs, volumes)
+        members, masks = {}, {}
+        for name, (models, cfg) in self.graders.items():
+            probs, mask = predict_study(models, cfg, volumes, points)
+            members[name] = np.where(mask[:, None], probs, self.prior)
+            masks[name] = mask
+        if self.blend is not None:
+            from spine_ray.blend import apply_blend
+
+            blended = apply_blend(self.blend, {k: v[None] for k, v in members.items()})[0]
+        else:
+            blended = np.mean(list(members.values()), axis=0)
+        mask = np.any(list(masks.values()), axis=0)
+        return np.where(mask[:, None], blended, self.prior), mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data entry: a batch of decoded studies → their probabilities and fallback notes."""
+        out = {"study_id": [], "probs": [], "predicted": [], "note": []}
+        for study, vol, problems in zip(batch["study_id"], batch["volumes"], batch["problems"], strict=True):
+            note = "; ".join(problems)
+            try:
+                volumes = pq.read_table(io.BytesIO(vol)).to_pandas() if len(vol) else pd.DataFrame()
+                probs, mask = self.predict(volumes)
+            except Exception as e:  # noqa: BLE001 - one bad study must not sink the collection
+                log.exception("study %s failed; using the prior", study)
+                probs, mask = self.prior.copy(), np.zeros(N_TARGETS, bool)
+                note = f"{note}; prediction failed: {type(e).__name__}: {e}".lstrip("; ")
+            out["study_id"].append(int(study))
+            out["probs"].append(probs.astype(np.float64).reshape(-1))
+            out["predicted"].append(mask)
+            out["note"].append(note)
+        return {k: np.asarray(v) if k != "probs" else np.stack(v) for k, v in out.items()}
+
+
+class _Decode:
+    def __init__(self, data_dir: str, split: str) -> None:
+        self.data_dir, self.split = data_dir, split
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vols, problems = [], []
+        for study, series in zip(batch["study_id"], batch["series"], strict=True):
+            try:
+                v, p = decode_study(self.data_dir, self.split, int(study), [tuple(s) for s in json.loads(series)])
+            except Exception as e:  # noqa: BLE001 - reported, the study falls back to the prior
+                v, p = b"", [f"decode failed: {type(e).__name__}: {e}"]
+            vols.append(v)
+            problems.append(p)
+        return {"study_id": batch["study_id"], "volumes": np.array(vols, dtype=object), "problems": np.array(problems, dtype=object)}
+
+
+@dataclass
+class InferReport:
+    """What an inference run did."""
+
+    studies: int = 0
+    fully_predicted: int = 0
+    fallback_studies: int = 0
+    fallback_targets: int = 0
+    seconds: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: float = 0.0, concurrency: int = 1, on_study: Any = None) -> InferReport:
+    """Score every study listed in `{split}_series_descriptions.csv` into the submission at `out`."""
+    import ray
+
+    from spine_ray.distributed import init_ray
+
+    t0 = time.perf_counter()
+    series = read_series(join(data_dir, f"{split}_series_descriptions.csv"))
+    items = [
+        {"study_id": int(s), "series": json.dumps([[int(r.series_id), r.series_description] for r in g.itertuples()])}
+        for s, g in series.groupby("study_id")
+    ]
+    init_ray()
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # Decoding: stateless CPU tasks, one study each.
+    ds = ds.map_batches(_Decode(data_dir, split), batch_size=1, num_cpus=1)
+    ds = ds.map_batches(
+        StudyPredictor, fn_constructor_args=(run_dir, "cuda" if num_gpus else "cpu"), batch_size=1,
+        num_gpus=num_gpus, num_cpus=0 if num_gpus else 1, compute=ray.data.ActorPoolStrategy(size=concurrency),
+    )
+    report, studies, probs = InferReport(), [], []
+    for row in ds.iter_rows():
+        study = int(row["study_id"])
+        studies.append(study)
+        probs.append(np.asarray(row["probs"]).reshape(N_TARGETS, 3))
+        missing = int((~np.asarray(row["predicted"])).sum())
+        report.studies += 1
+        report.fallback_targets += missing
+        if missing == N_TARGETS:
+            report.fallback_studies += 1
+        elif missing == 0:
+            report.fully_predicted += 1
+        if row["note"] or missing:
+            report.notes[str(study)] = f"{missing} targets from the prior" + (f"; {row['note']}" if row["note"] else "")
+            log.warning("study %s: %s", study, report.notes[str(study)])
+        if on_study is not None:
+            on_study(report.studies, len(items))
+    expected = sorted(int(s) for s in series["study_id"].unique())
+    if sorted(studies) != expected:
+        raise RuntimeError(f"inference returned {len(studies)} of {len(expected)} studies")
+    write_submission(submission_frame(studies, np.stack(probs)), out, expected)
+    report.seconds = time.perf_counter() - t0
+    atomic_write_text(out + ".report.json", json.dumps(report.__dict__, indent=2))
+    return report
