@@ -161,6 +161,12 @@ def train(
         for view, r in report["localize"].iterrows():
             table.add_row(view, str(int(r["points"])), f"{r['median_mm']:.1f}", f"{r['p90_mm']:.1f}", f"{r['slice_exact']:.0%}", f"{r['slice_within_1']:.0%}")
         out.print(table)
+    if "grade" in report:
+        g = report["grade"]
+        rows = {"prior (same folds)": g["prior"], **g["members"]}
+        if "oracle" in g:
+            rows["oracle"] = g["oracle"]
+        out.print(score_table(f"stage 2 cross-validation, {cfg.folds} folds ({cfg.run_dir}/cv.json)", rows))
 
 
 @app.command("tune-lr")

@@ -137,15 +137,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _set_in(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        child = node.get(k)
+    """Set a dotted key in nested mappings; a numeric key indexes a list (`grade.0.train.lr`)."""
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override {'.'.join(keys)}: {where} is not an item of a list of {len(node)}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[k] = value
+            return
+        child = node[k] if isinstance(node, list) else node.get(k)
         if child is None:
             child = node[k] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
         node = child
-    node[keys[-1]] = value
+
+
+def _merge(base: Any, top: Any) -> Any:
+    """Deep-merge mappings (top wins); anything else in top replaces base."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        return {**base, **{k: _merge(base.get(k), v) if k in base else v for k, v in top.items()}}
+    return top
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -162,6 +178,12 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
             raise ConfigError(f"config {path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: top level must be a mapping")
+    if overrides:
+        # Overrides apply on top of defaults ← file, so they can reach defaults the file omits.
+        try:
+            data = _merge(to_dict(cls()), data)
+        except TypeError:  # a config class without defaults for every field
+            pass
     for o in overrides:
         keys, value = parse_override(o)
         _set_in(data, keys, value)

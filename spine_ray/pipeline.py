@@ -9,6 +9,9 @@ A run directory holds everything a run produced (paths or URLs):
     localize/{view}/fold{k}/   model.pt, oof.parquet, done.json (stage 1, per view and fold)
     localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.localize)
     localize/summary.json      out-of-fold localisation error per view
+    grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
+    oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe
+    cv.json               CV score and its parts per member, the prior on the same folds, the oracle
     ray/                  Ray Train checkpoints and Ray Tune experiment state
 """
 
@@ -26,8 +29,10 @@ from spine_ray.baseline import write_prior
 from spine_ray.config import save, to_dict
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
+from spine_ray.grade import GradeConfig, GradeStage
 from spine_ray.localize import LocalizeConfig, LocalizeStage, error_summary
-from spine_ray.prior import fit_prior
+from spine_ray.metric import score_arrays
+from spine_ray.prior import fit_prior, oof_prior
 from spine_ray.schema import (
     LABEL_COLUMNS,
     SchemaError,
@@ -41,7 +46,7 @@ from spine_ray.volumes import LABELS_FILE, read_manifest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("localize",)
+STAGES = ("localize", "grade")
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,15 @@ class PipelineConfig:
     seed: int = 0
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
+    oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError("folds must be ≥ 2")
+        names = [m.name for m in self.grade]
+        if len(set(names)) != len(names):
+            raise ValueError(f"grade member names must be unique, got {names}")
 
 
 def _df_bytes(df: pd.DataFrame) -> bytes:
@@ -123,12 +133,58 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     return summary
 
 
+def points_url(cfg: PipelineConfig) -> str:
+    """Stage 1's out-of-fold points table of a run."""
+    return join(cfg.run_dir, "localize", "points.parquet")
+
+
 def stage_for(cfg: PipelineConfig, stage: str):
     """The Stage object of a stage name and the tables it reads from earlier stages."""
     match stage:
         case "localize":
             return LocalizeStage(), {}
+        case "grade":
+            if not exists(points_url(cfg)):
+                raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
+            return GradeStage(), {"points": points_url(cfg)}
     raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
+
+
+def member_probs(oof: pd.DataFrame, studies: list[int], fill: np.ndarray) -> tuple[np.ndarray, int]:
+    """One member's OOF rows → [n_studies, 25, 3] aligned to `studies`; rows it lacks come from
+    `fill` (the out-of-fold prior, [n_studies, 25, 3]). Returns the probabilities and how many were filled."""
+    from spine_ray.schema import row_ids
+
+    got = oof.set_index("row_id")[["normal_mild", "moderate", "severe"]].reindex(pd.Index(row_ids(studies)))
+    probs = np.array(got.to_numpy(dtype=np.float64)).reshape(fill.shape)
+    missing = np.isnan(probs).any(axis=-1)
+    probs[missing] = fill[missing]
+    return probs, int(missing.sum())
+
+
+def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
+    """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
+    stage, inputs = stage_for(cfg, "grade")
+    jobs = [j for m in cfg.grade for j in _jobs(cfg, "grade", m.name, to_dict(m), inputs)]
+    oof = pd.concat(run_folds(stage, jobs, cfg.resources), ignore_index=True)
+    atomic_write_bytes(join(cfg.run_dir, "oof.parquet"), _df_bytes(oof))
+    labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
+    lm = label_matrix(labels)
+    studies = labels["study_id"].astype(int).tolist()
+    fold_of = folds.set_index("study_id").loc[studies, "fold"].to_numpy()
+    prior_oof = oof_prior(lm, fold_of)
+    report: dict = {"prior": score_arrays(lm, prior_oof).as_dict(), "members": {}, "filled_from_prior": {}}
+    for m in cfg.grade:
+        probs, filled = member_probs(oof[oof["member"] == m.name], studies, prior_oof)
+        report["members"][m.name] = score_arrays(lm, probs).as_dict()
+        report["filled_from_prior"][m.name] = filled
+    if cfg.oracle:
+        from spine_ray.metric import score_frames
+        from spine_ray.schema import read_submission
+
+        report["oracle"] = score_frames(labels, read_submission(cfg.oracle)).as_dict()
+    atomic_write_text(join(cfg.run_dir, "cv.json"), json.dumps(report, indent=2))
+    return report
 
 
 def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
@@ -137,12 +193,14 @@ def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(STAGES)})")
-    setup_run(cfg)
+    folds = setup_run(cfg)
     report: dict = {}
     for s in stages:
         match s:
             case "localize":
                 report["localize"] = train_localize(cfg)
+            case "grade":
+                report["grade"] = train_grade(cfg, folds)
     return report
 
 

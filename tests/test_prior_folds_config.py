@@ -82,3 +82,15 @@ def test_config_yaml_overrides_and_round_trip(tmp_path):
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load(Outer, None, [override])
+
+
+@dataclass(frozen=True)
+class WithList:
+    members: tuple[Inner, ...] = (Inner(), Inner(lr=0.5))
+
+
+def test_overrides_index_list_items():
+    cfg = load(WithList, None, ["members.1.sizes=[9]"])
+    assert cfg.members == (Inner(), Inner(lr=0.5, sizes=(9,)))
+    with pytest.raises(ConfigError, match="not an item of a list of 2"):
+        load(WithList, None, ["members.5.lr=1"])
