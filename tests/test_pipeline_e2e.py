@@ -1,0 +1,76 @@
+"""End to end on the tiny synthetic set: train (both stages) → infer, with the fallback paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spine_ray.config import load
+from spine_ray.infer import infer
+from spine_ray.pipeline import PipelineConfig, train
+from spine_ray.schema import N_TARGETS, read_series, read_submission
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prepared, synthetic, tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = load(PipelineConfig, ROOT / "jobs" / "smoke.yaml", [f"prepared={prepared}", f"run_dir={run}", f"oracle={synthetic / 'oracle_train.csv'}"])
+    report = train(cfg)
+    return run, cfg, report
+
+
+def test_train_writes_oof_for_every_member_and_cv(smoke_run, prepared):
+    run, cfg, report = smoke_run
+    oof = pd.read_parquet(run / "oof.parquet")
+    folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
+    assert set(oof["member"]) == {m.name for m in cfg.grade}
+    assert not oof.duplicated(["member", "row_id"]).any()  # every row_id at most once per member
+    assert (oof["fold"].to_numpy() == folds.loc[oof["study_id"]].to_numpy()).all()  # out-of-fold
+    assert np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1, atol=1e-5)
+    cv = json.loads((run / "cv.json").read_text())
+    assert set(cv["members"]) == {"a", "b"} and "prior" in cv and "oracle" in cv
+    assert cv["oracle"]["score"] < cv["prior"]["score"]
+    assert report["grade"] == cv
+
+
+def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic, tmp_path):
+    run, _, _ = smoke_run
+    out = tmp_path / "submission.csv"
+    rep = infer(str(synthetic), str(run), str(out), "test")
+    studies = read_series(str(synthetic / "test_series_descriptions.csv"))["study_id"].unique()
+    sub = read_submission(str(out), study_ids=studies)
+    assert len(sub) == len(studies) * N_TARGETS
+    assert rep.studies == len(studies) and rep.fallback_studies == 0
+
+
+def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synthetic, tmp_path):
+    run, _, _ = smoke_run
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data, ignore=shutil.ignore_patterns("train_images"))
+    series = read_series(str(data / "test_series_descriptions.csv"))
+    no_t1, corrupt = sorted(series["study_id"].unique())[:2]
+    for s in series[(series.study_id == no_t1) & (series.series_description == "Sagittal T1")].series_id:
+        shutil.rmtree(data / "test_images" / str(no_t1) / str(s))
+    for f in (data / "test_images" / str(corrupt)).rglob("*.dcm"):
+        f.write_bytes(b"not a dicom file")
+    out = tmp_path / "submission.csv"
+    rep = infer(str(data), str(run), str(out), "test")
+    sub = read_submission(str(out), study_ids=[no_t1, corrupt])
+    assert len(sub) == 2 * N_TARGETS
+    prior = pd.read_csv(run / "prior.csv").set_index("target")
+    bad = sub[sub.row_id.str.startswith(f"{corrupt}_")].set_index(sub.row_id.str.split("_", n=1).str[1])
+    assert np.allclose(bad.loc[prior.index, ["normal_mild", "moderate", "severe"]].to_numpy(), prior.to_numpy())
+    assert rep.fallback_studies == 1
+    assert str(corrupt) in rep.notes and str(no_t1) in rep.notes
+    assert "no files" in rep.notes[str(no_t1)]
+    # Without Sagittal T1 the 10 foraminal targets come from the prior; the rest are predicted.
+    assert rep.notes[str(no_t1)].startswith("10 targets from the prior")
+    assert json.loads(Path(str(out) + ".report.json").read_text())["fallback_studies"] == 1
