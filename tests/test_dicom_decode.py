@@ -211,3 +211,22 @@ def test_read_header_reads_no_pixels(tmp_path):
     h = dicom.read_header(p)
     assert (h.instance_number, h.rows, h.cols, h.pixel_spacing) == (5031, H, W, (0.5, 0.8))
     assert h.transfer_syntax == "1.2.840.10008.1.2.5"
+
+
+def test_header_from_an_in_memory_dataset_matches_the_file(tmp_path):
+    g = sagittal(1, pixel_spacing=(0.5, 0.8))
+    ds = make_dataset(_vol(1)[0], g.positions[0], g.orientation, g.pixel_spacing, 7, "1.2", "1.3", slope=1.5, intercept=-3.0)
+    ds.save_as(str(tmp_path / "7.dcm"), enforce_file_format=True)
+    from_file = dicom.read_header(str(tmp_path / "7.dcm"))
+    in_memory = dicom.header_from_dataset(ds, str(tmp_path / "7.dcm"))  # converted, not raw, elements
+    assert in_memory == from_file
+    assert (from_file.slope, from_file.intercept, from_file.slice_thickness) == (1.5, -3.0, 3.5)
+
+
+def test_intensity_percentiles_match_numpy():
+    from spine_ray.volumes import intensity_percentiles
+
+    rng = np.random.default_rng(0)
+    for vol in (rng.integers(0, 4096, (3, 20, 30)).astype(np.uint16), rng.integers(-2000, 900, (2, 16, 16)).astype(np.int16)):
+        expected = np.percentile(vol[:, ::2, ::2], [1, 99], method="inverted_cdf")
+        assert intensity_percentiles(vol) == pytest.approx(tuple(expected))
