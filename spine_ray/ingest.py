@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spine_ray import dicom, geometry
-from spine_ray.schema import labels_long, read_coordinates, read_labels, read_series
+from spine_ray.schema import SchemaError, labels_long, read_coordinates, read_labels, read_series
 from spine_ray.storage import (
     atomic_write_bytes,
     atomic_write_text,
@@ -283,8 +283,8 @@ def _load_or_make_plan(data_dir: str, out: str, split: str, shard_mb: float) -> 
     if exists(url):
         plan = json.loads(read_text(url))
         if (plan["data_dir"], plan["split"]) != (data_dir, split):
-            raise ValueError(
-                f"{out} holds a prepare of {plan['data_dir']} ({plan['split']}); use another OUT for {data_dir} ({split})"
+            raise SchemaError(
+                out, f"holds a prepare of {plan['data_dir']} ({plan['split']}); use another OUT for {data_dir} ({split})"
             )
         return plan
     plan = make_plan(data_dir, split, shard_mb)
@@ -397,11 +397,11 @@ def prepare(
 ) -> Summary:
     """Decode every series of `data_dir` (`split`) into `out`; resumes an interrupted run. Returns counts."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise SchemaError("--split", f"must be 'train' or 'test', got {split!r}")
     start = time.perf_counter()
     workers = workers or max(1, (os.cpu_count() or 1))
-    remove(join(out, MANIFEST))  # from here until finalise, the output is unfinished
     plan = _load_or_make_plan(data_dir, out, split, shard_mb)
+    remove(join(out, MANIFEST))  # from here until finalise, the output is unfinished
     finished = {n[len("done-"):-len(".json")] for n in listdir(join(out, PROGRESS_DIR)) if n.startswith("done-")}
     todo = [g for g in plan["groups"] if g["key"] not in finished]
     total = sum(len(g["series"]) for g in plan["groups"])

@@ -211,3 +211,18 @@ def test_plan_groups_are_deterministic(prepared):
     assert json.dumps(a) == json.dumps(b)
     series = [s["series_id"] for g in a["groups"] for s in g["series"]]
     assert len(series) == len(set(series)) == 7 and [m["series_id"] for m in a["missing"]] == [1099]
+
+
+def test_cli_prepare_prints_a_summary(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from spine_ray.cli import app
+
+    data, _, _ = prepared
+    r = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--workers", "2", "--shard-mb", "1"])
+    assert r.exit_code == 0, r.output
+    for text in ("series decoded", "stacks", "images", "errors", "time"):
+        assert text in r.output
+    assert read_manifest(str(tmp_path / "cli"))["counts"]["stacks"] == 8
+    bad = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--split", "test"])
+    assert bad.exit_code != 0 and read_manifest(str(tmp_path / "cli"))  # the finished output is untouched
