@@ -1,14 +1,17 @@
 """Ingest benchmark: the public-notebook DICOM loop vs `prepare` (1 and 2 workers), at two dataset sizes.
 
-    PYTHONPATH=. python benchmarks/ingest.py --root /tmp/spine-ray-bench --studies 4 12
+    PYTHONPATH=. python benchmarks/ingest.py --root /tmp/spine-ray-bench --studies 6 18
 
 Generates (once, cached under --root) synthetic RLE Lossless studies of realistic size with
 `spine_ray.testing.write_study`, then on each size, in one run:
 - naive: `pydicom.dcmread(f)` per file, sort by InstanceNumber, `np.stack(pixel_array)`, `np.save`;
-- prepare with 1 and with 2 workers on one local Ray (started before timing; a warm-up run on the
-  small set excluded), output to a fresh folder each time.
-Reports images/s, images/s/core, input MB/s and the peak RSS of the driver and of the largest Ray
-worker process (sampled every 50 ms), which must not grow with the number of studies.
+- decode_only / decode_write: prepare's decode path in this process without Ray, without and with
+  its zstd Parquet write (where the time goes);
+- prepare with 1 and with 2 workers on one local Ray (num_cpus=2, started and warmed up on the
+  small set before timing), output to a fresh folder each time.
+Reports wall time, CPU seconds of the whole process tree (Ray's processes included; robust to other
+load on a shared machine), images/s, images per CPU-second, input MB/s and the peak RSS of the
+driver and of the largest Ray worker (sampled every 50 ms), which must not grow with the number of studies.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import time
 import numpy as np
 import pydicom
 
-from spine_ray.ingest import prepare
+from spine_ray.dicom import decode_series
+from spine_ray.ingest import decode_group, make_plan, prepare
 from spine_ray.schema import read_series
 from spine_ray.testing import write_series_csv, write_study
 
@@ -133,21 +137,48 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_prepare(data: str, out: str, workers: int, shard_mb: float) -> tuple[float, PeakRSS, int]:
-    """Time one prepare into a fresh folder; returns (seconds, peak RSS, stacks)."""
-    shutil.rmtree(out, ignore_errors=True)
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and all its live descendants (Ray's included)."""
+    me = os.getpid()
+    return _cpu_seconds(me) + sum(_cpu_seconds(p) for p, _ in _descendants(me))
+
+
+def timed(fn) -> tuple[float, float, PeakRSS]:
+    """Run fn(); returns (wall s, CPU s of the whole process tree, peak RSS)."""
     with PeakRSS() as peak:
-        start = time.perf_counter()
-        summary = prepare(data, out, "train", workers=workers, shard_mb=shard_mb)
-        seconds = time.perf_counter() - start
-    return seconds, peak, summary.stacks
+        cpu0, t0 = tree_cpu(), time.perf_counter()
+        fn()
+        wall, cpu = time.perf_counter() - t0, tree_cpu() - cpu0
+    return wall, cpu, peak
+
+
+def decode_only(data: str, out: str, write: bool) -> None:
+    """The decode path of `prepare` in this process, no Ray: every group, with or without its Parquet write."""
+    shutil.rmtree(out, ignore_errors=True)
+    plan = make_plan(data, "train", 16.0)
+    for g in plan["groups"]:
+        if write:
+            decode_group(g, data, out)
+        else:
+            for s in g["series"]:
+                decode_series([(f, open(f, "rb").read()) for f in s["files"]])
 
 
 def main() -> None:
     """Run the benchmark and print a Markdown table (and JSON with --json)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/spine-ray-bench")
-    ap.add_argument("--studies", type=int, nargs=2, default=[4, 12])
+    ap.add_argument("--studies", type=int, nargs=2, default=[6, 18])
     ap.add_argument("--shard-mb", type=float, default=16.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -158,36 +189,48 @@ def main() -> None:
     sets = {n: make_dataset(args.root, n) for n in args.studies}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     small = sets[min(args.studies)]
-    prepare(small, os.path.join(args.root, "warmup"), "train", workers=2, shard_mb=args.shard_mb)
+    for w in (1, 2):  # start and import into Ray's workers before timing anything
+        shutil.rmtree(os.path.join(args.root, "warmup"), ignore_errors=True)
+        prepare(small, os.path.join(args.root, "warmup"), "train", workers=w, shard_mb=args.shard_mb)
 
     results = []
     for n, data in sets.items():
         images, dicom_bytes, pixel_bytes = dataset_stats(data)
-        rec = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
-        with PeakRSS() as peak:
-            rec["naive_s"] = naive(data, os.path.join(args.root, f"naive-{n}"))
-        rec["naive_rss_mb"] = peak.driver / 1e6
-        rec["naive_pydicom_rle_s"] = naive(data, os.path.join(args.root, f"naive-{n}"), plugin="pydicom")
+        rec: dict = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
+        scratch = os.path.join(args.root, f"scratch-{n}")
+        runs = {
+            "naive": lambda d=data, o=scratch: naive(d, o),
+            "naive_pydicom_rle": lambda d=data, o=scratch: naive(d, o, plugin="pydicom"),
+            "decode_only": lambda d=data, o=scratch: decode_only(d, o, write=False),
+            "decode_write": lambda d=data, o=scratch: decode_only(d, o, write=True),
+        }
         for w in (1, 2):
-            s, peak, stacks = run_prepare(data, os.path.join(args.root, f"out-{n}-w{w}"), w, args.shard_mb)
-            rec[f"w{w}_s"], rec[f"w{w}_worker_rss_mb"], rec[f"w{w}_driver_rss_mb"] = s, peak.worker / 1e6, peak.driver / 1e6
-            rec["stacks"] = stacks
-        rec["speedup_1w_vs_naive"] = rec["naive_s"] / rec["w1_s"]
-        rec["scaling_2w_vs_1w"] = rec["w1_s"] / rec["w2_s"]
+            out = os.path.join(args.root, f"out-{n}-w{w}")
+            runs[f"prepare_{w}w"] = lambda d=data, o=out, w=w: (
+                shutil.rmtree(o, ignore_errors=True),
+                prepare(d, o, "train", workers=w, shard_mb=args.shard_mb),
+            )
+        for name, fn in runs.items():
+            wall, cpu, peak = timed(fn)
+            rec[name] = {"wall_s": wall, "cpu_s": cpu, "img_per_s": images / wall, "img_per_cpu_s": images / cpu,
+                         "driver_rss_mb": peak.driver / 1e6, "worker_rss_mb": peak.worker / 1e6}
         results.append(rec)
 
-    print("| studies | images | DICOM MB | naive img/s | naive, pydicom RLE img/s | prepare 1w img/s | prepare 2w img/s | "
-          "1w/naive | 1w/naive pydicom RLE | 2w/1w | 2w img/s/core | 2w input MB/s | naive RSS MB | worker peak RSS MB (1w / 2w) |")
-    print("|" + "---|" * 14)
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores\n")
+    print("| studies | images | DICOM MB | run | wall s | images/s | CPU s | images per CPU-s | input MB/s | peak RSS MB (driver / largest Ray worker) |")
+    print("|" + "---|" * 10)
     for r in results:
-        print(
-            f"| {r['studies']} | {r['images']} | {r['dicom_mb']:.0f} | {r['images'] / r['naive_s']:.0f} | "
-            f"{r['images'] / r['naive_pydicom_rle_s']:.0f} | "
-            f"{r['images'] / r['w1_s']:.0f} | {r['images'] / r['w2_s']:.0f} | {r['speedup_1w_vs_naive']:.2f}x | "
-            f"{r['naive_pydicom_rle_s'] / r['w1_s']:.2f}x | "
-            f"{r['scaling_2w_vs_1w']:.2f}x | {r['images'] / r['w2_s'] / 2:.0f} | {r['dicom_mb'] / r['w2_s']:.1f} | "
-            f"{r['naive_rss_mb']:.0f} | {r['w1_worker_rss_mb']:.0f} / {r['w2_worker_rss_mb']:.0f} |"
-        )
+        for name in ("naive", "naive_pydicom_rle", "decode_only", "decode_write", "prepare_1w", "prepare_2w"):
+            m = r[name]
+            print(f"| {r['studies']} | {r['images']} | {r['dicom_mb']:.0f} | {name} | {m['wall_s']:.2f} | {m['img_per_s']:.0f} | "
+                  f"{m['cpu_s']:.2f} | {m['img_per_cpu_s']:.0f} | {r['dicom_mb'] / m['wall_s']:.1f} | "
+                  f"{m['driver_rss_mb']:.0f} / {m['worker_rss_mb']:.0f} |")
+    print()
+    for r in results:
+        print(f"{r['studies']} studies: prepare 1w vs naive per CPU-s {r['prepare_1w']['img_per_cpu_s'] / r['naive']['img_per_cpu_s']:.2f}x, "
+              f"vs naive with pydicom's RLE {r['prepare_1w']['img_per_cpu_s'] / r['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; "
+              f"2w/1w wall {r['prepare_1w']['wall_s'] / r['prepare_2w']['wall_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
