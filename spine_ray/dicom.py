@@ -180,7 +180,9 @@ def _dcmread(src: Source, stop_before_pixels: bool) -> pydicom.Dataset:
 
 def read_header(src: Source) -> Header:
     """Read one file's header (no pixels); raise DicomError if it is not a usable image slice."""
-    return header_from_dataset(_dcmread(src, stop_before_pixels=True), _name(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return header_from_dataset(_dcmread(src, stop_before_pixels=True), _name(src))
 
 
 def header_from_dataset(ds: pydicom.Dataset, name: str) -> Header:
@@ -400,9 +402,11 @@ def decode_series(files: Iterable[Source]) -> SeriesDecode:
         try:
             # One parse per file: with the bytes in memory, parsing past the header costs ~0.01 ms
             # and pixels are decoded only once the header says this is a usable image slice.
-            ds = _dcmread(f, stop_before_pixels=False)
-            h = header_from_dataset(ds, _name(f))
-            px = pixels_from_dataset(ds, h)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns on odd values; unusable ones become errors
+                ds = _dcmread(f, stop_before_pixels=False)
+                h = header_from_dataset(ds, _name(f))
+                px = pixels_from_dataset(ds, h)
         except DicomError as e:
             errors.append((_name(f), str(e)))
             continue

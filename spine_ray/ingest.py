@@ -104,12 +104,17 @@ def _series_dir(images_root: str, study_id: int, series_id: int) -> str:
     return posixpath.join(images_root, str(study_id), str(series_id))
 
 
-def list_images(data_dir: str, split: str) -> dict[tuple[int, int], list[tuple[str, int]]]:
-    """All files under `{split}_images/{study}/{series}/` as (fs path, size), keyed by (study, series)."""
-    fs, root = fs_for(join(data_dir, f"{split}_images"))
+def list_images(data_dir: str, split: str, study_id: int | None = None) -> dict[tuple[int, int], list[tuple[str, int]]]:
+    """Files under `{split}_images/{study}/{series}/` (one study, or all) as (fs path, size), keyed by (study, series)."""
+    fs, images_root = fs_for(join(data_dir, f"{split}_images"))
+    images_root = images_root.rstrip("/")
+    root = images_root if study_id is None else f"{images_root}/{study_id}"
     if not with_retries(lambda: fs.exists(root), f"exists {root}"):
         return {}
-    found = with_retries(lambda: fs.find(root, detail=True), f"list {root}")
+    return _by_series(with_retries(lambda: fs.find(root, detail=True), f"list {root}"), images_root)
+
+
+def _by_series(found: dict[str, dict], root: str) -> dict[tuple[int, int], list[tuple[str, int]]]:
     out: dict[tuple[int, int], list[tuple[str, int]]] = {}
     prefix = root.rstrip("/") + "/"
     for path, info in found.items():
@@ -200,6 +205,25 @@ def _fetch(fs: Any, paths: list[str]) -> list[tuple[str, bytes | Exception]]:
     return [(p, got.get(p, FileNotFoundError(p))) for p in paths]
 
 
+def decode_one_series(
+    fs: Any, study_id: int, series_id: int, description: str, files: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fetch and decode one series: (volumes-table rows, errors rows)."""
+    sources: list[dicom.Source] = []
+    errors: list[dict[str, Any]] = []
+    for path, data in _fetch(fs, files):
+        if isinstance(data, Exception):
+            errors.append({"study_id": study_id, "series_id": series_id, "path": path, "reason": f"unreadable file ({type(data).__name__})"})
+        else:
+            sources.append((path, data))
+    res = dicom.decode_series(sources)
+    errors.extend({"study_id": study_id, "series_id": series_id, "path": p, "reason": r} for p, r in res.errors)
+    if not res.stacks:
+        errors.append({"study_id": study_id, "series_id": series_id, "path": posixpath.dirname(files[0]), "reason": "no usable image in series"})
+    rows = [stack_row(study_id, series_id, description, i, st) for i, st in enumerate(res.stacks)]
+    return rows, errors
+
+
 def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, int]:
     """Decode one group of series and write its shard, errors and done marker; returns counts."""
     fs, _ = fs_for(data_dir)
@@ -208,24 +232,13 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, in
 
     def tables():
         for s in group["series"]:
-            sid, rid = s["study_id"], s["series_id"]
-            sources: list[dicom.Source] = []
-            for path, data in _fetch(fs, s["files"]):
-                if isinstance(data, Exception):
-                    errors.append({"study_id": sid, "series_id": rid, "path": path, "reason": f"unreadable file ({type(data).__name__})"})
-                else:
-                    sources.append((path, data))
-            res = dicom.decode_series(sources)
-            errors.extend({"study_id": sid, "series_id": rid, "path": p, "reason": r} for p, r in res.errors)
-            if not res.stacks:
-                errors.append({"study_id": sid, "series_id": rid, "path": posixpath.dirname(s["files"][0]), "reason": "no usable image in series"})
-                continue
-            counts["series_decoded"] += 1
-            counts["stacks"] += len(res.stacks)
-            counts["images"] += sum(st.volume.shape[0] for st in res.stacks)
-            rows = [stack_row(sid, rid, s["series_description"], i, st) for i, st in enumerate(res.stacks)]
-            del res
-            yield rows_to_table(rows)
+            rows, errs = decode_one_series(fs, s["study_id"], s["series_id"], s["series_description"], s["files"])
+            errors.extend(errs)
+            if rows:
+                counts["series_decoded"] += 1
+                counts["stacks"] += len(rows)
+                counts["images"] += sum(r["n_slices"] for r in rows)
+                yield rows_to_table(rows)
 
     shard = join(out, VOLUMES_DIR, f"part-{group['key']}.parquet")
     counts["bytes"] = _write_parquet_atomic(shard, tables)
@@ -236,6 +249,27 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, in
     atomic_write_bytes(join(out, PROGRESS_DIR, f"errors-{group['key']}.parquet"), _errors_bytes(errors))
     atomic_write_text(join(out, PROGRESS_DIR, f"done-{group['key']}.json"), json.dumps(counts))
     return counts
+
+
+def decode_study(data_dir: str, split: str, study_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One study decoded in this process (no Ray): (volumes rows as `read_volumes` returns them, errors).
+
+    For inference and demos on a single study; descriptions come from the series CSV when present.
+    """
+    csv = join(data_dir, f"{split}_series_descriptions.csv")
+    desc: dict[int, str] = {}
+    if exists(csv):
+        listed = read_series(csv)
+        mine = listed[listed["study_id"] == study_id]
+        desc = dict(zip(mine["series_id"], mine["series_description"], strict=True))
+    fs, _ = fs_for(data_dir)
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for (sid, rid), entry in sorted(list_images(data_dir, split, study_id).items()):
+        r, e = decode_one_series(fs, sid, rid, desc.get(rid, ""), sorted(p for p, _ in entry))
+        rows += r
+        errors += e
+    return rows_to_table(rows).to_pandas(), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA).to_pandas()
 
 
 def _errors_bytes(rows: list[dict[str, Any]]) -> bytes:

@@ -230,3 +230,27 @@ def test_intensity_percentiles_match_numpy():
     for vol in (rng.integers(0, 4096, (3, 20, 30)).astype(np.uint16), rng.integers(-2000, 900, (2, 16, 16)).astype(np.int16)):
         expected = np.percentile(vol[:, ::2, ::2], [1, 99], method="inverted_cdf")
         assert intensity_percentiles(vol) == pytest.approx(tuple(expected))
+
+
+def test_duplicate_positions_keep_one_slice(tmp_path):
+    vol = _vol(3)
+    g = axial(3)
+    write_series(str(tmp_path), vol, g, [1, 2, 3], frame_uid="1.2", series_uid="1.3")
+    write_series(str(tmp_path / "dup"), vol[1:2], type(g)(g.positions[1:2], g.orientation, g.pixel_spacing), [9], frame_uid="1.2", series_uid="1.3")
+    res = dicom.decode_series([*(str(p) for p in tmp_path.glob("*.dcm")), str(tmp_path / "dup" / "9.dcm")])
+    assert res.stacks[0].instance_numbers == [1, 2, 3]
+    assert len(res.errors) == 1 and res.errors[0][1].startswith("duplicate slice position")
+
+
+def test_other_transfer_syntaxes_go_through_pydicom(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    vol = _vol(2)
+    g = axial(2)
+    for k in range(2):
+        ds = make_dataset(vol[k], g.positions[k], g.orientation, g.pixel_spacing, k + 1, "1.2", "1.3", compress=False)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(str(tmp_path / f"{k + 1}.dcm"), enforce_file_format=True)
+    assert dicom.read_header(str(tmp_path / "1.dcm")).transfer_syntax == DeflatedExplicitVRLittleEndian
+    (s,) = dicom.decode_series([str(p) for p in tmp_path.iterdir()]).stacks
+    np.testing.assert_array_equal(s.volume, vol)

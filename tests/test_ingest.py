@@ -226,3 +226,11 @@ def test_cli_prepare_prints_a_summary(prepared, tmp_path):
     assert read_manifest(str(tmp_path / "cli"))["counts"]["stacks"] == 8
     bad = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--split", "test"])
     assert bad.exit_code != 0 and read_manifest(str(tmp_path / "cli"))  # the finished output is untouched
+
+
+def test_decode_study_matches_prepare(prepared):
+    data, out, _ = prepared
+    vols, errors = ingest.decode_study(data, "train", 101)
+    ref = read_volumes(out, filters=[("study_id", "=", 101)]).sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(vols, ref)
+    assert list(errors["series_id"]) == [1012]
