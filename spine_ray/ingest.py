@@ -305,7 +305,7 @@ def _run_ray(todo: list[dict[str, Any]], data_dir: str, out: str, workers: int, 
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,
-        compute=ray.data.TaskPoolStrategy(size=workers),
+        compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))),
         **extra,
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
