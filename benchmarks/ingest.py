@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pydicom
@@ -153,7 +154,7 @@ def tree_cpu() -> float:
     return _cpu_seconds(me) + sum(_cpu_seconds(p) for p, _ in _descendants(me))
 
 
-def timed(fn) -> tuple[float, float, PeakRSS]:
+def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
     """Run fn(); returns (wall s, CPU s of the whole process tree, peak RSS)."""
     with PeakRSS() as peak:
         cpu0, t0 = tree_cpu(), time.perf_counter()

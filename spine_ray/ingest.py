@@ -21,7 +21,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -171,7 +171,7 @@ def make_plan(data_dir: str, split: str, shard_mb: float) -> dict[str, Any]:
     }
 
 
-def _write_parquet_atomic(url: str, tables: Callable[[], Any]) -> int:
+def _write_parquet_atomic(url: str, tables: Callable[[], Iterator[pa.Table]]) -> int:
     """Stream Arrow tables from `tables()` into one Parquet file that appears only when complete."""
     fs, path = fs_for(url)
     n_bytes = 0
@@ -230,7 +230,7 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, in
     errors: list[dict[str, Any]] = []
     counts = {"series": len(group["series"]), "series_decoded": 0, "stacks": 0, "images": 0}
 
-    def tables():
+    def tables() -> Iterator[pa.Table]:
         for s in group["series"]:
             rows, errs = decode_one_series(fs, s["study_id"], s["series_id"], s["series_description"], s["files"])
             errors.extend(errs)
@@ -442,6 +442,7 @@ def prepare(
     progress = [total - sum(len(g["series"]) for g in todo)]
 
     def on_done(n: int) -> None:
+        """Count a finished group's series and report progress."""
         progress[0] += n
         if on_progress:
             on_progress(progress[0], total)
