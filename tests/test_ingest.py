@@ -234,3 +234,16 @@ def test_decode_study_matches_prepare(prepared):
     ref = read_volumes(out, filters=[("study_id", "=", 101)]).sort_values(["series_id", "stack"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(vols, ref)
     assert list(errors["series_id"]) == [1012]
+
+
+def test_real_tables_without_images(real_tables, tmp_path):
+    """The real series list and train.csv: every series is reported missing, labels cover every target."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "train_series_descriptions.csv"):
+        shutil.copy(real_tables / name, data / name)
+    summary = ingest.prepare(str(data), str(tmp_path / "out"), "train", workers=1)
+    assert (summary.series_listed, summary.errors, summary.stacks) == (6294, 6294, 0)
+    labels = read_table(str(tmp_path / "out"), "labels.parquet")
+    assert len(labels) == 1975 * 25 and (labels["severity"] == -1).sum() == 572
+    assert read_volumes(str(tmp_path / "out")).empty
