@@ -247,3 +247,24 @@ def test_real_tables_without_images(real_tables, tmp_path):
     labels = read_table(str(tmp_path / "out"), "labels.parquet")
     assert len(labels) == 1975 * 25 and (labels["severity"] == -1).sum() == 572
     assert read_volumes(str(tmp_path / "out")).empty
+
+
+def test_rerun_after_a_task_crashed(prepared, tmp_path):
+    """A real failure mid-job: one group cannot publish its shard, the job dies; the re-run finishes it."""
+    data, done_out, _ = prepared
+    out = str(tmp_path / "out")
+    plan = ingest.make_plan(data, "train", 0.001)
+    blocked = os.path.join(out, "volumes", f"part-{plan['groups'][-1]['key']}.parquet")
+    os.makedirs(blocked)  # a directory where the shard must go: os.replace fails inside the Ray task
+    with pytest.raises(Exception) as crash:  # noqa: B017 - Ray wraps the task's error in its own types
+        ingest.prepare(data, out, "train", workers=2, shard_mb=0.001)
+    assert "IsADirectoryError" in str(crash.value) or "Is a directory" in str(crash.value)
+    with pytest.raises(IncompleteOutput):
+        read_volumes(out)
+    assert not any(f.startswith(".") for f in os.listdir(os.path.join(out, "volumes")))  # no temp shard left
+    os.rmdir(blocked)
+    summary = ingest.prepare(data, out, "train", workers=2, shard_mb=0.001)
+    a = read_volumes(done_out).drop(columns="volume").sort_values(["series_id", "stack"]).reset_index(drop=True)
+    b = read_volumes(out).drop(columns="volume").sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert summary.stacks == len(a) and read_manifest(out)["config"]["resumed_groups"] < len(plan["groups"])
