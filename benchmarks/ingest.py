@@ -187,6 +187,9 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15; the naive loop runs at nice 0 in this process. On a shared
+    # machine that alone would tilt wall times against prepare, so both run at the same priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     sets = {n: make_dataset(args.root, n) for n in args.studies}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     small = sets[min(args.studies)]
