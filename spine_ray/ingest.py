@@ -320,6 +320,11 @@ def _load_or_make_plan(data_dir: str, out: str, split: str, shard_mb: float) -> 
             raise SchemaError(
                 out, f"holds a prepare of {plan['data_dir']} ({plan['split']}); use another OUT for {data_dir} ({split})"
             )
+        listed = read_series(join(data_dir, f"{split}_series_descriptions.csv"))
+        planned = {(s["study_id"], s["series_id"]) for g in plan["groups"] for s in g["series"]}
+        planned |= {(m["study_id"], m["series_id"]) for m in plan["missing"]}
+        if set(zip(listed["study_id"].tolist(), listed["series_id"].tolist(), strict=True)) != planned:
+            raise SchemaError(out, f"the series list of {data_dir} changed since this output was planned; use a fresh OUT")
         return plan
     plan = make_plan(data_dir, split, shard_mb)
     atomic_write_text(url, json.dumps(plan))

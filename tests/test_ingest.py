@@ -268,3 +268,20 @@ def test_rerun_after_a_task_crashed(prepared, tmp_path):
     b = read_volumes(out).drop(columns="volume").sort_values(["series_id", "stack"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     assert summary.stacks == len(a) and read_manifest(out)["config"]["resumed_groups"] < len(plan["groups"])
+
+
+def test_a_changed_series_list_is_refused(prepared, tmp_path):
+    data, done_out, _ = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    out = str(tmp_path / "o")
+    shutil.copytree(done_out, out)
+    plan = json.loads(open(os.path.join(out, "_progress", "plan.json")).read())
+    plan["data_dir"] = str(copy)
+    with open(os.path.join(out, "_progress", "plan.json"), "w") as f:
+        json.dump(plan, f)
+    with open(copy / "train_series_descriptions.csv", "a") as f:
+        f.write("103,1031,Sagittal T1\n")
+    with pytest.raises(ValueError, match="series list"):
+        ingest.prepare(str(copy), out, "train")
+    assert read_manifest(out)  # left as it was
