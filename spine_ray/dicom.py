@@ -284,9 +284,9 @@ def pixels_from_dataset(ds: pydicom.Dataset, h: Header) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = _raw_pixels(ds, h)
-    except DicomError:
+    except (DicomError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure makes this one file unusable
+    except BaseException as e:  # noqa: B036 - pylibjpeg-rle's Rust panics on corrupt frames are BaseExceptions
         raise DicomError(f"pixel data not decodable ({type(e).__name__}: {str(e)[:120]})") from None
     return stored_to_values(arr, h)
 
@@ -409,6 +409,9 @@ def decode_series(files: Iterable[Source]) -> SeriesDecode:
                 px = pixels_from_dataset(ds, h)
         except DicomError as e:
             errors.append((_name(f), str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - a corrupt file must never stop its series or the job
+            errors.append((_name(f), f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})"))
             continue
         headers.append(h)
         pixels.append(px)

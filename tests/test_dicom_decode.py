@@ -254,3 +254,19 @@ def test_other_transfer_syntaxes_go_through_pydicom(tmp_path):
     assert dicom.read_header(str(tmp_path / "1.dcm")).transfer_syntax == DeflatedExplicitVRLittleEndian
     (s,) = dicom.decode_series([str(p) for p in tmp_path.iterdir()]).stacks
     np.testing.assert_array_equal(s.volume, vol)
+
+
+def test_corrupted_bytes_never_raise(tmp_path):
+    paths = write_series(str(tmp_path), _vol(2), axial(2))
+    good = open(paths[0], "rb").read()
+    rng = np.random.default_rng(0)
+    pixels_start = good.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data
+    for trial in range(300):
+        bad = bytearray(good)
+        lo = pixels_start if trial % 2 else 0  # half of the trials hit the RLE stream itself
+        at = rng.integers(lo, len(bad), size=int(rng.integers(1, 8)))
+        for i in at:
+            bad[i] = int(rng.integers(0, 256))
+        res = dicom.decode_series([("bad.dcm", bytes(bad)), (paths[1], open(paths[1], "rb").read())])
+        assert paths[1] in {n for s in res.stacks for n in s.names}
+        assert len(res.errors) <= 1
