@@ -74,7 +74,7 @@ def baseline(
 
 @app.command("prepare")
 def prepare_cmd(
-    data_dir: str = typer.Argument(..., help="Kaggle-layout data folder ({split}_images/, {split}_series_descriptions.csv, train.csv); path or URL."),
+    data_dir: str = typer.Argument(..., metavar="DATA_DIR", help="Kaggle-layout data folder ({split}_images/, {split}_series_descriptions.csv, train.csv); path or URL."),
     out_dir: str = typer.Argument(..., metavar="OUT", help="Output folder (volumes/, labels.parquet, errors.parquet, manifest.json); path or URL."),
     split: str = typer.Option("train", "--split", help="train or test."),
     workers: int = typer.Option(None, "--workers", help="Concurrent decode tasks (default: all CPUs)."),

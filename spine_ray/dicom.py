@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.multival
 import pydicom.pixels
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -106,16 +107,62 @@ def _open(src: Source) -> str | io.BytesIO:
     return io.BytesIO(src[1]) if isinstance(src, tuple) else str(src)
 
 
+def _raw(ds: pydicom.Dataset, keyword: str) -> object:
+    """An element's value without pydicom's value conversion (bytes while still raw); None if absent."""
+    try:
+        elem = ds.get_item(keyword)
+    except KeyError:
+        return None
+    return None if elem is None else elem.value
+
+
+def _strings(ds: pydicom.Dataset, keyword: str) -> list[str]:
+    """A string-valued element (DS, IS, CS, UI) as its parts; [] when absent or empty."""
+    v = _raw(ds, keyword)
+    if v is None:
+        return []
+    if isinstance(v, bytes):
+        text = v.decode("latin-1").strip(" \x00")
+        return [t.strip(" \x00") for t in text.split("\\")] if text else []
+    if isinstance(v, list | tuple | pydicom.multival.MultiValue):
+        return [str(t) for t in v]
+    return [str(v)] if str(v) else []
+
+
+def _uint(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """An unsigned short (US) element; `default` when absent."""
+    v = _raw(ds, keyword)
+    if v is None:
+        return default
+    if isinstance(v, bytes):
+        if len(v) < 2:
+            return default
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        return int.from_bytes(v[:2], "little" if little else "big")
+    return int(v)
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: float | None) -> float | None:
+    """A single DS/IS number; `default` when absent or empty."""
+    parts = _strings(ds, keyword)
+    if not parts or not parts[0]:
+        return default
+    try:
+        return float(parts[0])
+    except ValueError:
+        raise DicomError(f"unreadable {keyword} {parts[0]!r}") from None
+
+
 def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...]:
-    value = ds.get(keyword)
-    if value is None:
+    parts = _strings(ds, keyword)
+    if not parts:
         raise DicomError(f"missing {keyword}")
     try:
-        out = tuple(float(v) for v in (value if n > 1 else [value]))
-    except (TypeError, ValueError):
-        raise DicomError(f"unreadable {keyword} {value!r}") from None
-    if len(out) != n or not np.all(np.isfinite(out)):
-        raise DicomError(f"{keyword} should hold {n} finite numbers, got {value!r}")
+        out = tuple(float(v) for v in parts)
+    except ValueError:
+        raise DicomError(f"unreadable {keyword} {parts!r}") from None
+    if len(out) != n or not all(np.isfinite(out)):
+        raise DicomError(f"{keyword} should hold {n} finite numbers, got {parts!r}")
     return out
 
 
@@ -133,20 +180,27 @@ def _dcmread(src: Source, stop_before_pixels: bool) -> pydicom.Dataset:
 
 def read_header(src: Source) -> Header:
     """Read one file's header (no pixels); raise DicomError if it is not a usable image slice."""
-    return header_from_dataset(_dcmread(src, stop_before_pixels=True), _name(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return header_from_dataset(_dcmread(src, stop_before_pixels=True), _name(src))
 
 
 def header_from_dataset(ds: pydicom.Dataset, name: str) -> Header:
-    """The stacking header of a parsed dataset; raise DicomError for non-images, localisers, bad geometry."""
-    if "Rows" not in ds or "Columns" not in ds or "BitsAllocated" not in ds:
+    """The stacking header of a parsed dataset; raise DicomError for non-images, localisers, bad geometry.
+
+    Values are parsed from the raw elements: pydicom's own conversion of ~20 tags costs more than
+    decoding the RLE pixels.
+    """
+    rows, cols, ba = _uint(ds, "Rows", 0), _uint(ds, "Columns", 0), _uint(ds, "BitsAllocated", 0)
+    if not rows or not cols or not ba:
         sop = ds.get("SOPClassUID", "unknown SOP class")
         raise DicomError(f"not an image ({getattr(sop, 'name', sop)})")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "LOCALIZER" in image_type:
+    if "LOCALIZER" in (t.upper() for t in _strings(ds, "ImageType")):
         raise DicomError("localizer image")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+    frames = _number(ds, "NumberOfFrames", 1.0) or 1.0
+    if _uint(ds, "SamplesPerPixel", 1) != 1 or int(frames) != 1:
         raise DicomError("not a single-frame greyscale image")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = (_strings(ds, "PhotometricInterpretation") or ["MONOCHROME2"])[0].upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomError(f"unsupported PhotometricInterpretation {photometric}")
     ipp = _floats(ds, "ImagePositionPatient", 3)
@@ -157,27 +211,26 @@ def header_from_dataset(ds: pydicom.Dataset, name: str) -> Header:
     x, y = np.asarray(iop[:3]), np.asarray(iop[3:])
     if np.linalg.norm(x) < 0.5 or np.linalg.norm(y) < 0.5 or np.linalg.norm(np.cross(x, y)) < 0.5:
         raise DicomError(f"degenerate ImageOrientationPatient {iop}")
-    ba, bs = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    bs = _uint(ds, "BitsStored", ba)
     if ba not in (8, 16) or not 1 <= bs <= ba:
         raise DicomError(f"unsupported BitsAllocated/BitsStored {ba}/{bs}")
-    thickness = ds.get("SliceThickness")
     meta = getattr(ds, "file_meta", None)
     return Header(
         name=name,
-        instance_number=int(ds.get("InstanceNumber", 0) or 0),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        instance_number=int(_number(ds, "InstanceNumber", 0.0) or 0),
+        rows=rows,
+        cols=cols,
         position=ipp,  # type: ignore[arg-type]
         orientation=iop,  # type: ignore[arg-type]
         pixel_spacing=spacing,  # type: ignore[arg-type]
-        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+        frame_of_reference=(_strings(ds, "FrameOfReferenceUID") or [""])[0],
         bits_allocated=ba,
         bits_stored=bs,
-        signed=int(ds.get("PixelRepresentation", 0)) == 1,
+        signed=_uint(ds, "PixelRepresentation", 0) == 1,
         monochrome1=photometric == "MONOCHROME1",
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        slope=_number(ds, "RescaleSlope", 1.0) or 1.0,
+        intercept=_number(ds, "RescaleIntercept", 0.0) or 0.0,
+        slice_thickness=_number(ds, "SliceThickness", None),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
     )
 
@@ -231,9 +284,9 @@ def pixels_from_dataset(ds: pydicom.Dataset, h: Header) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = _raw_pixels(ds, h)
-    except DicomError:
+    except (DicomError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure makes this one file unusable
+    except BaseException as e:  # noqa: B036 - pylibjpeg-rle's Rust panics on corrupt frames are BaseExceptions
         raise DicomError(f"pixel data not decodable ({type(e).__name__}: {str(e)[:120]})") from None
     return stored_to_values(arr, h)
 
@@ -244,9 +297,8 @@ def decode_pixels(src: Source, h: Header) -> np.ndarray:
 
 
 def _same_geometry(a: Header, b: Header) -> bool:
-    return (
-        a.frame_of_reference == b.frame_of_reference
-        and geometry.orientation_angle(a.orientation, b.orientation) <= ANGLE_TOL_DEG
+    return a.frame_of_reference == b.frame_of_reference and (
+        a.orientation == b.orientation or geometry.orientation_angle(a.orientation, b.orientation) <= ANGLE_TOL_DEG
     )
 
 
@@ -350,11 +402,16 @@ def decode_series(files: Iterable[Source]) -> SeriesDecode:
         try:
             # One parse per file: with the bytes in memory, parsing past the header costs ~0.01 ms
             # and pixels are decoded only once the header says this is a usable image slice.
-            ds = _dcmread(f, stop_before_pixels=False)
-            h = header_from_dataset(ds, _name(f))
-            px = pixels_from_dataset(ds, h)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns on odd values; unusable ones become errors
+                ds = _dcmread(f, stop_before_pixels=False)
+                h = header_from_dataset(ds, _name(f))
+                px = pixels_from_dataset(ds, h)
         except DicomError as e:
             errors.append((_name(f), str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - a corrupt file must never stop its series or the job
+            errors.append((_name(f), f"unreadable DICOM ({type(e).__name__}: {str(e)[:120]})"))
             continue
         headers.append(h)
         pixels.append(px)

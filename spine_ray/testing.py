@@ -111,7 +111,7 @@ def make_dataset(
     if raw_bytes is not None:
         ds.PixelData = raw_bytes
     elif compress:
-        ds.compress(RLELossless, arr, encoding_plugin="pydicom")
+        ds.compress(RLELossless, arr)
     else:
         ds.PixelData = arr.tobytes()
     return ds
@@ -179,6 +179,45 @@ def phantom(n_slices: int, rows: int, cols: int, seed: int = 0, bits: int = 12) 
     return np.clip(vol, 0, 2**bits - 1).astype(np.uint16)
 
 
+def write_study(
+    root: str,
+    split: str,
+    study_id: int,
+    rows: int = 64,
+    cols: int = 64,
+    slices: tuple[int, int, int] = (6, 6, 8),
+    rng: np.random.Generator | None = None,
+) -> list[tuple[int, int, str]]:
+    """One study in Kaggle layout: Sagittal T1, Sagittal T2/STIR and a two-block oblique Axial T2
+    (instance numbers shuffled, starting at 1, 101 and 201); returns its (study, series, description) rows."""
+    rng = rng if rng is not None else np.random.default_rng(study_id)
+    out = []
+    for j, (desc, n) in enumerate(zip(("Sagittal T1", "Sagittal T2/STIR", "Axial T2"), slices, strict=True)):
+        series_id = study_id * 10 + j + 1
+        out.append((study_id, series_id, desc))
+        d = os.path.join(root, f"{split}_images", str(study_id), str(series_id))
+        vol = phantom(n, rows, cols, seed=int(rng.integers(1 << 30)))
+        numbers = list(rng.permutation(n) + 1 + 100 * j)
+        if desc.startswith("Axial"):
+            half = n // 2
+            frame, series_uid = generate_uid(), generate_uid()
+            g1 = axial(half, tilt_deg=-12.0, origin=(-16, -16, -40.0 - 4.0 * half), step=4.0)
+            g2 = axial(n - half, tilt_deg=10.0, origin=(-16, -16, 0.0), step=4.0)
+            write_series(d, vol[:half], g1, numbers[:half], frame_uid=frame, series_uid=series_uid)
+            write_series(d, vol[half:], g2, numbers[half:], frame_uid=frame, series_uid=series_uid)
+        else:
+            g = sagittal(n, origin=(-12.0, -16.0, 16.0), pixel_spacing=(0.5, 0.6), step=4.0)
+            write_series(d, vol, g, numbers)
+    return out
+
+
+def write_series_csv(root: str, split: str, rows: Sequence[tuple[int, int, str]]) -> None:
+    """Write `{split}_series_descriptions.csv`."""
+    with open(os.path.join(root, f"{split}_series_descriptions.csv"), "w") as f:
+        f.write("study_id,series_id,series_description\n")
+        f.writelines(f"{a},{b},{c}\n" for a, b, c in rows)
+
+
 def write_study_tree(
     root: str,
     split: str,
@@ -188,29 +227,7 @@ def write_study_tree(
     slices: tuple[int, int, int] = (6, 6, 8),
     seed: int = 0,
 ) -> None:
-    """A Kaggle-layout tree: `{split}_series_descriptions.csv` + `{split}_images/{study}/{series}/*.dcm`
-    with Sagittal T1, Sagittal T2/STIR and a two-block oblique Axial T2 per study (instances shuffled)."""
+    """A Kaggle-layout tree of `write_study` studies plus its `{split}_series_descriptions.csv`."""
     rng = np.random.default_rng(seed)
-    lines = ["study_id,series_id,series_description"]
-    for s in studies:
-        for j, (desc, n) in enumerate(zip(("Sagittal T1", "Sagittal T2/STIR", "Axial T2"), slices, strict=True)):
-            series_id = s * 10 + j + 1
-            lines.append(f"{s},{series_id},{desc}")
-            d = os.path.join(root, f"{split}_images", str(s), str(series_id))
-            vol = phantom(n, rows, cols, seed=int(rng.integers(1 << 30)))
-            numbers = list(rng.permutation(n) + 1 + 100 * j)
-            if desc.startswith("Axial"):
-                half = n // 2
-                frame = generate_uid()
-                series_uid = generate_uid()
-                g1 = axial(half, tilt_deg=-12.0, origin=(-16, -16, -40.0), step=4.0)
-                g2 = axial(n - half, tilt_deg=10.0, origin=(-16, -16, 0.0), step=4.0)
-                write_series(d, vol[:half], g1, numbers[:half], frame_uid=frame, series_uid=series_uid)
-                write_series(d, vol[half:], g2, numbers[half:], frame_uid=frame, series_uid=series_uid)
-            else:
-                g = sagittal(n, origin=(-12.0, -16.0, 16.0), pixel_spacing=(0.5, 0.6), step=4.0)
-                write_series(d, vol, g, numbers)
-    with open(os.path.join(root, f"{split}_series_descriptions.csv"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
+    lines = [r for s in studies for r in write_study(root, split, s, rows, cols, slices, rng)]
+    write_series_csv(root, split, lines)

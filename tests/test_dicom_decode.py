@@ -211,3 +211,62 @@ def test_read_header_reads_no_pixels(tmp_path):
     h = dicom.read_header(p)
     assert (h.instance_number, h.rows, h.cols, h.pixel_spacing) == (5031, H, W, (0.5, 0.8))
     assert h.transfer_syntax == "1.2.840.10008.1.2.5"
+
+
+def test_header_from_an_in_memory_dataset_matches_the_file(tmp_path):
+    g = sagittal(1, pixel_spacing=(0.5, 0.8))
+    ds = make_dataset(_vol(1)[0], g.positions[0], g.orientation, g.pixel_spacing, 7, "1.2", "1.3", slope=1.5, intercept=-3.0)
+    ds.save_as(str(tmp_path / "7.dcm"), enforce_file_format=True)
+    from_file = dicom.read_header(str(tmp_path / "7.dcm"))
+    in_memory = dicom.header_from_dataset(ds, str(tmp_path / "7.dcm"))  # converted, not raw, elements
+    assert in_memory == from_file
+    assert (from_file.slope, from_file.intercept, from_file.slice_thickness) == (1.5, -3.0, 3.5)
+
+
+def test_intensity_percentiles_match_numpy():
+    from spine_ray.volumes import intensity_percentiles
+
+    rng = np.random.default_rng(0)
+    for vol in (rng.integers(0, 4096, (3, 20, 30)).astype(np.uint16), rng.integers(-2000, 900, (2, 16, 16)).astype(np.int16)):
+        expected = np.percentile(vol[:, ::2, ::2], [1, 99], method="inverted_cdf")
+        assert intensity_percentiles(vol) == pytest.approx(tuple(expected))
+
+
+def test_duplicate_positions_keep_one_slice(tmp_path):
+    vol = _vol(3)
+    g = axial(3)
+    write_series(str(tmp_path), vol, g, [1, 2, 3], frame_uid="1.2", series_uid="1.3")
+    write_series(str(tmp_path / "dup"), vol[1:2], type(g)(g.positions[1:2], g.orientation, g.pixel_spacing), [9], frame_uid="1.2", series_uid="1.3")
+    res = dicom.decode_series([*(str(p) for p in tmp_path.glob("*.dcm")), str(tmp_path / "dup" / "9.dcm")])
+    assert res.stacks[0].instance_numbers == [1, 2, 3]
+    assert len(res.errors) == 1 and res.errors[0][1].startswith("duplicate slice position")
+
+
+def test_other_transfer_syntaxes_go_through_pydicom(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    vol = _vol(2)
+    g = axial(2)
+    for k in range(2):
+        ds = make_dataset(vol[k], g.positions[k], g.orientation, g.pixel_spacing, k + 1, "1.2", "1.3", compress=False)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(str(tmp_path / f"{k + 1}.dcm"), enforce_file_format=True)
+    assert dicom.read_header(str(tmp_path / "1.dcm")).transfer_syntax == DeflatedExplicitVRLittleEndian
+    (s,) = dicom.decode_series([str(p) for p in tmp_path.iterdir()]).stacks
+    np.testing.assert_array_equal(s.volume, vol)
+
+
+def test_corrupted_bytes_never_raise(tmp_path):
+    paths = write_series(str(tmp_path), _vol(2), axial(2))
+    good = open(paths[0], "rb").read()
+    rng = np.random.default_rng(0)
+    pixels_start = good.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data
+    for trial in range(300):
+        bad = bytearray(good)
+        lo = pixels_start if trial % 2 else 0  # half of the trials hit the RLE stream itself
+        at = rng.integers(lo, len(bad), size=int(rng.integers(1, 8)))
+        for i in at:
+            bad[i] = int(rng.integers(0, 256))
+        res = dicom.decode_series([("bad.dcm", bytes(bad)), (paths[1], open(paths[1], "rb").read())])
+        assert paths[1] in {n for s in res.stacks for n in s.names}
+        assert len(res.errors) <= 1

@@ -211,3 +211,77 @@ def test_plan_groups_are_deterministic(prepared):
     assert json.dumps(a) == json.dumps(b)
     series = [s["series_id"] for g in a["groups"] for s in g["series"]]
     assert len(series) == len(set(series)) == 7 and [m["series_id"] for m in a["missing"]] == [1099]
+
+
+def test_cli_prepare_prints_a_summary(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from spine_ray.cli import app
+
+    data, _, _ = prepared
+    r = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--workers", "2", "--shard-mb", "1"])
+    assert r.exit_code == 0, r.output
+    for text in ("series decoded", "stacks", "images", "errors", "time"):
+        assert text in r.output
+    assert read_manifest(str(tmp_path / "cli"))["counts"]["stacks"] == 8
+    bad = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--split", "test"])
+    assert bad.exit_code != 0 and read_manifest(str(tmp_path / "cli"))  # the finished output is untouched
+
+
+def test_decode_study_matches_prepare(prepared):
+    data, out, _ = prepared
+    vols, errors = ingest.decode_study(data, "train", 101)
+    ref = read_volumes(out, filters=[("study_id", "=", 101)]).sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(vols, ref)
+    assert list(errors["series_id"]) == [1012]
+
+
+def test_real_tables_without_images(real_tables, tmp_path):
+    """The real series list and train.csv: every series is reported missing, labels cover every target."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "train_series_descriptions.csv"):
+        shutil.copy(real_tables / name, data / name)
+    summary = ingest.prepare(str(data), str(tmp_path / "out"), "train", workers=1)
+    assert (summary.series_listed, summary.errors, summary.stacks) == (6294, 6294, 0)
+    labels = read_table(str(tmp_path / "out"), "labels.parquet")
+    assert len(labels) == 1975 * 25 and (labels["severity"] == -1).sum() == 572
+    assert read_volumes(str(tmp_path / "out")).empty
+
+
+def test_rerun_after_a_task_crashed(prepared, tmp_path):
+    """A real failure mid-job: one group cannot publish its shard, the job dies; the re-run finishes it."""
+    data, done_out, _ = prepared
+    out = str(tmp_path / "out")
+    plan = ingest.make_plan(data, "train", 0.001)
+    blocked = os.path.join(out, "volumes", f"part-{plan['groups'][-1]['key']}.parquet")
+    os.makedirs(blocked)  # a directory where the shard must go: os.replace fails inside the Ray task
+    with pytest.raises(Exception) as crash:  # noqa: B017 - Ray wraps the task's error in its own types
+        ingest.prepare(data, out, "train", workers=2, shard_mb=0.001)
+    assert "IsADirectoryError" in str(crash.value) or "Is a directory" in str(crash.value)
+    with pytest.raises(IncompleteOutput):
+        read_volumes(out)
+    assert not any(f.startswith(".") for f in os.listdir(os.path.join(out, "volumes")))  # no temp shard left
+    os.rmdir(blocked)
+    summary = ingest.prepare(data, out, "train", workers=2, shard_mb=0.001)
+    a = read_volumes(done_out).drop(columns="volume").sort_values(["series_id", "stack"]).reset_index(drop=True)
+    b = read_volumes(out).drop(columns="volume").sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert summary.stacks == len(a) and read_manifest(out)["config"]["resumed_groups"] < len(plan["groups"])
+
+
+def test_a_changed_series_list_is_refused(prepared, tmp_path):
+    data, done_out, _ = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    out = str(tmp_path / "o")
+    shutil.copytree(done_out, out)
+    plan = json.loads(open(os.path.join(out, "_progress", "plan.json")).read())
+    plan["data_dir"] = str(copy)
+    with open(os.path.join(out, "_progress", "plan.json"), "w") as f:
+        json.dump(plan, f)
+    with open(copy / "train_series_descriptions.csv", "a") as f:
+        f.write("103,1031,Sagittal T1\n")
+    with pytest.raises(ValueError, match="series list"):
+        ingest.prepare(str(copy), out, "train")
+    assert read_manifest(out)  # left as it was

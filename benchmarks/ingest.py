@@ -1,0 +1,245 @@
+"""Ingest benchmark: the public-notebook DICOM loop vs `prepare` (1 and 2 workers), at two dataset sizes.
+
+    PYTHONPATH=. python benchmarks/ingest.py --root /tmp/spine-ray-bench --studies 6 18
+
+Generates (once, cached under --root) synthetic RLE Lossless studies of realistic size with
+`spine_ray.testing.write_study`, then on each size, in one run:
+- naive: `pydicom.dcmread(f)` per file, sort by InstanceNumber, `np.stack(pixel_array)`, `np.save`;
+- decode_only / decode_write: prepare's decode path in this process without Ray, without and with
+  its zstd Parquet write (where the time goes);
+- prepare with 1 and with 2 workers on one local Ray (num_cpus=2, started and warmed up on the
+  small set before timing), output to a fresh folder each time.
+Reports wall time, CPU seconds of the whole process tree (Ray's processes included; robust to other
+load on a shared machine), images/s, images per CPU-second, input MB/s and the peak RSS of the
+driver and of the largest Ray worker (sampled every 50 ms), which must not grow with the number of studies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pydicom
+
+from spine_ray.dicom import decode_series
+from spine_ray.ingest import decode_group, make_plan, prepare
+from spine_ray.schema import read_series
+from spine_ray.testing import write_series_csv, write_study
+
+
+def make_dataset(root: str, n_studies: int, seed: int = 0) -> str:
+    """n_studies synthetic studies: 256–384 px, 15–20 sagittal and 30–40 axial slices, RLE Lossless."""
+    data = os.path.join(root, f"studies-{n_studies}")
+    if os.path.exists(os.path.join(data, "train_series_descriptions.csv")):
+        return data
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_studies):
+        size = int(rng.choice([256, 320, 384]))
+        slices = (int(rng.integers(15, 21)), int(rng.integers(15, 21)), int(rng.integers(30, 41)))
+        rows += write_study(data, "train", 1000 + i, size, size, slices, rng)
+    write_series_csv(data, "train", rows)
+    return data
+
+
+def dataset_stats(data: str) -> tuple[int, int, int]:
+    """(images, DICOM bytes, pixel bytes) of a dataset."""
+    files = glob.glob(os.path.join(data, "train_images", "*", "*", "*.dcm"))
+    pixels = 0
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        pixels += ds.Rows * ds.Columns * 2
+    return len(files), sum(os.path.getsize(f) for f in files), pixels
+
+
+def naive(data: str, out: str, plugin: str = "") -> float:
+    """The loop every public notebook uses; returns seconds. plugin="pydicom": pydicom's own RLE decoder
+    (what a notebook gets without pylibjpeg-rle installed); "": pydicom's default choice (pylibjpeg-rle here)."""
+    os.makedirs(out, exist_ok=True)
+    series = read_series(os.path.join(data, "train_series_descriptions.csv"))
+    start = time.perf_counter()
+    for r in series.itertuples():
+        files = glob.glob(os.path.join(data, "train_images", str(r.study_id), str(r.series_id), "*.dcm"))
+        dss = sorted((pydicom.dcmread(f) for f in files), key=lambda d: int(d.InstanceNumber))
+        if plugin:
+            for d in dss:
+                d.pixel_array_options(decoding_plugin=plugin)
+        vol = np.stack([d.pixel_array for d in dss])
+        np.save(os.path.join(out, f"{r.study_id}_{r.series_id}.npy"), vol)
+    return time.perf_counter() - start
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every descendant of pid, from /proc (Linux)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p:
+                frontier.append(child)
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        out.append((child, f.read().replace(b"\0", b" ").decode(errors="replace")))
+                except OSError:
+                    pass
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Samples the RSS of this process and of every descendant (Ray workers included)."""
+
+    def __init__(self) -> None:
+        self.driver = 0
+        self.worker = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, _rss(me))
+            for pid, cmd in _descendants(me):
+                if "ray::" in cmd or "default_worker" in cmd:
+                    self.worker = max(self.worker, _rss(pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and all its live descendants (Ray's included)."""
+    me = os.getpid()
+    return _cpu_seconds(me) + sum(_cpu_seconds(p) for p, _ in _descendants(me))
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
+    """Run fn(); returns (wall s, CPU s of the whole process tree, peak RSS)."""
+    with PeakRSS() as peak:
+        cpu0, t0 = tree_cpu(), time.perf_counter()
+        fn()
+        wall, cpu = time.perf_counter() - t0, tree_cpu() - cpu0
+    return wall, cpu, peak
+
+
+def decode_only(data: str, out: str, write: bool) -> None:
+    """The decode path of `prepare` in this process, no Ray: every group, with or without its Parquet write."""
+    shutil.rmtree(out, ignore_errors=True)
+    plan = make_plan(data, "train", 16.0)
+    for g in plan["groups"]:
+        if write:
+            decode_group(g, data, out)
+        else:
+            for s in g["series"]:
+                decode_series([(f, open(f, "rb").read()) for f in s["files"]])
+
+
+def main() -> None:
+    """Run the benchmark and print a Markdown table (and JSON with --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="/tmp/spine-ray-bench")
+    ap.add_argument("--studies", type=int, nargs=2, default=[6, 18])
+    ap.add_argument("--shard-mb", type=float, default=16.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15; the naive loop runs at nice 0 in this process. On a shared
+    # machine that alone would tilt wall times against prepare, so both run at the same priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    sets = {n: make_dataset(args.root, n) for n in args.studies}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    small = sets[min(args.studies)]
+    for w in (1, 2):  # start and import into Ray's workers before timing anything
+        shutil.rmtree(os.path.join(args.root, "warmup"), ignore_errors=True)
+        prepare(small, os.path.join(args.root, "warmup"), "train", workers=w, shard_mb=args.shard_mb)
+
+    results = []
+    for n, data in sets.items():
+        images, dicom_bytes, pixel_bytes = dataset_stats(data)
+        rec: dict = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
+        scratch = os.path.join(args.root, f"scratch-{n}")
+        runs = {
+            "naive": lambda d=data, o=scratch: naive(d, o),
+            "naive_pydicom_rle": lambda d=data, o=scratch: naive(d, o, plugin="pydicom"),
+            "decode_only": lambda d=data, o=scratch: decode_only(d, o, write=False),
+            "decode_write": lambda d=data, o=scratch: decode_only(d, o, write=True),
+        }
+        for w in (1, 2):
+            out = os.path.join(args.root, f"out-{n}-w{w}")
+            runs[f"prepare_{w}w"] = lambda d=data, o=out, w=w: (
+                shutil.rmtree(o, ignore_errors=True),
+                prepare(d, o, "train", workers=w, shard_mb=args.shard_mb),
+            )
+        for name, fn in runs.items():
+            wall, cpu, peak = timed(fn)
+            rec[name] = {"wall_s": wall, "cpu_s": cpu, "img_per_s": images / wall, "img_per_cpu_s": images / cpu,
+                         "driver_rss_mb": peak.driver / 1e6, "worker_rss_mb": peak.worker / 1e6}
+        results.append(rec)
+
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores\n")
+    print("| studies | images | DICOM MB | run | wall s | images/s | CPU s | images per CPU-s | input MB/s | peak RSS MB (driver / largest Ray worker) |")
+    print("|" + "---|" * 10)
+    for r in results:
+        for name in ("naive", "naive_pydicom_rle", "decode_only", "decode_write", "prepare_1w", "prepare_2w"):
+            m = r[name]
+            print(f"| {r['studies']} | {r['images']} | {r['dicom_mb']:.0f} | {name} | {m['wall_s']:.2f} | {m['img_per_s']:.0f} | "
+                  f"{m['cpu_s']:.2f} | {m['img_per_cpu_s']:.0f} | {r['dicom_mb'] / m['wall_s']:.1f} | "
+                  f"{m['driver_rss_mb']:.0f} / {m['worker_rss_mb']:.0f} |")
+    print()
+    for r in results:
+        print(f"{r['studies']} studies: prepare 1w vs naive per CPU-s {r['prepare_1w']['img_per_cpu_s'] / r['naive']['img_per_cpu_s']:.2f}x, "
+              f"vs naive with pydicom's RLE {r['prepare_1w']['img_per_cpu_s'] / r['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; "
+              f"2w/1w wall {r['prepare_1w']['wall_s'] / r['prepare_2w']['wall_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
