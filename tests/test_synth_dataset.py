@@ -210,3 +210,18 @@ def test_instance_numbers_not_always_spatial_nor_from_one():
         assert len(set(numbers)) == len(numbers) and numbers.min() > 1
         assert not (np.diff(numbers) > 0).all()
     assert len(plans[-1].geometry.slices) >= 5 * SMALL.axial_block_slices[0]  # one block per disc
+
+
+def test_cli_synth_and_its_errors(tmp_path):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "spine_ray.cli", "synth", str(tmp_path / "d"), "--studies", "1", "--test-studies", "1", "--image-size", "48"]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "oracle" in r.stdout and gen.is_finished(str(tmp_path / "d"))
+    assert read_submission(str(tmp_path / "d" / "oracle_submission.csv"))["row_id"].size == 25
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    bad = subprocess.run([*cli[:4], str(tmp_path / "e"), "--quirk-kinds", "sparkles"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "sparkles" in bad.stderr
