@@ -133,7 +133,7 @@ class Phantom:
             out[column & (root < 1.0) & (e < 1.0)] = NERVE
         # Spinal canal: AP depth shrinks near a stenotic disc (disc bulge from the front); each
         # lateral half narrows with its recess (facet overgrowth from the side).
-        bump = np.exp(-((dw / 6.0) ** 2))
+        bump = np.exp(-((dw / 8.0) ** 2))
         gs = 1.0 - (1.0 - self.narrow[0][k]) * bump
         half_v = self.canal_half_v * gs
         centre_v = self.canal_half_v * (1.0 - gs)  # the anterior wall moves back
