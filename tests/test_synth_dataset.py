@@ -172,6 +172,7 @@ def test_interrupted_run_does_not_look_finished(tmp_path, monkeypatch):
 def test_missing_and_extra_series(tmp_path):
     acq = replace(SMALL, missing_series=1.0, extra_axial=(0.0, 1.0), axial_block_fraction=1.0)
     gen.generate(str(tmp_path), replace(CFG, studies=1, test_studies=0, acquisition=acq), workers=1)
+    assert json.loads((tmp_path / "manifest.json").read_text())["oracle_test"] is None  # no test studies
     series = read_series(str(tmp_path / "train_series_descriptions.csv"))
     assert list(series["series_description"]) == [AXIAL_T2] * 3
     coords = read_coordinates(str(tmp_path / "train_label_coordinates.csv"))

@@ -133,8 +133,10 @@ def generate(out: str, cfg: SynthConfig, workers: int = 0, overwrite: bool = Fal
         prior_test=_score(~train, predict_prior(prior, int((~train).sum()))),
         oracle_train=_score(train, oracle[train]),
     )
-    body = {"format": "spine-ray-synth/1", "seed": cfg.seed, **summary.__dict__}
-    atomic_write_bytes(manifest, json.dumps(body, indent=2, sort_keys=True).encode())
+    # Strict JSON: a score that does not exist (no test studies) is null, not NaN.
+    scores = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.__dict__.items()}
+    body = {"format": "spine-ray-synth/1", "seed": cfg.seed, **scores}
+    atomic_write_bytes(manifest, json.dumps(body, indent=2, sort_keys=True, allow_nan=False).encode())
     return summary
 
 
