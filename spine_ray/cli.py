@@ -108,12 +108,12 @@ def prepare_cmd(
 @app.command()
 def synth(
     out_dir: str = typer.Argument(..., help="Where to write the dataset (path or URL); Kaggle layout."),
-    studies: int = typer.Option(100, "--studies", help="Number of training studies."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
-    test_studies: int = typer.Option(0, "--test-studies", help="Held-out studies (test_images, test_labels.csv, oracle)."),
-    image_size: str = typer.Option("256", "--image-size", help="Image size in pixels, or a comma list to draw per series, e.g. 384,512,640."),
-    quirks: float = typer.Option(0.0, "--quirks", help="Fraction of series given one quirk (0 = clean data)."),
-    quirk_kinds: str = typer.Option(",".join(("monochrome1", "rescale", "explicit", "implicit", "deflated", "mixed_sizes", "non_image", "truncated")), "--quirk-kinds", help="Comma list of quirks to draw from."),
+    studies: int = typer.Option(None, "--studies", help="Number of training studies [default: 100]."),
+    seed: int = typer.Option(None, "--seed", help="Seed; the same seed gives the same bytes [default: 0]."),
+    test_studies: int = typer.Option(None, "--test-studies", help="Held-out studies (test_images, test_labels.csv, oracle) [default: 0]."),
+    image_size: str = typer.Option(None, "--image-size", help="Image size in pixels, or a comma list drawn per series, e.g. 384,512,640 [default: 256]."),
+    quirks: float = typer.Option(None, "--quirks", help="Fraction of series given one quirk [default: 0, clean data]."),
+    quirk_kinds: str = typer.Option(None, "--quirk-kinds", help="Comma list of quirks to draw from [default: all of monochrome1, rescale, explicit, implicit, deflated, mixed_sizes, non_image, truncated]."),
     config: str = typer.Option(None, "--config", help="YAML SynthConfig; the flags above override it."),
     workers: int = typer.Option(0, "--workers", help="0 = automatic (in-process below 8 studies, else Ray), 1 = in-process."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished dataset at OUT."),
@@ -123,12 +123,12 @@ def synth(
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
 
-    sizes = [int(v) for v in image_size.split(",") if v.strip()]
-    kinds = [k.strip() for k in quirk_kinds.split(",") if k.strip()]
-    overrides = [
-        f"studies={studies}", f"test_studies={test_studies}", f"seed={seed}", f"quirks={quirks}",
-        f"quirk_kinds={kinds}", f"acquisition.image_sizes={sizes}",
-    ]
+    flags = {"studies": studies, "test_studies": test_studies, "seed": seed, "quirks": quirks}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if image_size is not None:
+        overrides.append(f"acquisition.image_sizes={[int(v) for v in image_size.split(',') if v.strip()]}")
+    if quirk_kinds is not None:
+        overrides.append(f"quirk_kinds={[k.strip() for k in quirk_kinds.split(',') if k.strip()]}")
     cfg = load(SynthConfig, config, overrides)
     summary = generate(out_dir, cfg, workers=workers, overwrite=overwrite, log=lambda m: console.print(m))
     table = Table(title=f"synthetic dataset at {out_dir}")

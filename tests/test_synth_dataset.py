@@ -98,6 +98,19 @@ def _patient_point(dataset: Path, row) -> np.ndarray:
 
 
 def test_points_agree_in_3d_across_series(dataset):
+    assert _check_3d(dataset) >= 10
+
+
+def test_points_agree_in_3d_with_non_square_pixels_and_oblique_blocks(tmp_path):
+    acq = replace(SMALL, non_square_fraction=1.0, axial_block_fraction=1.0, missing_series=0.0)
+    gen.generate(str(tmp_path), replace(CFG, studies=1, test_studies=0, seed=5, acquisition=acq), workers=1)
+    spacing = {tuple(pydicom.dcmread(p, stop_before_pixels=True).PixelSpacing) for p in tmp_path.rglob("*.dcm")}
+    assert all(dy != dx for dy, dx in spacing)
+    assert _check_3d(tmp_path) >= 5
+
+
+def _check_3d(dataset: Path) -> int:
+    """Left/right pairs of each level centre on that level's spinal point; returns pairs checked."""
     coords = read_coordinates(str(dataset / "train_label_coordinates.csv"))
     checked = 0
     for sid, study in coords.groupby("study_id"):
@@ -116,7 +129,7 @@ def test_points_agree_in_3d_across_series(dataset):
                 others = [p for (c, lv), p in pts.items() if c == "Spinal Canal Stenosis" and lv != level]
                 assert min(np.linalg.norm(mid - p) for p in others) > 20.0
                 checked += 1
-    assert checked >= 10
+    return checked
 
 
 def test_oracle_files_score_as_reported(dataset):
@@ -159,6 +172,7 @@ def test_interrupted_run_does_not_look_finished(tmp_path, monkeypatch):
 def test_missing_and_extra_series(tmp_path):
     acq = replace(SMALL, missing_series=1.0, extra_axial=(0.0, 1.0), axial_block_fraction=1.0)
     gen.generate(str(tmp_path), replace(CFG, studies=1, test_studies=0, acquisition=acq), workers=1)
+    assert json.loads((tmp_path / "manifest.json").read_text())["oracle_test"] is None  # no test studies
     series = read_series(str(tmp_path / "train_series_descriptions.csv"))
     assert list(series["series_description"]) == [AXIAL_T2] * 3
     coords = read_coordinates(str(tmp_path / "train_label_coordinates.csv"))
@@ -210,3 +224,30 @@ def test_instance_numbers_not_always_spatial_nor_from_one():
         assert len(set(numbers)) == len(numbers) and numbers.min() > 1
         assert not (np.diff(numbers) > 0).all()
     assert len(plans[-1].geometry.slices) >= 5 * SMALL.axial_block_slices[0]  # one block per disc
+
+
+def test_cli_synth_and_its_errors(tmp_path):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "spine_ray.cli", "synth", str(tmp_path / "d"), "--studies", "1", "--test-studies", "1", "--image-size", "48"]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "oracle" in r.stdout and gen.is_finished(str(tmp_path / "d"))
+    assert read_submission(str(tmp_path / "d" / "oracle_submission.csv"))["row_id"].size == 25
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    bad = subprocess.run([*cli[:4], str(tmp_path / "e"), "--quirk-kinds", "sparkles"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "sparkles" in bad.stderr
+
+
+def test_pixel_to_patient_inverts_projection_with_non_square_pixels():
+    from spine_ray.synth.geometry import plane_stack
+
+    row, col = np.array([0.0, 0.96, 0.28]), np.array([0.1, 0.0, -1.0])
+    s = plane_stack(np.array([5.0, -20.0, 30.0]), row, col, (40, 60), (0.7, 0.9), np.array([0.0]))[0]
+    p = s.voxel_centres()[13, 27]  # row 13, column 27
+    x, y, d = s.project(p)
+    assert np.allclose((x, y, d), (27, 13, 0), atol=1e-3)
+    back = pixel_to_patient(np.array(s.position), np.array([*s.row_dir, *s.col_dir]), np.array(s.spacing), x, y)
+    assert np.allclose(back, p, atol=1e-3)

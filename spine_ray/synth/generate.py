@@ -61,7 +61,9 @@ def plan_tasks(cfg: SynthConfig) -> tuple[list[StudyTask], np.ndarray]:
     return tasks, oracle
 
 
-def run_tasks(tasks: list[StudyTask], cfg: SynthConfig, out: str, workers: int = 0) -> list[StudyResult]:
+def run_tasks(
+    tasks: list[StudyTask], cfg: SynthConfig, out: str, workers: int = 0, say: Callable[[str], None] = lambda _m: None
+) -> list[StudyResult]:
     """Make every study: in-process for small runs or workers=1, otherwise one Ray task each."""
     if workers == 1 or (workers == 0 and len(tasks) < IN_PROCESS_BELOW):
         return [make_study(t, cfg, out) for t in tasks]
@@ -71,7 +73,12 @@ def run_tasks(tasks: list[StudyTask], cfg: SynthConfig, out: str, workers: int =
         ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
     remote = ray.remote(num_cpus=1, max_retries=2)(make_study)
     cfg_ref = ray.put(cfg)
-    return ray.get([remote.remote(t, cfg_ref, out) for t in tasks])
+    refs = [remote.remote(t, cfg_ref, out) for t in tasks]
+    pending, step = list(refs), max(1, len(refs) // 10)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=min(step, len(pending)))
+        say(f"{len(refs) - len(pending)}/{len(refs)} studies written")
+    return ray.get(refs)
 
 
 def _csv(url: str, df: pd.DataFrame) -> None:
@@ -90,7 +97,7 @@ def generate(out: str, cfg: SynthConfig, workers: int = 0, overwrite: bool = Fal
         remove(join(out, split), recursive=True)
     tasks, oracle = plan_tasks(cfg)
     say(f"generating {cfg.studies} train + {cfg.test_studies} test studies")
-    results = run_tasks(tasks, cfg, out, workers)
+    results = run_tasks(tasks, cfg, out, workers, say)
 
     ids = np.array([t.study_id for t in tasks])
     labels = np.stack([t.labels for t in tasks]) if tasks else np.zeros((0, 25), np.int8)
@@ -126,8 +133,10 @@ def generate(out: str, cfg: SynthConfig, workers: int = 0, overwrite: bool = Fal
         prior_test=_score(~train, predict_prior(prior, int((~train).sum()))),
         oracle_train=_score(train, oracle[train]),
     )
-    body = {"format": "spine-ray-synth/1", "seed": cfg.seed, **summary.__dict__}
-    atomic_write_bytes(manifest, json.dumps(body, indent=2, sort_keys=True).encode())
+    # Strict JSON: a score that does not exist (no test studies) is null, not NaN.
+    scores = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in summary.__dict__.items()}
+    body = {"format": "spine-ray-synth/1", "seed": cfg.seed, **scores}
+    atomic_write_bytes(manifest, json.dumps(body, indent=2, sort_keys=True, allow_nan=False).encode())
     return summary
 
 

@@ -145,6 +145,10 @@ def sample_labels(
 
 
 def narrowing(latent: np.ndarray) -> np.ndarray:
-    """Remaining fraction (0.15–1) of a structure's normal width for a latent severity; decreasing."""
+    """Remaining fraction (0.1–1) of a structure's normal width for a latent severity; decreasing.
+
+    Steepest between the thresholds 0 and 1 (≈0.84 → ≈0.26 of normal width), where the label
+    depends on it, so that a small CNN can see the difference at low resolution.
+    """
     z = np.asarray(latent, dtype=np.float64)
-    return 0.15 + 0.85 / (1.0 + np.exp(1.6 * (z - 0.9)))
+    return 0.1 + 0.9 / (1.0 + np.exp(3.0 * (z - 0.5)))

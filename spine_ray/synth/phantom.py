@@ -87,7 +87,7 @@ class Phantom:
             for c, side in ((1, 1.0), (2, -1.0)):
                 pts[(c, lv)] = self.disc_point(lv, u=side * self.foramen_u, v=-1.0, dw=4.0)
             for c, side in ((3, 1.0), (4, -1.0)):
-                half_u = self.canal_half_u * (0.55 + 0.45 * self.narrow[c][lv])
+                half_u = self.canal_half_u * (0.4 + 0.6 * self.narrow[c][lv])
                 pts[(c, lv)] = self.disc_point(lv, u=side * (half_u - 1.0), v=-0.45 * self.canal_half_v)
         return pts
 
@@ -133,13 +133,13 @@ class Phantom:
             out[column & (root < 1.0) & (e < 1.0)] = NERVE
         # Spinal canal: AP depth shrinks near a stenotic disc (disc bulge from the front); each
         # lateral half narrows with its recess (facet overgrowth from the side).
-        bump = np.exp(-((dw / 6.0) ** 2))
+        bump = np.exp(-((dw / 8.0) ** 2))
         gs = 1.0 - (1.0 - self.narrow[0][k]) * bump
         half_v = self.canal_half_v * gs
         centre_v = self.canal_half_v * (1.0 - gs)  # the anterior wall moves back
         g_left = 1.0 - (1.0 - self.narrow[3][k]) * bump
         g_right = 1.0 - (1.0 - self.narrow[4][k]) * bump
-        half_u = self.canal_half_u * np.where(u > 0, 0.55 + 0.45 * g_left, 0.55 + 0.45 * g_right)
+        half_u = self.canal_half_u * np.where(u > 0, 0.4 + 0.6 * g_left, 0.4 + 0.6 * g_right)
         canal = ((u / half_u) ** 2 + ((v - centre_v) / half_v) ** 2) < 1.0
         # Lateral recesses: lobes at the canal's anterolateral corners, shrinking with severity.
         for side, gr in ((1.0, g_left), (-1.0, g_right)):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from spine_ray.config import ConfigError
 from spine_ray.schema import CONDITION_SERIES, CONDITION_TITLES, CONDITIONS, LEVEL_TITLES
 from spine_ray.storage import atomic_write_bytes, is_local, join
 from spine_ray.synth.acquisition import AcquisitionConfig, SeriesPlan, plan_study
@@ -44,6 +45,17 @@ class SynthConfig:
     noise: float = 0.035  # Gaussian noise σ relative to the brightest tissue
     labels: LabelConfig = field(default_factory=LabelConfig)
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.quirk_kinds) - set(QUIRKS))
+        if unknown:
+            raise ConfigError(f"unknown quirk kinds {unknown} (known: {list(QUIRKS)})")
+        if not 0.0 <= self.quirks <= 1.0:
+            raise ConfigError(f"quirks is a fraction of series, got {self.quirks}")
+        if self.studies < 0 or self.test_studies < 0 or self.studies + self.test_studies == 0:
+            raise ConfigError("need at least one study")
+        if not self.acquisition.image_sizes or min(self.acquisition.image_sizes) < 16:
+            raise ConfigError(f"image sizes must be at least 16 px, got {self.acquisition.image_sizes}")
 
 
 @dataclass(frozen=True)
