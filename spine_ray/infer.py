@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -48,31 +47,20 @@ def _load_models(run_dir: str, stage: str, member: str, folds: int, build: Any, 
     return models, config
 
 
-def _volumes_bytes(rows: list[dict[str, Any]]) -> bytes:
-    from spine_ray.volumes import rows_to_table
-
-    buf = io.BytesIO()
-    pq.write_table(rows_to_table(rows) if rows else pa.table({}), buf, compression="none")
-    return buf.getvalue()
-
-
 def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[int, str]]) -> tuple[bytes, list[str]]:
-    """Decode one study's listed series: (volume rows as Parquet bytes, problems found)."""
-    from spine_ray.ingest import decode_one_series, list_images
-    from spine_ray.storage import fs_for
+    """Decode one study (the ingest module's path): (volume rows as Parquet bytes, problems found).
 
-    fs, _ = fs_for(data_dir)
-    files = list_images(data_dir, split, study_id)
-    rows, problems = [], []
-    for series_id, description in series:
-        listed = files.get((study_id, series_id))
-        if not listed:
-            problems.append(f"series {series_id} ({description}): no files")
-            continue
-        got, errors = decode_one_series(fs, study_id, series_id, description, [p for p, _ in listed])
-        rows += got
-        problems += [f"{e['path']}: {e['reason']}" for e in errors]
-    return _volumes_bytes(rows), problems
+    Problems name every unusable file and every listed series without files on disk.
+    """
+    from spine_ray.ingest import decode_study as decode
+
+    volumes, errors = decode(data_dir, split, study_id)
+    problems = [f"{e.path}: {e.reason}" for e in errors.itertuples()]
+    found = set(volumes["series_id"]) | set(errors["series_id"])
+    problems += [f"series {sid} ({desc}): no files" for sid, desc in series if sid not in found]
+    buf = io.BytesIO()
+    volumes.to_parquet(buf, index=False, compression="none")
+    return buf.getvalue(), problems
 
 
 class StudyPredictor:
@@ -126,7 +114,7 @@ class StudyPredictor:
         """Ray Data entry: a batch of decoded studies → their probabilities and fallback notes."""
         out = {"study_id": [], "probs": [], "predicted": [], "note": []}
         for study, vol, problems in zip(batch["study_id"], batch["volumes"], batch["problems"], strict=True):
-            note = "; ".join(problems)
+            note = "; ".join(list(problems)[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
             try:
                 volumes = pq.read_table(io.BytesIO(vol)).to_pandas() if len(vol) else pd.DataFrame()
                 probs, mask = self.predict(volumes)

@@ -66,7 +66,8 @@ def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synt
     sub = read_submission(str(out), study_ids=[no_t1, corrupt])
     assert len(sub) == 2 * N_TARGETS
     prior = pd.read_csv(run / "prior.csv").set_index("target")
-    bad = sub[sub.row_id.str.startswith(f"{corrupt}_")].set_index(sub.row_id.str.split("_", n=1).str[1])
+    bad = sub[sub.row_id.str.startswith(f"{corrupt}_")]
+    bad = bad.set_index(bad.row_id.str.split("_", n=1).str[1])
     assert np.allclose(bad.loc[prior.index, ["normal_mild", "moderate", "severe"]].to_numpy(), prior.to_numpy())
     assert rep.fallback_studies == 1
     assert str(corrupt) in rep.notes and str(no_t1) in rep.notes
