@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -189,16 +190,13 @@ def _blend_trial(config: dict[str, Any], data: SplitData, members: tuple[str, ..
     tune.report({"score": s.score, "g0": g[0], "g1": g[1], "g2": g[2]})
 
 
-def _run_config(name: str):
-    import tempfile
-
+def _run_config(name: str, storage: str):
     from ray import tune
 
-    # Tune's own bookkeeping is throwaway here: blend.json is the output.
-    return tune.RunConfig(name=name, storage_path=tempfile.mkdtemp(prefix="spine-ray-blend-"), verbose=0)
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0)
 
 
-def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig) -> tuple[dict[str, Blend], dict[str, float]]:
+def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str) -> tuple[dict[str, Blend], dict[str, float]]:
     from ray import tune
 
     trainable = tune.with_parameters(_study_trial, splits=splits, members=members, trials=cfg.trials)
@@ -206,7 +204,7 @@ def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg:
         tune.with_resources(trainable, {"cpu": 1}),
         param_space={"split": tune.grid_search(list(SPLITS)), "seed": cfg.seed},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-        run_config=_run_config("blend-batched"),
+        run_config=_run_config("blend-batched", storage),
     )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
@@ -218,7 +216,7 @@ def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg:
     )
 
 
-def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig) -> tuple[dict[str, Blend], dict[str, float]]:
+def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str) -> tuple[dict[str, Blend], dict[str, float]]:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -234,7 +232,7 @@ def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cf
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=cfg.trials, max_concurrent_trials=cfg.concurrency, reuse_actors=True
             ),
-            run_config=_run_config(f"blend-{split}"),
+            run_config=_run_config(f"blend-{split}", storage),
         )
         df = tuner.fit().get_dataframe()
         df = df[df["score"].notna()]
@@ -262,7 +260,10 @@ def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "
 
     init_ray()
     t0 = time.perf_counter()
-    found, per_search = (_search_batched if cfg.mode == "batched" else _search_per_trial)(splits, members, cfg)
+    # Tune's own bookkeeping is throwaway here (blend.json is the output): a local temporary folder.
+    with tempfile.TemporaryDirectory(prefix="spine-ray-blend-") as storage:
+        search = _search_batched if cfg.mode == "batched" else _search_per_trial
+        found, per_search = search(splits, members, cfg, storage)
     seconds = time.perf_counter() - t0
 
     final = found["all"]

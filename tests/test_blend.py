@@ -128,7 +128,7 @@ def test_search_never_worse_than_best_member_or_equal_pool(run_dir):
     assert got < best - 0.01  # the members are built so that blending genuinely helps
 
 
-@pytest.mark.parametrize("mode,trials", [("batched", 60), ("per-trial", 8)])
+@pytest.mark.parametrize("mode,trials", [("batched", 40), ("per-trial", 6)])
 def test_tune_ensemble_writes_blend_json(ray_local, run_dir, mode, trials):
     from spine_ray.tune_ensemble import tune_ensemble
 
@@ -153,7 +153,7 @@ def test_cli_tune_ensemble(ray_local, run_dir):
 
     from spine_ray.cli import app
 
-    r = CliRunner().invoke(app, ["tune-ensemble", run_dir, "--trials", "30", "--seed", "1"])
+    r = CliRunner().invoke(app, ["tune-ensemble", run_dir, "--trials", "20", "--seed", "1"])
     assert r.exit_code == 0, r.output
     assert "held-out" in r.output and "member sharp" in r.output and "blend.json" in r.output
 
