@@ -19,6 +19,13 @@ Two ways to run the trials, both Ray Tune with Optuna's TPE sampler:
                      (one Tuner per search); the textbook form, measured slower in
                      benchmarks/tune_ensemble.py.
 In both the member matrix goes into the object store once per Tuner (`tune.with_parameters`).
+
+RUN_DIR/blend.json: "blend" (members, weights per group and member, temperatures per group,
+severe_scale), "scores" (the metric's parts for the out-of-fold prior, each member, the
+equal-weight pool, the blend fitted on all folds, and the cross-fitted halves in-sample and
+held-out), "best_member", "halves" (folds of A and B), "half_blends", "filled_from_prior" (OOF
+rows each member lacked), "studies", "prior" [25, 3] and "search" (mode, trials, evaluations,
+seconds, evaluations_per_s, seconds_per_search).
 """
 
 from __future__ import annotations
@@ -254,6 +261,8 @@ def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "
     cfg = SearchConfig(trials, seed, mode, concurrency)
     run = load_run(run_dir)
     members, y = run.matrix.members, run.labels
+    # Every start point (equal pool, each member) is evaluated, whatever --trials says.
+    cfg = SearchConfig(max(trials, len(members) + 1), seed, mode, concurrency)
     masks = split_masks(run.folds)
     logp = log_members(run.matrix.probs)
     splits = {k: SplitData(np.ascontiguousarray(logp[:, :, m]), y[m]) for k, m in masks.items()}

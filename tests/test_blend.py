@@ -128,7 +128,7 @@ def test_search_never_worse_than_best_member_or_equal_pool(run_dir):
     assert got < best - 0.01  # the members are built so that blending genuinely helps
 
 
-@pytest.mark.parametrize("mode,trials", [("batched", 40), ("per-trial", 6)])
+@pytest.mark.parametrize("mode,trials", [("batched", 40), ("per-trial", 2)])
 def test_tune_ensemble_writes_blend_json(ray_local, run_dir, mode, trials):
     from spine_ray.tune_ensemble import tune_ensemble
 
@@ -144,7 +144,7 @@ def test_tune_ensemble_writes_blend_json(ray_local, run_dir, mode, trials):
     assert scores["blend, halves (held-out)"]["score"] < scores["prior (out-of-fold)"]["score"]
     assert saved["filled_from_prior"]["biased"] > 0
     assert sorted(saved["halves"]["A"] + saved["halves"]["B"]) == [0, 1, 2, 3]
-    assert saved["search"]["mode"] == mode and saved["search"]["evaluations"] == 3 * trials
+    assert saved["search"]["mode"] == mode and saved["search"]["evaluations"] == 3 * max(trials, 5)  # all 5 start points, always
     assert len(saved["prior"]) == 25
 
 
