@@ -196,6 +196,32 @@ def tune_lr_cmd(
     out.print(f"train with it: spine-ray train --config {join(cfg.run_dir, 'tune_lr', target, 'best.yaml')}")
 
 
+@app.command("tune-ensemble")
+def tune_ensemble_cmd(
+    run_dir: str = typer.Argument(..., help="A training run directory (oof.parquet, folds.parquet, train_labels.csv, prior.csv); path or URL."),
+    trials: int = typer.Option(1000, "--trials", help="Blend evaluations per search (three searches: half A, half B, all folds)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of Optuna's sampler."),
+    mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per Optuna study; per-trial: one Tune trial per blend (OptunaSearch)."),
+) -> None:
+    """Search per-group member weights, temperatures and a spinal severe factor on OOF predictions; write blend.json."""
+    from spine_ray.storage import join
+    from spine_ray.tune_ensemble import MODES, tune_ensemble
+
+    if mode not in MODES or trials < 1:
+        raise typer.BadParameter(f"--mode must be one of {list(MODES)} and --trials ≥ 1")
+    r = tune_ensemble(run_dir, trials=trials, seed=seed, mode=mode)
+    s = r["search"]
+    out.print(score_table(
+        f"ensemble blend of {len(r['blend']['members'])} members on {r['studies']} studies "
+        f"({s['evaluations']} evaluations, {s['evaluations_per_s']:.0f}/s, {s['mode']})",
+        r["scores"],
+    ))
+    filled = {m: n for m, n in r["filled_from_prior"].items() if n}
+    if filled:
+        out.print(f"rows filled from the prior: {filled}")
+    out.print(f"wrote {join(run_dir, 'blend.json')}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one clear line and exit code 2, not a traceback."""
     try:
