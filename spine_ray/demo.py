@@ -51,7 +51,6 @@ class DemoConfig:
 
 def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step into `out`; returns the summary (also written as summary.json)."""
-    from spine_ray.blend import tune_ensemble
     from spine_ray.infer import infer
     from spine_ray.ingest import prepare
     from spine_ray.metric import score_frames
@@ -59,6 +58,7 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     from spine_ray.schema import read_labels, read_submission
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
+    from spine_ray.tune_ensemble import tune_ensemble
 
     data, run = join(out, "data"), join(out, "run")
     seconds: dict[str, float] = {}
@@ -75,7 +75,7 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     if not exists(join(data, "manifest.json")):
         step("synthesise", lambda: generate(data, synth_cfg, workers=0, log=say))
     step("prepare", lambda: (prepare(data, join(out, "prepared"), "train"), prepare(data, join(out, "prepared_test"), "test")))
-    cfg = load(PipelineConfig, config, [f"prepared={join(out, 'prepared')}", f"run_dir={run}", *overrides])
+    cfg = load(PipelineConfig, config, [f"prepared={join(out, 'prepared')}", f"run_dir={run}", f"oracle={join(data, 'oracle_train.csv')}", *overrides])
     report = step("train", lambda: train(cfg))
     blend = step("tune-ensemble", lambda: tune_ensemble(run, trials=demo.blend_trials, seed=demo.seed))
     sub = join(out, "submission.csv")
@@ -88,7 +88,8 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     summary = {
         "prior": prior,
         "members": {m: s["score"] for m, s in grade["members"].items()},
-        "blend_cv": blend["blend"]["score"] if isinstance(blend.get("blend"), dict) else blend.get("blend_cv"),
+        "blend_cv": blend["scores"]["blend, fitted on all folds (in-sample)"]["score"],
+        "blend_cv_held_out": blend["scores"]["blend, halves (held-out)"]["score"],
         "test_score": test["score"],
         "oracle": oracle["score"],
         "oracle_cv": grade.get("oracle", {}).get("score"),
