@@ -271,12 +271,13 @@ def demo(
     table.add_column("")
     table.add_column("score", justify="right")
     table.add_column("on", justify="left")
-    table.add_row("prior", f"{s['prior']:.4f}", "out-of-fold, train")
+    table.add_row("prior", f"{s['prior_cv']:.4f}", "out-of-fold, train")
     for name, v in s["members"].items():
         table.add_row(f"member {name}", f"{v:.4f}", "out-of-fold, train")
     table.add_row("blend", f"{s['blend_cv']:.4f}", f"out-of-fold, train (held-out halves {s['blend_cv_held_out']:.4f})")
     if s.get("oracle_cv") is not None:
         table.add_row("oracle", f"{s['oracle_cv']:.4f}", "train")
+    table.add_row("prior", f"{s['prior']:.4f}", "held-out test studies")
     table.add_row("[bold]submission[/]", f"[bold]{s['test_score']:.4f}[/]", "held-out test studies")
     table.add_row("oracle", f"{s['oracle']:.4f}", "held-out test studies")
     table.add_row("gap closed", f"{s['gap_closed']:.0%}", "(prior − test) / (prior − oracle)")

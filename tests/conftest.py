@@ -24,8 +24,12 @@ def real_tables() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+def ray_local(s3_server):
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard).
+
+    It starts after the loopback S3 server so that its workers inherit the endpoint and
+    credentials, as a cluster's workers inherit them from the environment on AWS.
+    """
     import ray
 
     # Workers import test modules (stages defined in tests) by name, like the driver does.

@@ -5,12 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ray.job_submission import JobStatus
 from ray_head import AUTH_ENV_VARS, RAY, job_client, ray_head, submit_job
-
-from spine_ray.schema import labels_from_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 # The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.
@@ -19,17 +16,11 @@ RUNTIME_ENV_FILE = REPO / "jobs" / "runtime_env.yaml"
 pytestmark = pytest.mark.slow
 
 
-def pipeline_entrypoint(tmp: Path) -> tuple[list[str], list[Path]]:
-    """The command the job runs and the files it must leave behind.
-
-    The one place to change when `spine-ray train --config jobs/smoke.yaml` exists.
-    """
-    rng = np.random.default_rng(0)
-    labels = labels_from_matrix(range(1, 31), rng.choice(3, size=(30, 25), p=[0.7, 0.2, 0.1]).astype(np.int8))
-    labels.to_csv(tmp / "train.csv", index=False)
-    out = tmp / "out"
-    cmd = ["spine-ray", "baseline", "--labels", str(tmp / "train.csv"), "--folds", "3", "--out", str(out)]
-    return cmd, [out / "prior.csv", out / "folds.csv", out / "oof_prior.csv"]
+def pipeline_entrypoint(tmp: Path, prepared: Path) -> tuple[list[str], list[Path]]:
+    """The command the job runs (`spine-ray train` on the smoke config) and the files it must leave."""
+    run = tmp / "run"
+    cmd = ["spine-ray", "train", "--config", "jobs/smoke.yaml", "--set", f"prepared={prepared}", "--set", f"run_dir={run}"]
+    return cmd, [run / "config.yaml", run / "localize" / "points.parquet", run / "oof.parquet", run / "cv.json"]
 
 
 def test_job_imports_the_uploaded_working_dir(job_head):
@@ -47,12 +38,12 @@ def test_job_imports_the_uploaded_working_dir(job_head):
     assert "probe set-by-runtime-env" in r.stdout
 
 
-def test_submit_runs_pipeline_and_writes_outputs(job_head, tmp_path):
-    entrypoint, outputs = pipeline_entrypoint(tmp_path)
+def test_submit_runs_pipeline_and_writes_outputs(job_head, prepared, tmp_path):
+    entrypoint, outputs = pipeline_entrypoint(tmp_path, prepared)
     job_id, r = submit_job(job_head, entrypoint, REPO, runtime_env_file=RUNTIME_ENV_FILE)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert job_client(job_head).get_job_status(job_id) == JobStatus.SUCCEEDED
-    assert "prior baseline, 3-fold out-of-fold, 30 studies" in r.stdout
+    assert "stage 2 cross-validation, 2 folds" in r.stdout
     for f in outputs:
         assert f.exists() and f.stat().st_size > 0, f
 

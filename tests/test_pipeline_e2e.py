@@ -1,4 +1,5 @@
-"""End to end on the tiny synthetic set: train (both stages) → infer, with the fallback paths."""
+"""End to end: a reduced `spine-ray demo` (synthesise → prepare → train → tune-ensemble → infer →
+score) on a tiny synthetic set with the smoke config, then checks of each output and the fallbacks."""
 
 from __future__ import annotations
 
@@ -11,23 +12,52 @@ import pandas as pd
 import pytest
 
 from spine_ray.config import load
+from spine_ray.demo import DemoConfig, run_demo
 from spine_ray.infer import infer
-from spine_ray.pipeline import PipelineConfig, train
-from spine_ray.schema import N_TARGETS, read_series, read_submission
+from spine_ray.metric import score_frames
+from spine_ray.pipeline import PipelineConfig
+from spine_ray.schema import N_TARGETS, read_labels, read_series, read_submission
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(prepared, synthetic, tmp_path_factory):
-    run = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = load(PipelineConfig, ROOT / "jobs" / "smoke.yaml", [f"prepared={prepared}", f"run_dir={run}", f"oracle={synthetic / 'oracle_train.csv'}"])
-    report = train(cfg)
-    return run, cfg, report
+def demo(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(str(out), str(ROOT / "jobs" / "smoke.yaml"), DemoConfig(studies=6, test_studies=3, image_size=64, blend_trials=20), say=lambda _m: None)
+    return out, summary
 
 
-def test_train_writes_oof_for_every_member_and_cv(smoke_run, prepared):
+@pytest.fixture(scope="module")
+def smoke_run(demo):
+    out, _ = demo
+    run = out / "run"
+    return run, load(PipelineConfig, run / "config.yaml"), json.loads((run / "cv.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(demo):
+    return demo[0] / "data"
+
+
+def test_demo_summary_is_consistent_with_its_files(demo):
+    out, summary = demo
+    assert set(summary) >= {"prior", "members", "blend_cv", "test_score", "oracle", "gap_closed", "seconds"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary["seconds"]) == {"synthesise", "prepare", "train", "tune-ensemble", "infer"}
+    labels = read_labels(str(out / "data" / "test_labels.csv"))
+    assert summary["test_score"] == pytest.approx(score_frames(labels, read_submission(str(out / "submission.csv"))).score)
+    assert summary["gap_closed"] == pytest.approx((summary["prior"] - summary["test_score"]) / (summary["prior"] - summary["oracle"]))
+    blend = json.loads((out / "run" / "blend.json").read_text())
+    # The blend never does worse than the best single member on the folds it was fitted on.
+    scores = blend["scores"]
+    best = min(v["score"] for k, v in scores.items() if k.startswith("member "))
+    assert scores["blend, fitted on all folds (in-sample)"]["score"] <= best + 1e-9
+    assert (out / "README.md").exists()
+
+
+def test_train_writes_oof_for_every_member_and_cv(smoke_run):
     run, cfg, report = smoke_run
     oof = pd.read_parquet(run / "oof.parquet")
     folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
@@ -38,10 +68,11 @@ def test_train_writes_oof_for_every_member_and_cv(smoke_run, prepared):
     cv = json.loads((run / "cv.json").read_text())
     assert set(cv["members"]) == {"a", "b"} and "prior" in cv and "oracle" in cv
     assert cv["oracle"]["score"] < cv["prior"]["score"]
-    assert report["grade"] == cv
+    assert report == cv
 
 
-def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic, tmp_path):
+def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic_data, tmp_path):
+    synthetic = synthetic_data
     run, _, _ = smoke_run
     out = tmp_path / "submission.csv"
     rep = infer(str(synthetic), str(run), str(out), "test")
@@ -51,7 +82,8 @@ def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic, tmp_path
     assert rep.studies == len(studies) and rep.fallback_studies == 0
 
 
-def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synthetic, tmp_path):
+def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synthetic_data, tmp_path):
+    synthetic = synthetic_data
     run, _, _ = smoke_run
     data = tmp_path / "data"
     shutil.copytree(synthetic, data, ignore=shutil.ignore_patterns("train_images"))
