@@ -463,11 +463,14 @@ class GradeStage:
         cfg = _cfg(job)
         probs, masks = sample_probs([model], cfg, samples)
         rows = [
-            {"row_id": row_id(study, target), "study_id": study, "fold": job.fold, "member": job.member,
-             **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
+            {"row_id": row_id(study, target), "study_id": study, **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
             for study, target, p in _per_target(cfg, samples, probs, masks)
         ]
-        return pd.DataFrame(rows, columns=OOF_COLUMNS)
+        df = pd.DataFrame(rows, columns=["row_id", "study_id", *PROB_COLUMNS])
+        # On Ray, a study's volume rows can reach to_samples in two batches and give two partial
+        # samples of one level: each row_id is kept once, averaged over the samples that saw it.
+        df = df.groupby(["row_id", "study_id"], as_index=False, sort=True)[list(PROB_COLUMNS)].mean()
+        return df.assign(fold=job.fold, member=job.member)[OOF_COLUMNS]
 
 
 __all__ = [

@@ -207,6 +207,10 @@ def test_run_fold_end_to_end_and_oof(prepared):
         assert set(oof["study_id"]) == val and (oof["fold"] == fold).all() and (oof["member"] == CFG.name).all()
         assert np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(1), 1.0, atol=1e-5)
         oofs.append(oof)
+        # Two partial samples of one level (a study split across Ray Data batches) still give one row each.
+        val_samples = samples(GradeStage(), job, "val")
+        again = GradeStage().predict(job, model, pd.concat([val_samples, val_samples]))
+        assert again["row_id"].is_unique and set(again["row_id"]) == expected
         if fold == 0:
             # predict_study on a val study agrees with the OOF table of the same model.
             study = min(val)
