@@ -85,6 +85,7 @@ class GradeConfig:
     w_slice: float = 0.2  # auxiliary loss: attention finds the labelled slice
     w_any: float = 1.0  # any-severe-spinal term
     multiview_spinal: bool = False
+    tta_flip: bool = True  # predict as the mean of the sample and its left–right mirror
 
     def __post_init__(self) -> None:
         if self.out_px < 8 or self.k < 0 or self.max_shift < 0:
@@ -358,6 +359,23 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torc
     return model(batch["x"], batch["level"], batch["condition"], batch["view"], batch["target_mask"], sm)
 
 
+def flip_batch(cfg: GradeConfig, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch mirrored left–right (as `flip_sample`, on tensors); slot ids stay, crops and per-slot data swap."""
+    conditions = [c for c, _, _ in cfg.slots]
+    perm = torch.from_numpy(_slot_permutation(conditions))
+    sag = torch.tensor([v in SAGITTAL_VIEWS for _, v, _ in cfg.slots])[None, :, None]  # [1, T, 1]
+    x = batch["x"]
+    x = torch.where(sag[..., None, None, None], x.flip(2), x.flip(-1))
+    out = dict(batch)
+    out["x"] = x[:, perm]
+    out["slice_mask"] = torch.where(sag, batch["slice_mask"].flip(-1), batch["slice_mask"])[:, perm]
+    for k in ("target_mask", "labels"):
+        out[k] = batch[k][:, perm]
+    st = batch["slice_target"]
+    out["slice_target"] = torch.where(sag[..., 0] & (st >= 0), x.shape[2] - 1 - st, st)[:, perm]
+    return out
+
+
 @torch.no_grad()
 def sample_probs(models: list[nn.Module], cfg: GradeConfig, samples: pd.DataFrame, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Fold-averaged softmax per sample and slot [N, T, 3], and the target mask [N, T]."""
@@ -365,12 +383,15 @@ def sample_probs(models: list[nn.Module], cfg: GradeConfig, samples: pd.DataFram
     for i in range(0, len(samples), batch_size):
         part = samples.iloc[i : i + batch_size]
         batch = collate_samples(cfg, {c: part[c].to_numpy() for c in part.columns}, None)
+        views = [batch] + ([flip_batch(cfg, batch)] if cfg.tta_flip else [])
+        perm = _slot_permutation([c for c, _, _ in cfg.slots])
         acc = 0.0
         for m in models:
             device = next(m.parameters()).device
-            out = _forward(m, {k: v.to(device) for k, v in batch.items()})
-            acc = acc + out["logits"].float().softmax(-1).cpu().numpy()
-        probs.append(acc / len(models))
+            for v, b in enumerate(views):
+                p = _forward(m, {k: t.to(device) for k, t in b.items()})["logits"].float().softmax(-1).cpu().numpy()
+                acc = acc + (p[:, perm] if v else p)  # a mirrored slot's prediction belongs to its mirror
+        probs.append(acc / (len(models) * len(views)))
         masks.append(batch["target_mask"].numpy())
     t = len(cfg.slots)
     if not probs:
@@ -463,14 +484,17 @@ class GradeStage:
         cfg = _cfg(job)
         probs, masks = sample_probs([model], cfg, samples)
         rows = [
-            {"row_id": row_id(study, target), "study_id": study, "fold": job.fold, "member": job.member,
-             **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
+            {"row_id": row_id(study, target), "study_id": study, **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
             for study, target, p in _per_target(cfg, samples, probs, masks)
         ]
-        return pd.DataFrame(rows, columns=OOF_COLUMNS)
+        df = pd.DataFrame(rows, columns=["row_id", "study_id", *PROB_COLUMNS])
+        # On Ray, a study's volume rows can reach to_samples in two batches and give two partial
+        # samples of one level: each row_id is kept once, averaged over the samples that saw it.
+        df = df.groupby(["row_id", "study_id"], as_index=False, sort=True)[list(PROB_COLUMNS)].mean()
+        return df.assign(fold=job.fold, member=job.member)[OOF_COLUMNS]
 
 
 __all__ = [
     "GradeConfig", "GradeStage", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples",
-    "flip_sample", "sample_probs", "predict_study", "fake_points",
+    "flip_sample", "flip_batch", "sample_probs", "predict_study", "fake_points",
 ]
