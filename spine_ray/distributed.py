@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spine_ray.stage import FoldJob, Stage, epoch_rng, split_studies
+from spine_ray.stage import FoldJob, Stage, epoch_rng, source_rows, split_studies
 from spine_ray.storage import (
     atomic_write_bytes,
     atomic_write_text,
@@ -76,31 +76,29 @@ def is_done(job: FoldJob) -> bool:
 
 
 def _ray_dataset(stage: Stage, job: FoldJob, split: str):
-    """The split's samples as a materialised Ray Dataset: read the source, map to_samples over shards."""
-    import pyarrow.fs as pafs
-    import ray
-    from ray.data.expressions import col
+    """The split's samples as a materialised Ray Dataset.
 
-    from spine_ray.storage import fs_for
+    The dataset is made over study ids, and each map task reads the source rows of its own
+    studies (a filtered Parquet read, no shuffle): a sample may need every stack of a study
+    (an axial slab, the five views of a level), so a study's rows never straddle two batches.
+    """
+    import ray
 
     studies = split_studies(job, split)
-    fs, path = fs_for(stage.source(job))
-    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-    # A predicate expression: pushed down into the Parquet scan.
-    ds = ds.filter(expr=col("study_id").is_in(studies))
-    ds = ds.map_batches(_ToSamples(stage, job, split), batch_format="pandas", batch_size=16)
+    ds = ray.data.from_items([{"study_id": s} for s in studies], override_num_blocks=max(1, min(len(studies), 64)))
+    ds = ds.map_batches(_ToSamples(stage, job, split), batch_format="pandas", batch_size=4)
     # Materialise so that training workers, which hold every CPU, never wait on preprocessing.
     return ds.materialize()
 
 
 class _ToSamples:
-    """A picklable map function: source rows → samples."""
+    """A picklable map function: a batch of study ids → those studies' samples."""
 
     def __init__(self, stage: Stage, job: FoldJob, split: str) -> None:
         self.stage, self.job, self.split = stage, job, split
 
-    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        return self.stage.to_samples(self.job, self.split, rows)
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self.stage.to_samples(self.job, self.split, source_rows(self.stage, self.job, batch["study_id"].astype(int).tolist()))
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -188,7 +186,7 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
         ),
         run_config=ray.train.RunConfig(
             name=f"{job.stage}-{job.member}-fold{job.fold}",
-            storage_path=storage,
+            storage_path=_storage_root(storage),
             storage_filesystem=_pyarrow_fs(storage),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -240,7 +238,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
             stage=stage,
             jobs={job_key(j): j for j in pending},
             resources=resources,
-            storage=_storage_root(join(storage, "train")),
+            storage=join(storage, "train"),
         )
         tuner = tune.Tuner(
             # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it

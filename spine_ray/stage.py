@@ -83,13 +83,17 @@ def split_studies(job: FoldJob, split: str) -> list[int]:
     return sorted(folds.loc[held if split == "val" else ~held, "study_id"].astype(int).tolist())
 
 
-def samples(stage: Stage, job: FoldJob, split: str) -> pd.DataFrame:
-    """All samples of a split, in-process (the Ray path maps `to_samples` over shards instead)."""
+def source_rows(stage: Stage, job: FoldJob, studies: list[int]) -> pd.DataFrame:
+    """The stage's source rows of some studies (a filtered Parquet read)."""
     from spine_ray.storage import fs_for
 
     fs, path = fs_for(stage.source(job))
-    rows = pd.read_parquet(path, filesystem=fs, filters=[("study_id", "in", split_studies(job, split))])
-    return stage.to_samples(job, split, rows)
+    return pd.read_parquet(path, filesystem=fs, filters=[("study_id", "in", studies)])
+
+
+def samples(stage: Stage, job: FoldJob, split: str) -> pd.DataFrame:
+    """All samples of a split, in-process (the Ray path maps `to_samples` over batches of studies)."""
+    return stage.to_samples(job, split, source_rows(stage, job, split_studies(job, split)))
 
 
 def run_fold(
@@ -128,4 +132,4 @@ def run_fold(
     return model, metrics, stage.predict(job, model, val)
 
 
-__all__ = ["FoldJob", "Stage", "run_fold", "samples", "split_studies", "numpy_batches", "epoch_rng", "EpochResult"]
+__all__ = ["FoldJob", "Stage", "run_fold", "samples", "source_rows", "split_studies", "numpy_batches", "epoch_rng", "EpochResult"]

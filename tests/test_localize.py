@@ -1,9 +1,8 @@
-"""Stage 1: samples, the geometric axial step, mapping points back, and `spine-ray train --stage localize`."""
+"""Stage 1: samples, the geometric axial step, mapping points back (training it end to end: test_pipeline_e2e)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -13,14 +12,13 @@ from spine_ray.crops import to_native
 from spine_ray.heatmap import gaussian_heatmap, scale_coords
 from spine_ray.localize import (
     SPINAL,
-    LocalizeConfig,
     LocalizeStage,
     ViewConfig,
     error_summary,
     predict_points,
 )
 from spine_ray.models.localizer import LocalizerConfig
-from spine_ray.pipeline import PipelineConfig, setup_run, train
+from spine_ray.pipeline import PipelineConfig, setup_run
 from spine_ray.stage import FoldJob, samples
 from spine_ray.train_loop import TrainConfig
 from spine_ray.volumes import read_table
@@ -87,20 +85,3 @@ def test_predicted_points_map_back_to_native_pixels_and_millimetres(prepared, ru
     assert (points["slice_err"] == 0).all()
     summary = error_summary(points)
     assert summary.loc["sag_t2", "slice_exact"] == 1.0
-
-
-@pytest.mark.slow
-def test_train_localize_writes_points_for_every_study(prepared, tmp_path):
-    cfg = PipelineConfig(
-        prepared=str(prepared), run_dir=str(tmp_path / "run"), folds=2,
-        localize=LocalizeConfig(sag_t2=TINY, sag_t1=TINY, axial=ViewConfig(model=TINY.model, train=TINY.train, slices=5, size=32)),
-    )
-    report = train(cfg, "localize")
-    points = pd.read_parquet(tmp_path / "run" / "localize" / "points.parquet")
-    labels = read_table(str(prepared), "labels.parquet")
-    assert set(points["study_id"]) == set(labels["study_id"])
-    assert set(points["view"]) == {"sag_t2", "sag_t1", "axial"}
-    assert set(report["localize"].index) == {"sag_t2", "sag_t1", "axial"}
-    # Every point is out-of-fold: predicted by the model of the fold that held its study out.
-    folds = pd.read_parquet(tmp_path / "run" / "folds.parquet").set_index("study_id")["fold"]
-    assert (points["fold"].to_numpy() == folds.loc[points["study_id"]].to_numpy()).all()

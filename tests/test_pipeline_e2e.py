@@ -57,6 +57,19 @@ def test_demo_summary_is_consistent_with_its_files(demo):
     assert (out / "README.md").exists()
 
 
+def test_stage1_points_are_out_of_fold_for_every_study_and_view(smoke_run, demo):
+    run, _, _ = smoke_run
+    points = pd.read_parquet(run / "localize" / "points.parquet")
+    labels = pd.read_parquet(demo[0] / "prepared" / "labels.parquet")
+    assert set(points["study_id"]) == set(labels["study_id"])
+    assert set(points["view"]) == {"sag_t2", "sag_t1", "axial"}
+    summary = json.loads((run / "localize" / "summary.json").read_text())
+    assert {r["view"] for r in summary} == {"sag_t2", "sag_t1", "axial"}
+    # Every point is out-of-fold: predicted by the model of the fold that held its study out.
+    folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
+    assert (points["fold"].to_numpy() == folds.loc[points["study_id"]].to_numpy()).all()
+
+
 def test_train_writes_oof_for_every_member_and_cv(smoke_run):
     run, cfg, report = smoke_run
     oof = pd.read_parquet(run / "oof.parquet")
@@ -95,8 +108,8 @@ def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synt
         f.write_bytes(b"not a dicom file")
     out = tmp_path / "submission.csv"
     rep = infer(str(data), str(run), str(out), "test")
-    sub = read_submission(str(out), study_ids=[no_t1, corrupt])
-    assert len(sub) == 2 * N_TARGETS
+    sub = read_submission(str(out), study_ids=series["study_id"].unique())
+    assert len(sub) == series["study_id"].nunique() * N_TARGETS
     prior = pd.read_csv(run / "prior.csv").set_index("target")
     bad = sub[sub.row_id.str.startswith(f"{corrupt}_")]
     bad = bad.set_index(bad.row_id.str.split("_", n=1).str[1])

@@ -1,12 +1,14 @@
-"""Stage-1 training: Ray Train overhead over the plain loop, and the fold-parallel speed-up.
+"""Fold training: Ray Train overhead over the plain loop, and the fold-parallel speed-up.
 
-In one run, on one synthetic dataset and the sagittal T2 localiser of the given config:
+In one run, on one synthetic dataset and one model of the given config (stage 1: the sagittal T2
+localiser; stage 2: the first grade member, on label points with stage-1-like noise):
   plain      each fold through `stage.run_fold` in this process, one after another
   ray-seq    the same folds through Tune trial → TorchTrainer, one at a time
   ray-par    the same folds through Tune trial → TorchTrainer, all at once
 Each mode trains the same epochs on the same samples with the same threads per fold.
 
-    python benchmarks/train_stage1.py --studies 24 --folds 2 --epochs 6
+    python benchmarks/train_folds.py --stage localize --studies 24 --folds 2 --epochs 6
+    python benchmarks/train_folds.py --stage grade --studies 24 --folds 2 --epochs 6
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--config", default="jobs/demo.yaml")
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--stage", choices=("localize", "grade"), default="localize")
     args = ap.parse_args()
 
     import ray
@@ -49,17 +52,33 @@ def main() -> None:
     generate(str(tmp / "data"), from_dict(SynthConfig, {"studies": args.studies, "seed": 5, "acquisition": {"image_sizes": [args.image_size]}}), workers=0)
     prepare(str(tmp / "data"), str(tmp / "prepared"), "train")
     base = load(PipelineConfig, args.config, [f"prepared={tmp / 'prepared'}", f"folds={args.folds}"])
-    view = to_dict(base.localize.sag_t2)
-    view["train"]["epochs"] = args.epochs
-    view_cfg = from_dict(ViewConfig, view)
-    stage = LocalizeStage()
+    inputs: dict[str, str] = {}
+    if args.stage == "localize":
+        member, model_cfg, stage = "sag_t2", to_dict(base.localize.sag_t2), LocalizeStage()
+        model_cfg["train"]["epochs"] = args.epochs
+        model_cfg = to_dict(from_dict(ViewConfig, model_cfg))
+    else:
+        import numpy as np
+
+        from spine_ray.grade import GradeConfig, GradeStage, fake_points
+        from spine_ray.volumes import read_table
+
+        member, model_cfg, stage = base.grade[0].name, to_dict(base.grade[0]), GradeStage()
+        model_cfg["train"]["epochs"] = args.epochs
+        model_cfg = to_dict(from_dict(GradeConfig, model_cfg))
+        points = tmp / "points.parquet"
+        fake_points(read_table(base.prepared, "labels.parquet"), np.random.default_rng(0)).to_parquet(points)
+        inputs = {"points": str(points)}
     threads = max(1, cpus // args.folds)  # what each fold gets when all folds run at once
 
     def jobs_for(mode: str):
         cfg = PipelineConfig(prepared=base.prepared, run_dir=str(tmp / mode), folds=args.folds, seed=base.seed)
         setup_run(cfg)
-        return _jobs(cfg, "localize", "sag_t2", to_dict(view_cfg), {})
+        return _jobs(cfg, args.stage, member, model_cfg, inputs)
 
+    from spine_ray.stage import samples
+
+    trained = args.epochs * sum(len(samples(stage, j, "train")) for j in jobs_for("count"))
     results = {}
     torch.set_num_threads(threads)
     t = time.perf_counter()
@@ -73,9 +92,9 @@ def main() -> None:
         run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent))
         results[mode] = time.perf_counter() - t
 
-    print(f"\nstage-1 sag_t2 localiser, {args.studies} studies, {args.folds} folds × {args.epochs} epochs, {threads} thread(s) per fold, {cpus} CPUs")
+    print(f"\n{args.stage} {member}, {args.studies} studies, {args.folds} folds × {args.epochs} epochs, {threads} thread(s) per fold, {cpus} CPUs")
     for mode, sec in results.items():
-        print(f"  {mode:8s} {sec:8.1f} s")
+        print(f"  {mode:8s} {sec:8.1f} s   {trained / sec:7.1f} training samples/s (fold set-up and prediction included)")
     print(f"  Ray Train overhead (ray-seq / plain): {results['ray-seq'] / results['plain']:.2f}x")
     print(f"  fold-parallel speed-up (ray-seq / ray-par): {results['ray-seq'] / results['ray-par']:.2f}x")
     print(f"  fold-parallel vs plain sequential (plain / ray-par): {results['plain'] / results['ray-par']:.2f}x")

@@ -1,0 +1,109 @@
+"""Batch inference: Ray Data `spine-ray infer` vs the same models in a plain PyTorch loop.
+
+In one run, on a trained run directory (e.g. the demo's) and two study collections (the test
+split and the larger train split of the same data):
+  plain     one process: decode each study, `StudyPredictor.predict`, collect (the baseline)
+  ray-1     `spine_ray.infer.infer` with one predictor actor
+  ray-2     the same with two predictor actors
+Prints studies/s, seconds per study, the ratio against the plain loop, and the peak memory
+(resident set of this process and all its children, sampled every 0.2 s).
+
+    python benchmarks/infer.py --data runs/demo/data --run runs/demo/run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+import psutil
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+class PeakRSS:
+    """Peak resident memory of this process tree while the block runs (MB)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = 0.0, False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop:
+            procs = [me, *me.children(recursive=True)]
+            rss = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, rss / 2**20)
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join()
+
+
+def plain(data: str, run: str, split: str) -> tuple[float, int]:
+    """The baseline: decode and predict every study in this process."""
+    import io
+
+    import pandas as pd
+
+    from spine_ray.infer import StudyPredictor, decode_study
+    from spine_ray.schema import read_series
+    from spine_ray.storage import join
+
+    series = read_series(join(data, f"{split}_series_descriptions.csv"))
+    predictor = StudyPredictor(run)
+    t = time.perf_counter()
+    for study, g in series.groupby("study_id"):
+        vol, _ = decode_study(data, split, int(study), [(int(r.series_id), r.series_description) for r in g.itertuples()])
+        predictor.predict(pd.read_parquet(io.BytesIO(vol)))
+    return time.perf_counter() - t, series["study_id"].nunique()
+
+
+def main() -> None:
+    """Run every mode on both collections and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default="runs/demo/data")
+    ap.add_argument("--run", default="runs/demo/run")
+    ap.add_argument("--splits", default="test,train")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from spine_ray.distributed import init_ray
+    from spine_ray.infer import infer
+
+    torch.set_num_threads(1)  # one core per predictor, in every mode
+    init_ray()
+    rows = []
+    for split in args.splits.split(","):
+        with PeakRSS() as mem:
+            sec, n = plain(args.data, args.run, split)
+        rows.append((split, n, "plain", sec, mem.peak))
+        for actors in (1, 2):
+            with PeakRSS() as mem, tempfile.TemporaryDirectory() as tmp:
+                rep = infer(args.data, args.run, os.path.join(tmp, "submission.csv"), split, concurrency=actors)
+            rows.append((split, n, f"ray-{actors}", rep.seconds, mem.peak))
+    print(f"\n{'split':6s} {'studies':>7s} {'mode':6s} {'seconds':>8s} {'studies/s':>9s} {'s/study':>8s} {'vs plain':>8s} {'peak MB':>8s}")
+    base = {}
+    for split, n, mode, sec, peak in rows:
+        base.setdefault(split, sec)
+        print(f"{split:6s} {n:7d} {mode:6s} {sec:8.1f} {n / sec:9.2f} {sec / n:8.2f} {base[split] / sec:7.2f}x {peak:8.0f}")
+    per = {(s, m): p / n for s, n, m, _, p in rows}
+    print("peak MB per study, ray-2:", {s: round(v, 1) for (s, m), v in per.items() if m == "ray-2"}, "(flat = streaming)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
