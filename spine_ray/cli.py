@@ -179,11 +179,11 @@ def tune_lr_cmd(
 ) -> None:
     """Search a model's learning rate and weight decay with Ray Tune, Optuna and ASHA."""
     from spine_ray.config import load
-    from spine_ray.pipeline import PipelineConfig, setup_run, stage_for
+    from spine_ray.pipeline import PipelineConfig, resolved, setup_run, stage_for
     from spine_ray.storage import join
     from spine_ray.tune_lr import TuneLRConfig, tune_lr
 
-    cfg = load(PipelineConfig, config, overrides)
+    cfg = resolved(load(PipelineConfig, config, overrides))
     setup_run(cfg)
     stage, inputs = stage_for(cfg, target.partition(".")[0])
     result = tune_lr(cfg, target, TuneLRConfig(trials=trials, fold=fold), stage, inputs)

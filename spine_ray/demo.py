@@ -64,6 +64,9 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     from spine_ray.synth.study import SynthConfig
     from spine_ray.tune_ensemble import tune_ensemble
 
+    from spine_ray.storage import absolute
+
+    out = absolute(out)
     data, run = join(out, "data"), join(out, "run")
     seconds: dict[str, float] = {}
 

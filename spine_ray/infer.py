@@ -163,7 +163,10 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
 
     from spine_ray.distributed import init_ray
 
+    from spine_ray.storage import absolute
+
     t0 = time.perf_counter()
+    data_dir, run_dir, out = absolute(data_dir), absolute(run_dir), absolute(out)
     series = read_series(join(data_dir, f"{split}_series_descriptions.csv"))
     items = [
         {"study_id": int(s), "series": json.dumps([[int(r.series_id), r.series_description] for r in g.itertuples()])}

@@ -17,6 +17,7 @@ A run directory holds everything a run produced (paths or URLs):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -41,7 +42,7 @@ from spine_ray.schema import (
     read_labels,
 )
 from spine_ray.stage import FoldJob
-from spine_ray.storage import atomic_write_bytes, atomic_write_text, exists, join, read_bytes
+from spine_ray.storage import absolute, atomic_write_bytes, atomic_write_text, exists, join, read_bytes
 from spine_ray.volumes import LABELS_FILE, read_manifest
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,13 @@ def training_labels(prepared: str) -> pd.DataFrame:
     wide = long.pivot(index="study_id", columns="target", values="severity").reindex(columns=list(LABEL_COLUMNS))
     matrix = wide.fillna(-1).to_numpy(dtype=np.int8)
     return labels_from_matrix(wide.index.astype(np.int64), matrix)
+
+
+def resolved(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with its local paths made absolute, as every stage and worker must see them."""
+    return dataclasses.replace(
+        cfg, prepared=absolute(cfg.prepared), run_dir=absolute(cfg.run_dir), oracle=absolute(cfg.oracle) if cfg.oracle else None
+    )
 
 
 def setup_run(cfg: PipelineConfig) -> pd.DataFrame:
@@ -193,6 +201,7 @@ def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(STAGES)})")
+    cfg = resolved(cfg)
     folds = setup_run(cfg)
     report: dict = {}
     for s in stages:

@@ -64,6 +64,13 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray Tune runs trials in their own working directories); URLs as they are."""
+    if url and is_local(url) and not url.startswith("file://"):
+        return os.path.abspath(url)
+    return url
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URL."""
     if is_local(base):

@@ -106,6 +106,9 @@ def tune_lr(pipeline: Any, target: str, tcfg: TuneLRConfig, stage: Stage, inputs
 
     from spine_ray.distributed import _storage_root, init_ray
 
+    from spine_ray.pipeline import resolved
+
+    pipeline = resolved(pipeline)
     stage_name, member, member_cfg = member_config(pipeline, target)
     out = join(pipeline.run_dir, "tune_lr", target)
     # Trials train on the run's folds but write nothing into the run's stage folders.
