@@ -60,11 +60,10 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     from spine_ray.pipeline import PipelineConfig, train
     from spine_ray.prior import predict_prior
     from spine_ray.schema import read_labels, read_submission, submission_frame
+    from spine_ray.storage import absolute
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
     from spine_ray.tune_ensemble import tune_ensemble
-
-    from spine_ray.storage import absolute
 
     out = absolute(out)
     data, run = join(out, "data"), join(out, "run")

@@ -162,7 +162,6 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
     import ray
 
     from spine_ray.distributed import init_ray
-
     from spine_ray.storage import absolute
 
     t0 = time.perf_counter()

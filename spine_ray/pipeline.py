@@ -42,7 +42,14 @@ from spine_ray.schema import (
     read_labels,
 )
 from spine_ray.stage import FoldJob
-from spine_ray.storage import absolute, atomic_write_bytes, atomic_write_text, exists, join, read_bytes
+from spine_ray.storage import (
+    absolute,
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    join,
+    read_bytes,
+)
 from spine_ray.volumes import LABELS_FILE, read_manifest
 
 log = logging.getLogger(__name__)

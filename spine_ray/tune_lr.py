@@ -105,7 +105,6 @@ def tune_lr(pipeline: Any, target: str, tcfg: TuneLRConfig, stage: Stage, inputs
     from ray.tune.search.optuna import OptunaSearch
 
     from spine_ray.distributed import _storage_root, init_ray
-
     from spine_ray.pipeline import resolved
 
     pipeline = resolved(pipeline)
