@@ -55,3 +55,14 @@ def test_retries_transient_errors_then_names_the_object():
 
     with pytest.raises(FileNotFoundError):
         with_retries(missing, "read s3://b/y")
+
+
+def test_local_paths_are_made_absolute_urls_are_not(tmp_path, monkeypatch):
+    from spine_ray.pipeline import PipelineConfig, resolved
+    from spine_ray.storage import absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("runs/x") == str(tmp_path / "runs" / "x")
+    assert absolute("s3://bucket/runs/x") == "s3://bucket/runs/x"
+    cfg = resolved(PipelineConfig(prepared="p", run_dir="s3://b/run"))
+    assert cfg.prepared == str(tmp_path / "p") and cfg.run_dir == "s3://b/run"
