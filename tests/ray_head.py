@@ -185,7 +185,7 @@ def submit_job(
     runtime_env: Mapping | None = None,
     runtime_env_file: Path | None = None,
     submission_id: str | None = None,
-    timeout_s: float = 300,
+    timeout_s: float = 1200,  # `spine-ray train` on the smoke config: ~3 min idle, far more on a busy machine
 ) -> tuple[str, subprocess.CompletedProcess]:
     """`ray job submit --address … --working-dir … [--runtime-env FILE | --runtime-env-json …] -- <entrypoint>`.
 
