@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -302,4 +301,4 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["app", "main", "Path"]
+__all__ = ["app", "main"]

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from spine_ray.stage import FoldJob, Stage, epoch_rng, source_rows, split_studies
@@ -273,4 +272,4 @@ def read_done(job: FoldJob) -> dict[str, Any]:
     return json.loads(read_text(join(fold_dir(job), "done.json")))
 
 
-__all__ = ["ResourcesConfig", "run_folds", "init_ray", "finish_fold", "is_done", "read_oof", "read_done", "np"]
+__all__ = ["ResourcesConfig", "run_folds", "init_ray", "finish_fold", "is_done", "read_oof", "read_done"]

@@ -174,7 +174,7 @@ class LocalizeStage:
         cfg = _view_cfg(job)
         description, targets = VIEWS[job.member]
         rows = rows[rows["series_description"] == description]
-        gt = _labels(job.prepared) if split != "test" else pd.DataFrame(columns=["study_id", "target", "series_id", "stack"])
+        gt = _labels(job.prepared) if split != "test" else _NO_LABELS
         samples: list[dict] = []
         if job.member == "axial":
             spinal = _spinal_points(job, split)
