@@ -6,7 +6,7 @@ split and the larger train split of the same data):
   ray-1     `spine_ray.infer.infer` with one predictor actor
   ray-2     the same with two predictor actors
 Prints studies/s, seconds per study, the ratio against the plain loop, and the peak memory
-(resident set of this process and all its children, sampled every 0.2 s).
+(proportional set size of this process and all its children, sampled every second).
 
     python benchmarks/infer.py --data runs/demo/data --run runs/demo/run
 """
@@ -24,11 +24,15 @@ import psutil
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-class PeakRSS:
-    """Peak resident memory of this process tree while the block runs (MB)."""
+class PeakMemory:
+    """Peak memory of this process tree while the block runs (MB), and how many processes then.
 
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = 0.0, False
+    Proportional set size (PSS) where the OS gives it: every Ray worker maps the same torch
+    libraries and object store, and summing resident sets would count those pages once per process.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        self.peak, self.procs, self._stop = 0.0, 0, False
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
@@ -37,14 +41,16 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop:
             procs = [me, *me.children(recursive=True)]
-            rss = 0
+            total = 0
             for p in procs:
                 try:
-                    rss += p.memory_info().rss
+                    info = p.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, rss / 2**20)
-            time.sleep(0.2)
+            if total / 2**20 > self.peak:
+                self.peak, self.procs = total / 2**20, len(procs)
+            time.sleep(1.0)  # reading PSS costs CPU: sample sparingly on a 2-core machine
 
     def __exit__(self, *exc: object) -> None:
         self._stop = True
@@ -85,23 +91,34 @@ def main() -> None:
     from spine_ray.infer import infer
 
     torch.set_num_threads(1)  # one core per predictor, in every mode
-    init_ray()
+    splits = args.splits.split(",")
     rows = []
-    for split in args.splits.split(","):
-        with PeakRSS() as mem:
+    # The plain loop runs first, before Ray starts, so its peak is its own process only; Ray's
+    # peaks count the driver, the raylet and every worker (children of this process).
+    for split in splits:
+        with PeakMemory() as mem:
             sec, n = plain(args.data, args.run, split)
-        rows.append((split, n, "plain", sec, mem.peak))
-        for actors in (1, 2):
-            with PeakRSS() as mem, tempfile.TemporaryDirectory() as tmp:
+        rows.append((split, n, "plain", sec, mem.peak, mem.procs))
+    init_ray()
+    # Mode-major, so that each mode's larger collection runs after its own smaller one: idle Ray
+    # workers outlive a run, and the peaks compared for growth must see the same worker pool.
+    for actors in (1, 2):
+        for split in splits:
+            n = next(r[1] for r in rows if r[0] == split)
+            with PeakMemory() as mem, tempfile.TemporaryDirectory() as tmp:
                 rep = infer(args.data, args.run, os.path.join(tmp, "submission.csv"), split, concurrency=actors)
-            rows.append((split, n, f"ray-{actors}", rep.seconds, mem.peak))
-    print(f"\n{'split':6s} {'studies':>7s} {'mode':6s} {'seconds':>8s} {'studies/s':>9s} {'s/study':>8s} {'vs plain':>8s} {'peak MB':>8s}")
-    base = {}
-    for split, n, mode, sec, peak in rows:
-        base.setdefault(split, sec)
-        print(f"{split:6s} {n:7d} {mode:6s} {sec:8.1f} {n / sec:9.2f} {sec / n:8.2f} {base[split] / sec:7.2f}x {peak:8.0f}")
-    per = {(s, m): p / n for s, n, m, _, p in rows}
-    print("peak MB per study, ray-2:", {s: round(v, 1) for (s, m), v in per.items() if m == "ray-2"}, "(flat = streaming)")
+            rows.append((split, n, f"ray-{actors}", rep.seconds, mem.peak, mem.procs))
+    rows.sort(key=lambda r: (splits.index(r[0]), r[2]))
+    print(f"\n{'split':6s} {'studies':>7s} {'mode':6s} {'seconds':>8s} {'studies/s':>9s} {'s/study':>8s} {'vs plain':>8s} {'peak MB':>8s} {'processes':>9s} {'MB/proc':>8s}")
+    base = {r[0]: r[3] for r in rows if r[2] == "plain"}
+    for split, n, mode, sec, peak, procs in rows:
+        print(f"{split:6s} {n:7d} {mode:6s} {sec:8.1f} {n / sec:9.2f} {sec / n:8.2f} {base[split] / sec:7.2f}x {peak:8.0f} {procs:9d} {peak / procs:8.0f}")
+    if len(splits) == 2:
+        size = {r[0]: r[1] for r in rows}
+        peak = {(r[0], r[2]): r[4] for r in rows}
+        a, b = splits
+        for mode in ("plain", "ray-1", "ray-2"):
+            print(f"peak memory {mode}: {size[a]} → {size[b]} studies ({size[b] / size[a]:.2f}x): {peak[(b, mode)] / peak[(a, mode)]:.2f}x")
     ray.shutdown()
 
 

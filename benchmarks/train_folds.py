@@ -7,6 +7,11 @@ localiser; stage 2: the first grade member, on label points with stage-1-like no
   ray-par    the same folds through Tune trial → TorchTrainer, all at once
 Each mode trains the same epochs on the same samples with the same threads per fold.
 
+Besides whole-run seconds it prints the steady-state figures, which separate Ray's fixed cost per
+fold (trial, controller, worker group, dataset) from its cost per epoch: the median wall time of an
+epoch after the first (training plus, under Ray, the report and checkpoint persisted to storage,
+timed in the worker) and the median training samples/s of those epochs.
+
     python benchmarks/train_folds.py --stage localize --studies 24 --folds 2 --epochs 6
     python benchmarks/train_folds.py --stage grade --studies 24 --folds 2 --epochs 6
 """
@@ -14,7 +19,9 @@ Each mode trains the same epochs on the same samples with the same threads per f
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,11 +86,21 @@ def main() -> None:
     from spine_ray.stage import samples
 
     trained = args.epochs * sum(len(samples(stage, j, "train")) for j in jobs_for("count"))
-    results = {}
+    results: dict[str, float] = {}
+    epochs: dict[str, list[tuple[float, float]]] = {}  # mode → (epoch seconds, samples/s), epochs ≥ 1
     torch.set_num_threads(threads)
     t = time.perf_counter()
+    epochs["plain"] = []
     for job in jobs_for("plain"):
-        run_fold(stage, job, device=torch.device("cpu"))
+        last = [time.perf_counter()]
+
+        def on_epoch_end(result, last=last) -> None:
+            now = time.perf_counter()
+            if result.epoch >= 1:
+                epochs["plain"].append((now - last[0], result.metrics["samples_per_s"]))
+            last[0] = now
+
+        run_fold(stage, job, device=torch.device("cpu"), on_epoch_end=on_epoch_end)
     results["plain"] = time.perf_counter() - t
 
     for mode, concurrent in (("ray-seq", 1), ("ray-par", 0)):
@@ -91,14 +108,41 @@ def main() -> None:
         t = time.perf_counter()
         run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent))
         results[mode] = time.perf_counter() - t
+        epochs[mode] = _ray_epochs(tmp / mode / "ray" / "tune")
 
     print(f"\n{args.stage} {member}, {args.studies} studies, {args.folds} folds × {args.epochs} epochs, {threads} thread(s) per fold, {cpus} CPUs")
     for mode, sec in results.items():
         print(f"  {mode:8s} {sec:8.1f} s   {trained / sec:7.1f} training samples/s (fold set-up and prediction included)")
     print(f"  Ray Train overhead (ray-seq / plain): {results['ray-seq'] / results['plain']:.2f}x")
+    fixed = (results["ray-seq"] - results["plain"] - (args.epochs - 1) * args.folds * (_median(epochs, "ray-seq", 0) - _median(epochs, "plain", 0))) / args.folds
+    print(f"  fixed Ray cost per fold (beyond its epochs): {fixed:.1f} s")
+    for mode in epochs:
+        print(f"  {mode:8s} steady state: {_median(epochs, mode, 0):6.2f} s per epoch, {_median(epochs, mode, 1):7.1f} training samples/s (median of epochs ≥ 1)")
+    print(f"  steady-state epoch time, ray-seq / plain: {_median(epochs, 'ray-seq', 0) / _median(epochs, 'plain', 0):.3f}x")
+    print(f"  steady-state training samples/s, ray-seq / plain: {_median(epochs, 'ray-seq', 1) / _median(epochs, 'plain', 1):.3f}x")
     print(f"  fold-parallel speed-up (ray-seq / ray-par): {results['ray-seq'] / results['ray-par']:.2f}x")
     print(f"  fold-parallel vs plain sequential (plain / ray-par): {results['plain'] / results['ray-par']:.2f}x")
     ray.shutdown()
+
+
+def _ray_epochs(tune_dir: Path) -> list[tuple[float, float]]:
+    """(epoch seconds, samples/s) of every epoch ≥ 1 of every trial, from Tune's result.json files.
+
+    The epoch's seconds are measured in the worker: its training (`epoch_s`) plus the report that
+    followed it (carried as `report_s` by the next epoch's metrics), because Tune's own
+    time_this_iter_s is quantised by the Train controller's polling interval.
+    """
+    out = []
+    for path in sorted(tune_dir.rglob("result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row, after in zip(rows, rows[1:], strict=False):
+            if row.get("epoch", 0) >= 1:
+                out.append((float(row["epoch_s"]) + float(after["report_s"]), float(row["samples_per_s"])))
+    return out
+
+
+def _median(epochs: dict[str, list[tuple[float, float]]], mode: str, i: int) -> float:
+    return statistics.median(e[i] for e in epochs[mode]) if epochs[mode] else float("nan")
 
 
 if __name__ == "__main__":

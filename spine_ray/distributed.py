@@ -45,10 +45,16 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker restarts per fold, each from the last checkpoint
     max_concurrent_folds: int = 0  # 0: all folds at once (Ray queues what does not fit)
+    # How often Ray Train's controller collects worker reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # Ray's default 2 s). A worker's report blocks until the previous one is collected, so epochs
+    # shorter than this are throttled to it; an explicit environment variable wins.
+    poll_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError("num_workers must be ≥ 1 and cpus_per_worker > 0")
+        if self.poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be > 0")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -130,12 +136,19 @@ def _train_worker(config: dict[str, Any]) -> None:
         ):
             yield stage.collate(job, rows, rng, True)
 
+    # epoch_s: this epoch's training (since the last report returned); report_s: how long the last
+    # report took (writing the checkpoint, persisting it to storage, syncing with the controller).
+    clock = {"mark": time.perf_counter(), "report_s": 0.0}
+
     def report(result: EpochResult) -> None:
-        metrics = {**result.metrics, "resumed_from_epoch": resumed_from}
+        t = time.perf_counter()
+        metrics = {**result.metrics, "resumed_from_epoch": resumed_from, "epoch_s": t - clock["mark"], "report_s": clock["report_s"]}
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_state(result.state, os.path.join(d, "state.pt"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        clock["mark"] = time.perf_counter()
+        clock["report_s"] = clock["mark"] - t
 
     fit(model, lambda m, b: stage.loss(job, m, b), batches, steps, cfg, resume=resume, device=device, on_epoch_end=report)
     if rank == 0:
@@ -174,6 +187,8 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     job = jobs[config["fold"]]
+    # Ray Train propagates this variable from here to the controller it starts.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
     train = _ray_dataset(stage, job, "train")
     trainer = TorchTrainer(
         _train_worker,

@@ -113,7 +113,8 @@ class StudyPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry: a batch of decoded studies → their probabilities and fallback notes."""
         out = {"study_id": [], "probs": [], "predicted": [], "note": []}
-        for study, vol, problems in zip(batch["study_id"], batch["volumes"], batch["problems"], strict=True):
+        for study, vol, encoded in zip(batch["study_id"], batch["volumes"], batch["problems"], strict=True):
+            problems = json.loads(encoded)
             note = "; ".join(list(problems)[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
             try:
                 volumes = pq.read_table(io.BytesIO(vol)).to_pandas() if len(vol) else pd.DataFrame()
@@ -141,8 +142,8 @@ class _Decode:
             except Exception as e:  # noqa: BLE001 - reported, the study falls back to the prior
                 v, p = b"", [f"decode failed: {type(e).__name__}: {e}"]
             vols.append(v)
-            problems.append(p)
-        return {"study_id": batch["study_id"], "volumes": np.array(vols, dtype=object), "problems": np.array(problems, dtype=object)}
+            problems.append(json.dumps(p))  # a JSON list per study: Arrow-friendly, unlike ragged lists
+        return {"study_id": batch["study_id"], "volumes": np.array(vols, dtype=object), "problems": np.array(problems)}
 
 
 @dataclass

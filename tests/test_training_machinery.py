@@ -126,6 +126,18 @@ def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
     assert [read_done(j)["finished"] for j in jobs] == stamps
     # Both folds ran at the same time on the 2 CPUs: their training overlapped.
     assert Path(fold_dir(jobs[0]), "model.pt").exists()
+    # Every epoch reached Tune with the worker's own timing of its training and of its report.
+    results = sorted(Path(jobs[0].run_dir, "ray", "tune").rglob("result.json"))
+    assert len(results) == len(jobs)
+    for path in results:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == list(range(LinearStage().epochs))
+        assert all(r["epoch_s"] > 0 and r["report_s"] >= 0 for r in rows)
+
+
+def test_resources_config_rejects_a_non_positive_poll_interval():
+    with pytest.raises(ValueError, match="poll_interval_s"):
+        ResourcesConfig(poll_interval_s=0)
 
 
 @pytest.mark.slow
