@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from spine_ray.stage import FoldJob, Stage, epoch_rng, source_rows, split_studies
+from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, source_rows, split_studies
 from spine_ray.storage import (
     atomic_write_bytes,
     atomic_write_text,
@@ -89,6 +89,9 @@ def _ray_dataset(stage: Stage, job: FoldJob, split: str):
     """
     import ray
 
+    # Blocks in study order, whichever map task finishes first: with the seeded local shuffle,
+    # a fold sees the same samples in the same order on every run (the train ingest inherits this).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     studies = split_studies(job, split)
     ds = ray.data.from_items([{"study_id": s} for s in studies], override_num_blocks=max(1, min(len(studies), 64)))
     ds = ds.map_batches(_ToSamples(stage, job, split), batch_format="pandas", batch_size=4)
@@ -117,7 +120,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = stage.train_config(job)
-    model = stage.build_model(job)
+    model = new_model(stage, job)
     resume, resumed_from = None, -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

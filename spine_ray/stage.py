@@ -74,6 +74,12 @@ def epoch_rng(seed: int, fold: int, epoch: int, rank: int = 0) -> np.random.Gene
     return np.random.default_rng([seed, fold, epoch, rank])
 
 
+def new_model(stage: Stage, job: FoldJob) -> nn.Module:
+    """The stage's fresh model, its initial weights fixed by the fold's seed (not the process's RNG)."""
+    torch.manual_seed(stage.train_config(job).seed * 1000 + job.fold)
+    return stage.build_model(job)
+
+
 def split_studies(job: FoldJob, split: str) -> list[int]:
     """Study ids of a fold's `train` (other folds) or `val` (this fold) split."""
     from spine_ray.storage import join, read_bytes
@@ -108,7 +114,7 @@ def run_fold(
     cfg = stage.train_config(job)
     train = samples(stage, job, "train")
     val = samples(stage, job, "val")
-    model = stage.build_model(job)
+    model = new_model(stage, job)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -132,4 +138,4 @@ def run_fold(
     return model, metrics, stage.predict(job, model, val)
 
 
-__all__ = ["FoldJob", "Stage", "run_fold", "samples", "source_rows", "split_studies", "numpy_batches", "epoch_rng", "EpochResult"]
+__all__ = ["FoldJob", "Stage", "new_model", "run_fold", "samples", "source_rows", "split_studies", "numpy_batches", "epoch_rng", "EpochResult"]

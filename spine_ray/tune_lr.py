@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from spine_ray.config import ConfigError, from_dict, save, to_dict
-from spine_ray.stage import FoldJob, Stage, epoch_rng, numpy_batches, samples
+from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, numpy_batches, samples
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
 from spine_ray.train_loop import TrainConfig, fit
 
@@ -81,7 +81,7 @@ def _trial(config: dict[str, Any], stage: Stage, job: FoldJob, member_cfg: Any, 
     torch.set_num_threads(1)
     job = dataclasses.replace(job, config=to_dict(with_values(member_cfg, config)))
     cfg: TrainConfig = stage.train_config(job)
-    model = stage.build_model(job)
+    model = new_model(stage, job)
     train, val = data["train"], data["val"]
 
     def batches(epoch: int):
