@@ -25,10 +25,11 @@ import pandas as pd
 from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, source_rows, split_studies
 from spine_ray.storage import (
     atomic_write_bytes,
+    atomic_write_parquet,
     atomic_write_text,
     exists,
     join,
-    read_bytes,
+    read_parquet,
     read_text,
 )
 from spine_ray.train_loop import EpochResult, fit, load_state, save_state
@@ -171,9 +172,7 @@ def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resum
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "config": job.config}, buf)
     atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
-    buf = io.BytesIO()
-    oof.to_parquet(buf, index=False)
-    atomic_write_bytes(join(out, "oof.parquet"), buf.getvalue())
+    atomic_write_parquet(join(out, "oof.parquet"), oof)
     atomic_write_text(join(out, "done.json"), json.dumps({"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}))
     return oof
 
@@ -282,7 +281,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
 
 def read_oof(job: FoldJob) -> pd.DataFrame:
     """A finished fold's out-of-fold table."""
-    return pd.read_parquet(io.BytesIO(read_bytes(join(fold_dir(job), "oof.parquet"))))
+    return read_parquet(join(fold_dir(job), "oof.parquet"))
 
 
 def read_done(job: FoldJob) -> dict[str, Any]:

@@ -27,7 +27,6 @@ OOF table (`grade/<member>/oof.parquet`): row_id, study_id, fold, member, normal
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +39,7 @@ from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
 from spine_ray.schema import CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, row_id, target_index
 from spine_ray.stage import FoldJob
-from spine_ray.storage import join, read_bytes
+from spine_ray.storage import join, read_parquet
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import intensity, mirror_name, random_angle, sample_slice_shift
 from spine_ray.volumes import LABELS_FILE, VOLUMES_DIR, load_volume
@@ -124,7 +123,7 @@ def _cfg(job: FoldJob) -> GradeConfig:
 
 @functools.lru_cache(maxsize=4)
 def _read_table(url: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(read_bytes(url)))
+    return read_parquet(url)
 
 
 def _labels(prepared: str) -> pd.DataFrame:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +33,7 @@ from spine_ray.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.models.localizer import Localizer, LocalizerConfig
 from spine_ray.schema import AXIAL_T2, LEVELS, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.stage import FoldJob
-from spine_ray.storage import join, read_bytes
+from spine_ray.storage import join, read_parquet
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import intensity
 from spine_ray.volumes import LABELS_FILE, VOLUMES_DIR, load_volume
@@ -77,14 +76,14 @@ class LocalizeConfig:
 
 @functools.lru_cache(maxsize=4)
 def _labels(prepared: str) -> pd.DataFrame:
-    df = pd.read_parquet(io.BytesIO(read_bytes(join(prepared, LABELS_FILE))))
+    df = read_parquet(join(prepared, LABELS_FILE))
     df["target"] = df["condition"] + "_" + df["level"]
     return df[df["slice"].notna()]
 
 
 @functools.lru_cache(maxsize=4)
 def _points_table(url: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(read_bytes(url)))
+    return read_parquet(url)
 
 
 def _view_cfg(job: FoldJob) -> ViewConfig:

@@ -18,7 +18,6 @@ A run directory holds everything a run produced (paths or URLs):
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -45,10 +44,11 @@ from spine_ray.stage import FoldJob
 from spine_ray.storage import (
     absolute,
     atomic_write_bytes,
+    atomic_write_parquet,
     atomic_write_text,
     exists,
     join,
-    read_bytes,
+    read_parquet,
 )
 from spine_ray.volumes import LABELS_FILE, read_manifest
 
@@ -77,17 +77,6 @@ class PipelineConfig:
         names = [m.name for m in self.grade]
         if len(set(names)) != len(names):
             raise ValueError(f"grade member names must be unique, got {names}")
-
-
-def _df_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
-def read_parquet(url: str) -> pd.DataFrame:
-    """A Parquet table from a path or URL."""
-    return pd.read_parquet(io.BytesIO(read_bytes(url)))
 
 
 def training_labels(prepared: str) -> pd.DataFrame:
@@ -123,7 +112,7 @@ def setup_run(cfg: PipelineConfig) -> pd.DataFrame:
             raise SchemaError(folds_url, "its studies differ from the prepared labels; use a new run_dir")
     else:
         folds = assign_folds(labels, cfg.folds, cfg.seed)
-        atomic_write_bytes(folds_url, _df_bytes(folds))
+        atomic_write_parquet(folds_url, folds)
     write_prior(fit_prior(label_matrix(labels)), join(cfg.run_dir, "prior.csv"))
     return folds
 
@@ -139,10 +128,10 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     sagittal = _jobs(cfg, "localize", "sag_t2", to_dict(loc.sag_t2), {}) + _jobs(cfg, "localize", "sag_t1", to_dict(loc.sag_t1), {})
     sag = pd.concat(run_folds(stage, sagittal, cfg.resources), ignore_index=True)
     spinal_url = join(cfg.run_dir, "localize", "spinal_points.parquet")
-    atomic_write_bytes(spinal_url, _df_bytes(sag[sag["view"] == "sag_t2"]))
+    atomic_write_parquet(spinal_url, sag[sag["view"] == "sag_t2"])
     axial = pd.concat(run_folds(stage, _jobs(cfg, "localize", "axial", to_dict(loc.axial), {"spinal_points": spinal_url}), cfg.resources), ignore_index=True)
     points = pd.concat([sag, axial], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
-    atomic_write_bytes(join(cfg.run_dir, "localize", "points.parquet"), _df_bytes(points))
+    atomic_write_parquet(join(cfg.run_dir, "localize", "points.parquet"), points)
     summary = error_summary(points)
     atomic_write_text(join(cfg.run_dir, "localize", "summary.json"), json.dumps(summary.reset_index().to_dict(orient="records"), indent=2))
     return summary
@@ -182,7 +171,7 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     stage, inputs = stage_for(cfg, "grade")
     jobs = [j for m in cfg.grade for j in _jobs(cfg, "grade", m.name, to_dict(m), inputs)]
     oof = pd.concat(run_folds(stage, jobs, cfg.resources), ignore_index=True)
-    atomic_write_bytes(join(cfg.run_dir, "oof.parquet"), _df_bytes(oof))
+    atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof)
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
     lm = label_matrix(labels)
     studies = labels["study_id"].astype(int).tolist()

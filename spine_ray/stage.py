@@ -9,7 +9,6 @@ the same pieces (see `spine_ray.distributed`).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -82,9 +81,9 @@ def new_model(stage: Stage, job: FoldJob) -> nn.Module:
 
 def split_studies(job: FoldJob, split: str) -> list[int]:
     """Study ids of a fold's `train` (other folds) or `val` (this fold) split."""
-    from spine_ray.storage import join, read_bytes
+    from spine_ray.storage import join, read_parquet
 
-    folds = pd.read_parquet(io.BytesIO(read_bytes(join(job.run_dir, "folds.parquet"))))
+    folds = read_parquet(join(job.run_dir, "folds.parquet"))
     held = folds["fold"] == job.fold
     return sorted(folds.loc[held if split == "val" else ~held, "study_id"].astype(int).tolist())
 

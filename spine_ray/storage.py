@@ -7,16 +7,20 @@ and transient object-store errors are retried with exponential backoff.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,6 +130,20 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
 def atomic_write_text(url: str, text: str) -> None:
     """Atomically write UTF-8 text."""
     atomic_write_bytes(url, text.encode("utf-8"))
+
+
+def read_parquet(url: str) -> pd.DataFrame:
+    """A whole Parquet table from a path or URL."""
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(url)))
+
+
+def atomic_write_parquet(url: str, df: pd.DataFrame) -> None:
+    """Atomically write a table as Parquet (no index)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(url, buf.getvalue())
 
 
 def remove(url: str, recursive: bool = False) -> None:

@@ -61,7 +61,7 @@ from spine_ray.blend import (
 from spine_ray.metric import Score, score_arrays
 from spine_ray.prior import oof_prior
 from spine_ray.schema import GROUPS, SchemaError, label_matrix, read_labels
-from spine_ray.storage import exists, join, read_bytes, read_text
+from spine_ray.storage import exists, join, read_parquet, read_text
 
 # "all" first: the longest search starts first when Tune runs two at a time.
 SPLITS: tuple[str, ...] = ("all", "A", "B")
@@ -100,10 +100,6 @@ class SplitData:
     labels: np.ndarray
 
 
-def _parquet(path: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(read_bytes(path)))
-
-
 def load_run(run_dir: str) -> RunData:
     """Read oof.parquet, folds.parquet, train_labels.csv and prior.csv of a run directory."""
     need = ("oof.parquet", "folds.parquet", "train_labels.csv", "prior.csv")
@@ -111,13 +107,13 @@ def load_run(run_dir: str) -> RunData:
     if missing:
         raise FileNotFoundError(f"{run_dir}: not a training run directory (missing {', '.join(missing)})")
     labels = read_labels(join(run_dir, "train_labels.csv"))
-    folds = _parquet(join(run_dir, "folds.parquet")).set_index("study_id")["fold"]
+    folds = read_parquet(join(run_dir, "folds.parquet")).set_index("study_id")["fold"]
     study_ids = labels["study_id"].tolist()
     absent = [s for s in study_ids if s not in folds.index]
     if absent:
         raise SchemaError(join(run_dir, "folds.parquet"), f"{len(absent)} labelled studies have no fold, e.g. {absent[0]}")
     prior = read_prior_table(pd.read_csv(io.StringIO(read_text(join(run_dir, "prior.csv")))))
-    oof = _parquet(join(run_dir, "oof.parquet"))
+    oof = read_parquet(join(run_dir, "oof.parquet"))
     members = sorted(oof["member"].astype(str).unique())
     if not members:
         raise SchemaError(join(run_dir, "oof.parquet"), "no members")

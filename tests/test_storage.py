@@ -9,9 +9,11 @@ from spine_ray.schema import label_matrix, labels_from_matrix, read_labels
 from spine_ray.storage import (
     StorageError,
     atomic_write_bytes,
+    atomic_write_parquet,
     exists,
     listdir,
     read_bytes,
+    read_parquet,
     with_retries,
 )
 
@@ -26,6 +28,15 @@ def test_s3_round_trip_of_a_label_table(s3_bucket):
     assert (label_matrix(read_labels(url)) == 1).all()
     fsspec.filesystem("s3").invalidate_cache()
     assert read_bytes(url).startswith(b"study_id,")
+
+
+def test_parquet_tables_round_trip_on_s3_without_their_index(s3_bucket):
+    import pandas as pd
+
+    url = f"{s3_bucket}/run/folds.parquet"
+    df = pd.DataFrame({"study_id": [3, 1], "fold": [0, 1]}, index=[7, 9])
+    atomic_write_parquet(url, df)
+    pd.testing.assert_frame_equal(read_parquet(url), df.reset_index(drop=True))
 
 
 def test_local_atomic_write_leaves_no_temporary(tmp_path):

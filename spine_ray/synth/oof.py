@@ -8,8 +8,6 @@ Used by the blend tests and benchmark until `spine-ray train` writes real run di
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 
@@ -17,7 +15,7 @@ from spine_ray.baseline import write_prior
 from spine_ray.folds import assign_folds
 from spine_ray.prior import fit_prior
 from spine_ray.schema import N_TARGETS, PROB_COLUMNS, labels_from_matrix, row_ids
-from spine_ray.storage import atomic_write_bytes, join
+from spine_ray.storage import atomic_write_bytes, atomic_write_parquet, join
 from spine_ray.synth.labels import sample_labels
 
 # name → (logit noise sd, temperature, Normal/Mild logit bias, fraction of studies missing foraminal rows)
@@ -46,7 +44,7 @@ def synthetic_run(run_dir: str, n_studies: int = 400, n_folds: int = 5, seed: in
     table = labels_from_matrix(studies, labels)
     atomic_write_bytes(join(run_dir, "train_labels.csv"), table.to_csv(index=False).encode())
     folds = assign_folds(table, n_folds, seed)
-    _write_parquet(join(run_dir, "folds.parquet"), folds)
+    atomic_write_parquet(join(run_dir, "folds.parquet"), folds)
     write_prior(fit_prior(labels), join(run_dir, "prior.csv"))
 
     fold_of = np.repeat(folds["fold"].to_numpy(), N_TARGETS)
@@ -65,11 +63,5 @@ def synthetic_run(run_dir: str, n_studies: int = 400, n_folds: int = 5, seed: in
         df.insert(0, "row_id", rid[keep])
         frames.append(df)
         dropped[name] = int((~keep).sum())
-    _write_parquet(join(run_dir, "oof.parquet"), pd.concat(frames, ignore_index=True))
+    atomic_write_parquet(join(run_dir, "oof.parquet"), pd.concat(frames, ignore_index=True))
     return dropped
-
-
-def _write_parquet(dest: str, df: pd.DataFrame) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(dest, buf.getvalue())
