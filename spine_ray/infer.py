@@ -54,7 +54,7 @@ def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[in
     """
     from spine_ray.ingest import decode_study as decode
 
-    volumes, errors = decode(data_dir, split, study_id)
+    volumes, errors = decode(data_dir, split, study_id, dict(series))
     problems = [f"{e.path}: {e.reason}" for e in errors.itertuples()]
     found = set(volumes["series_id"]) | set(errors["series_id"])
     problems += [f"series {sid} ({desc}): no files" for sid, desc in series if sid not in found]

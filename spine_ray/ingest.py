@@ -251,14 +251,18 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, in
     return counts
 
 
-def decode_study(data_dir: str, split: str, study_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decode_study(
+    data_dir: str, split: str, study_id: int, descriptions: dict[int, str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One study decoded in this process (no Ray): (volumes rows as `read_volumes` returns them, errors).
 
-    For inference and demos on a single study; descriptions come from the series CSV when present.
+    For inference and demos on a single study. Series descriptions by series id: `descriptions`
+    when the caller has them (inference reads the series CSV once, not once per study), else the
+    series CSV when present.
     """
+    desc: dict[int, str] = dict(descriptions or {})
     csv = join(data_dir, f"{split}_series_descriptions.csv")
-    desc: dict[int, str] = {}
-    if exists(csv):
+    if descriptions is None and exists(csv):
         listed = read_series(csv)
         mine = listed[listed["study_id"] == study_id]
         desc = dict(zip(mine["series_id"], mine["series_description"], strict=True))

@@ -236,6 +236,17 @@ def test_decode_study_matches_prepare(prepared):
     assert list(errors["series_id"]) == [1012]
 
 
+def test_decode_study_takes_descriptions_given_instead_of_the_series_csv(prepared, tmp_path):
+    data, out, _ = prepared
+    listed = pd.read_csv(os.path.join(data, "train_series_descriptions.csv"))
+    mine = listed[listed["study_id"] == 101]
+    # A copy of the images without the series CSV: the descriptions can only come from the caller.
+    shutil.copytree(os.path.join(data, "train_images", "101"), tmp_path / "train_images" / "101")
+    vols, _ = ingest.decode_study(str(tmp_path), "train", 101, dict(zip(mine["series_id"], mine["series_description"], strict=True)))
+    ref = read_volumes(out, filters=[("study_id", "=", 101)]).sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(vols, ref)
+
+
 def test_real_tables_without_images(real_tables, tmp_path):
     """The real series list and train.csv: every series is reported missing, labels cover every target."""
     data = tmp_path / "data"
