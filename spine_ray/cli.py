@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from spine_ray.config import ConfigError
+from spine_ray.demo import DemoConfig
 from spine_ray.schema import SchemaError
 from spine_ray.storage import StorageError
 
@@ -256,14 +257,14 @@ def infer(
 def demo(
     out_dir: str = typer.Option("runs/demo", "--out", help="Where everything goes (data, prepared, run, submission, summary.json)."),
     config: str = typer.Option("jobs/demo.yaml", "--config", help="Pipeline config of the demo."),
-    studies: int = typer.Option(60, "--studies", help="Synthetic training studies."),
-    test_studies: int = typer.Option(16, "--test-studies", help="Synthetic held-out test studies."),
-    image_size: int = typer.Option(128, "--image-size", help="Synthetic image size (pixels)."),
-    blend_trials: int = typer.Option(200, "--blend-trials", help="Blend evaluations per search."),
+    studies: int = typer.Option(DemoConfig.studies, "--studies", help="Synthetic training studies."),
+    test_studies: int = typer.Option(DemoConfig.test_studies, "--test-studies", help="Synthetic held-out test studies."),
+    image_size: int = typer.Option(DemoConfig.image_size, "--image-size", help="Synthetic image size (pixels)."),
+    blend_trials: int = typer.Option(DemoConfig.blend_trials, "--blend-trials", help="Blend evaluations per search."),
     overrides: list[str] = typer.Option([], "--set", help="Override a pipeline config value."),
 ) -> None:
     """synthesise → prepare → train → tune-ensemble → infer → score, and print one table."""
-    from spine_ray.demo import DemoConfig, run_demo
+    from spine_ray.demo import run_demo
 
     s = run_demo(out_dir, config, DemoConfig(studies, test_studies, image_size, blend_trials=blend_trials), tuple(overrides), say=console.print)
     table = Table(title=f"spine-ray demo ({out_dir}/summary.json)")

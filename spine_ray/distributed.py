@@ -201,7 +201,7 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{job.stage}-{job.member}-fold{job.fold}",
+            name=f"{job.stage}-{job_key(job)}",
             storage_path=_storage_root(storage),
             storage_filesystem=_pyarrow_fs(storage),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),

@@ -58,7 +58,7 @@ from spine_ray.blend import (
     save_blend,
     score_blend,
 )
-from spine_ray.metric import Score, score_arrays
+from spine_ray.metric import score_arrays
 from spine_ray.prior import oof_prior
 from spine_ray.schema import GROUPS, SchemaError, label_matrix, read_labels
 from spine_ray.storage import exists, join, read_parquet, read_text
@@ -246,10 +246,6 @@ def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cf
     return out, seconds
 
 
-def _row(s: Score) -> dict[str, float]:
-    return s.as_dict()
-
-
 def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "batched", concurrency: int = 3) -> dict[str, Any]:
     """Search the blend on RUN_DIR's OOF predictions, write RUN_DIR/blend.json, return its report."""
     from spine_ray.distributed import init_ray
@@ -284,12 +280,12 @@ def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "
     evaluations = 3 * cfg.trials
     report = {
         "scores": {
-            "prior (out-of-fold)": _row(score_arrays(y, oof_prior(y, run.folds))),
-            **{f"member {m}": _row(s) for m, s in singles.items()},
-            "equal-weight pool": _row(score_blend(equal_blend(members), splits["all"].logp, y)),
-            "blend, fitted on all folds (in-sample)": _row(score_blend(final, splits["all"].logp, y)),
-            "blend, halves (in-sample)": _row(score_arrays(y, own)),
-            "blend, halves (held-out)": _row(score_arrays(y, cross)),
+            "prior (out-of-fold)": score_arrays(y, oof_prior(y, run.folds)).as_dict(),
+            **{f"member {m}": s.as_dict() for m, s in singles.items()},
+            "equal-weight pool": score_blend(equal_blend(members), splits["all"].logp, y).as_dict(),
+            "blend, fitted on all folds (in-sample)": score_blend(final, splits["all"].logp, y).as_dict(),
+            "blend, halves (in-sample)": score_arrays(y, own).as_dict(),
+            "blend, halves (held-out)": score_arrays(y, cross).as_dict(),
         },
         "best_member": best_member,
         "halves": {"A": a_folds, "B": b_folds},
