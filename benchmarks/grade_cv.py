@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from spine_ray.config import from_dict, to_dict
+    from spine_ray.config import from_dict
     from spine_ray.folds import assign_folds
     from spine_ray.grade import GradeConfig, GradeStage, fake_points
     from spine_ray.metric import score_arrays, score_frames
@@ -79,7 +79,7 @@ def main() -> None:
         t = time.perf_counter()
         parts = []
         for fold in range(args.folds):
-            job = FoldJob("grade", cfg.name, fold, args.folds, to_dict(cfg), args.prepared, str(run), {"points": points})
+            job = FoldJob("grade", cfg.name, fold, args.folds, cfg, args.prepared, str(run), {"points": points})
             parts.append(run_fold(GradeStage(), job, device=torch.device("cpu"))[2])
         oof = pd.concat(parts, ignore_index=True)
         oof.to_parquet(run / f"oof_{cfg.name}.parquet")

@@ -87,8 +87,8 @@ def main() -> None:
     import ray
     import torch
 
-    from spine_ray.distributed import init_ray
     from spine_ray.infer import infer
+    from spine_ray.raycluster import init_ray
 
     torch.set_num_threads(1)  # one core per predictor, in every mode
     splits = args.splits.split(",")

@@ -19,6 +19,7 @@ timed in the worker) and the median training samples/s of those epochs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -44,11 +45,12 @@ def main() -> None:
 
     import ray
 
-    from spine_ray.config import from_dict, load, to_dict
-    from spine_ray.distributed import ResourcesConfig, init_ray, run_folds
+    from spine_ray.config import from_dict, load
+    from spine_ray.distributed import ResourcesConfig, run_folds
     from spine_ray.ingest import prepare
-    from spine_ray.localize import LocalizeStage, ViewConfig
-    from spine_ray.pipeline import PipelineConfig, _jobs, setup_run
+    from spine_ray.localize import LocalizeStage
+    from spine_ray.pipeline import PipelineConfig, fold_jobs, setup_run
+    from spine_ray.raycluster import init_ray
     from spine_ray.stage import run_fold
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
@@ -61,18 +63,16 @@ def main() -> None:
     base = load(PipelineConfig, args.config, [f"prepared={tmp / 'prepared'}", f"folds={args.folds}"])
     inputs: dict[str, str] = {}
     if args.stage == "localize":
-        member, model_cfg, stage = "sag_t2", to_dict(base.localize.sag_t2), LocalizeStage()
-        model_cfg["train"]["epochs"] = args.epochs
-        model_cfg = to_dict(from_dict(ViewConfig, model_cfg))
+        member, model_cfg, stage = "sag_t2", base.localize.sag_t2, LocalizeStage()
     else:
         import numpy as np
 
-        from spine_ray.grade import GradeConfig, GradeStage, fake_points
+        from spine_ray.grade import GradeStage, fake_points
         from spine_ray.volumes import read_table
 
-        member, model_cfg, stage = base.grade[0].name, to_dict(base.grade[0]), GradeStage()
-        model_cfg["train"]["epochs"] = args.epochs
-        model_cfg = to_dict(from_dict(GradeConfig, model_cfg))
+        member, model_cfg, stage = base.grade[0].name, base.grade[0], GradeStage()
+    model_cfg = dataclasses.replace(model_cfg, train=dataclasses.replace(model_cfg.train, epochs=args.epochs))
+    if args.stage == "grade":
         points = tmp / "points.parquet"
         fake_points(read_table(base.prepared, "labels.parquet"), np.random.default_rng(0)).to_parquet(points)
         inputs = {"points": str(points)}
@@ -81,7 +81,7 @@ def main() -> None:
     def jobs_for(mode: str):
         cfg = PipelineConfig(prepared=base.prepared, run_dir=str(tmp / mode), folds=args.folds, seed=base.seed)
         setup_run(cfg)
-        return _jobs(cfg, args.stage, member, model_cfg, inputs)
+        return fold_jobs(cfg, args.stage, member, model_cfg, inputs)
 
     from spine_ray.stage import samples
 

@@ -44,6 +44,15 @@ def read_prior_table(df: pd.DataFrame) -> np.ndarray:
     return df.set_index("target").loc[list(LABEL_COLUMNS), list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
 
 
+def read_prior(url: str) -> np.ndarray:
+    """A run's prior.csv (path or URL) → [25, 3] in LABEL_COLUMNS order."""
+    import io
+
+    from spine_ray.storage import read_bytes
+
+    return read_prior_table(pd.read_csv(io.BytesIO(read_bytes(url))))
+
+
 def write_prior(prior: np.ndarray, dest: str) -> None:
     """Write prior.csv atomically."""
     atomic_write_bytes(dest, prior_table(prior).to_csv(index=False).encode())

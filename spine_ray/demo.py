@@ -51,9 +51,8 @@ class DemoConfig:
 
 def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step into `out`; returns the summary (also written as summary.json)."""
-    import pandas as pd
 
-    from spine_ray.baseline import read_prior_table
+    from spine_ray.baseline import read_prior
     from spine_ray.infer import infer
     from spine_ray.ingest import prepare
     from spine_ray.metric import score_frames
@@ -91,7 +90,7 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     oracle = score_frames(test_labels, read_submission(join(data, "oracle_submission.csv"))).as_dict()
     grade = report["grade"]
     # The gap is measured on the held-out test studies: prior, submission and oracle alike.
-    prior_sub = submission_frame(test_labels["study_id"], predict_prior(read_prior_table(pd.read_csv(join(run, "prior.csv"))), len(test_labels)))
+    prior_sub = submission_frame(test_labels["study_id"], predict_prior(read_prior(join(run, "prior.csv")), len(test_labels)))
     prior = score_frames(test_labels, prior_sub).as_dict()["score"]
     summary = {
         "prior": prior,

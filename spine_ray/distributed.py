@@ -1,12 +1,17 @@
 """Ray at the edge of training: fold-parallel Ray Train runs, scheduled as one Ray Tune trial per fold.
 
-All K folds of a stage are submitted at once; each trial launches a `TorchTrainer` whose workers
-run the plain loop (`spine_ray.train_loop.fit`) on Ray Data shards. Ray shares out the cluster's
-GPUs (or CPUs): folds that do not fit queue. Each fold's checkpoints live under
-`{run_dir}/ray/train/{stage}-{member}-fold{k}`; re-running the same command skips finished folds
-(their `done` marker exists) and resumes unfinished ones from their last checkpoint (Ray Train v2
-restores a run from its storage path and name). A worker that dies is restarted from the last
-checkpoint (`FailureConfig`).
+Before any fold trains, each distinct sample set of the stage is built once into a Parquet cache
+(`spine_ray.sample_cache`) that every fold reads by filter. All K folds of a stage are then
+submitted at once; each trial launches a `TorchTrainer` whose workers run the one fold driver
+(`spine_ray.stage.fit_fold`). A worker's batches stream from a per-epoch Ray Data pipeline: its
+share of the fold's training studies, in an order fixed by the seed and epoch, read from the cache
+by CPU tasks that re-crop and augment them (seeded per part), prefetched while the trainer steps.
+The object store holds that streaming window, never a fold's whole training set.
+
+Ray shares out the cluster's GPUs (or CPUs): folds that do not fit queue. Each fold's checkpoints
+live under `{run_dir}/ray/train/{stage}-{member}-fold{k}`; re-running the same command skips
+finished folds (their `done` marker exists) and resumes unfinished ones from their last checkpoint.
+A worker that dies is restarted from the last checkpoint (`FailureConfig`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,32 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, source_rows, split_studies
+from spine_ray.raycluster import init_ray
+from spine_ray.sample_cache import (
+    cache_input,
+    chunks,
+    count_samples,
+    read_cache,
+    read_manifest,
+    with_caches,
+)
+from spine_ray.stage import (
+    FoldJob,
+    Stage,
+    columns,
+    epoch_rng,
+    fit_fold,
+    samples,
+    split_studies,
+    steps_per_epoch,
+)
 from spine_ray.storage import (
     atomic_write_bytes,
     atomic_write_parquet,
@@ -32,7 +57,7 @@ from spine_ray.storage import (
     read_parquet,
     read_text,
 )
-from spine_ray.train_loop import EpochResult, fit, load_state, save_state
+from spine_ray.train_loop import EpochResult, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +75,23 @@ class ResourcesConfig:
     # Ray's default 2 s). A worker's report blocks until the previous one is collected, so epochs
     # shorter than this are throttled to it; an explicit environment variable wins.
     poll_interval_s: float = 0.5
+    # The input pipeline of each training worker: Ray Data tasks that read cached samples and
+    # augment them. data_cpus is the CPU each task asks for; 0 lets them share the CPUs the
+    # training workers hold (a laptop or CI box, where every CPU is a trainer). On a GPU node give
+    # them real CPUs: data_concurrency tasks per worker, each data_cpus.
+    data_cpus: float = 0.0
+    data_concurrency: int = 1
+    chunk_studies: int = 4  # studies per augmentation task
+    prefetch_batches: int = 4  # batches collated ahead of the trainer
+    shuffle_batches: int = 4  # local shuffle buffer, in batches (mixes samples across tasks)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError("num_workers must be ≥ 1 and cpus_per_worker > 0")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one (no dashboard, quiet)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_batches < 0:
+            raise ValueError("data_cpus must be ≥ 0; data_concurrency, chunk_studies and prefetch_batches ≥ 1; shuffle_batches ≥ 0")
 
 
 def fold_dir(job: FoldJob) -> str:
@@ -81,47 +104,135 @@ def is_done(job: FoldJob) -> bool:
     return exists(join(fold_dir(job), "done.json"))
 
 
-def _ray_dataset(stage: Stage, job: FoldJob, split: str):
-    """The split's samples as a materialised Ray Dataset.
+EPOCH = "_epoch"  # the column that tags each augmented sample with its epoch in the stream
 
-    The dataset is made over study ids, and each map task reads the source rows of its own
-    studies (a filtered Parquet read, no shuffle): a sample may need every stack of a study
-    (an axial slab, the five views of a level), so a study's rows never straddle two batches.
+
+def augment_part(batch: dict[str, np.ndarray], stage: Stage, job: FoldJob, url: str, manifest: dict, rank: int) -> dict[str, np.ndarray]:
+    """A Ray Data task: one part of a worker's epoch (a few studies) → augmented sample arrays.
+
+    Its generator is fixed by (seed, fold, epoch, rank, part), so runs repeat whatever task ran where.
+    """
+    epoch, part, studies = int(batch["epoch"][0]), int(batch["part"][0]), [int(s) for s in batch["studies"][0]]
+    cfg = stage.train_config(job)
+    rng = epoch_rng(cfg.seed, job.fold, epoch, rank, part)
+    rows = read_cache(url, studies, manifest)
+    rows = rows.iloc[rng.permutation(len(rows))]
+    out = stage.augment(job, columns(rows), rng)
+    out[EPOCH] = np.full(len(rows), epoch, np.int64)
+    return out
+
+
+def epoch_parts(job: FoldJob, seed: int, epoch: int, chunk: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """A worker's studies in one epoch, in parts: the fold's training studies in a seeded order, every world-th."""
+    order = np.random.default_rng([seed, job.fold, epoch]).permutation(split_studies(job, "train"))
+    return chunks([int(s) for s in order[rank::world]], chunk)
+
+
+def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs: range, rank: int = 0, world: int = 1):
+    """A worker's epochs, one after another, as one streaming Ray Dataset of augmented arrays.
+
+    One pipeline for all epochs: tasks of the next epoch run while the trainer finishes this one,
+    and nothing is materialised (the object store holds the streaming window).
     """
     import ray
 
-    # Blocks in study order, whichever map task finishes first: with the seeded local shuffle,
-    # a fold sees the same samples in the same order on every run (the train ingest inherits this).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    studies = split_studies(job, split)
-    ds = ray.data.from_items([{"study_id": s} for s in studies], override_num_blocks=max(1, min(len(studies), 64)))
-    ds = ds.map_batches(_ToSamples(stage, job, split), batch_format="pandas", batch_size=4)
-    # Materialise so that training workers, which hold every CPU, never wait on preprocessing.
-    return ds.materialize()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the same seed gives the same batches
+    url = job.inputs[cache_input("train")]
+    seed = stage.train_config(job).seed
+    items = [
+        {"epoch": e, "part": i, "studies": p}
+        for e in epochs for i, p in enumerate(epoch_parts(job, seed, e, resources.chunk_studies, rank, world))
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(
+        augment_part, batch_size=1, batch_format="numpy",
+        fn_kwargs={"stage": stage, "job": job, "url": url, "manifest": read_manifest(url), "rank": rank},
+        num_cpus=resources.data_cpus, concurrency=resources.data_concurrency,
+    )
 
 
-class _ToSamples:
-    """A picklable map function: a batch of study ids → those studies' samples."""
+class StreamedBatches:
+    """`batches(epoch)` for the fold driver, fed by `epoch_stream`: exactly `steps` batches per epoch.
 
-    def __init__(self, stage: Stage, job: FoldJob, split: str) -> None:
-        self.stage, self.job, self.split = stage, job, split
+    Samples of an epoch go through a seeded shuffle buffer (mixing parts) into batches; a worker
+    whose share runs short repeats its epoch's first samples, so every DDP worker steps equally often.
+    The stream starts at the first epoch asked for (a resumed run starts mid-way).
+    """
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.stage.to_samples(self.job, self.split, source_rows(self.stage, self.job, batch["study_id"].astype(int).tolist()))
+    def __init__(self, stage: Stage, job: FoldJob, resources: ResourcesConfig, steps: int, rank: int = 0, world: int = 1, pin: bool = False) -> None:
+        self.stage, self.job, self.res, self.steps, self.rank, self.world, self.pin = stage, job, resources, steps, rank, world, pin
+        self.cfg = stage.train_config(job)
+        self.blocks: Iterator[dict[str, np.ndarray]] | None = None
+        self.pending: dict[str, np.ndarray] | None = None  # a block of the next epoch, read ahead
+
+    def _next_block(self) -> dict[str, np.ndarray] | None:
+        if self.pending is not None:
+            block, self.pending = self.pending, None
+            return block
+        return next(self.blocks, None)
+
+    def _epoch_blocks(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        if self.blocks is None:
+            ds = epoch_stream(self.stage, self.job, self.res, range(epoch, self.cfg.epochs), self.rank, self.world)
+            self.blocks = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.res.prefetch_batches))
+        while (block := self._next_block()) is not None:
+            tags = block[EPOCH]
+            mine = tags == epoch
+            if mine.all():
+                yield block
+                continue
+            if mine.any():
+                yield {k: v[mine] for k, v in block.items()}
+            self.pending = {k: v[~mine] for k, v in block.items()}
+            return
+
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> dict:
+        batch = self.stage.to_batch(self.job, {k: v for k, v in arrays.items() if k != EPOCH})
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        rng = epoch_rng(self.cfg.seed, self.job.fold, epoch, self.rank)
+        bs, buffer_size = self.cfg.batch_size, max(self.cfg.batch_size, self.res.shuffle_batches * self.cfg.batch_size)
+        pool: list[dict[str, np.ndarray]] = []
+        seen: list[dict[str, np.ndarray]] = []  # what to repeat if this worker's share runs short
+        done = 0
+
+        def take(n: int) -> dict[str, np.ndarray]:
+            merged = {k: np.concatenate([p[k] for p in pool]) for k in pool[0]}
+            pick = rng.permutation(len(merged[EPOCH]))
+            out = {k: v[pick[:n]] for k, v in merged.items()}
+            pool[:] = [{k: v[pick[n:]] for k, v in merged.items()}] if len(pick) > n else []
+            return out
+
+        for block in self._epoch_blocks(epoch):
+            pool.append(block)
+            if len(seen) < 4:
+                seen.append(block)
+            while done < self.steps and sum(len(p[EPOCH]) for p in pool) >= buffer_size + bs:
+                yield self._tensors(take(bs))
+                done += 1
+        while done < self.steps and pool and sum(len(p[EPOCH]) for p in pool):
+            yield self._tensors(take(bs))
+            done += 1
+        if done < self.steps and not seen:
+            raise RuntimeError(f"{self.job.stage}/{self.job.member} fold {self.job.fold}: worker {self.rank} has no training samples")
+        while done < self.steps:
+            pool[:] = list(seen)
+            yield self._tensors(take(bs))
+            done += 1
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the plain loop on this worker's shard, checkpoints via ray.train.report."""
+    """One Ray Train worker: the fold driver on this worker's streamed share, checkpoints via ray.train.report."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
     stage: Stage = config["stage"]
     job: FoldJob = config["job"]
+    resources: ResourcesConfig = config["resources"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = stage.train_config(job)
-    model = new_model(stage, job)
     resume, resumed_from = None, -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -129,16 +240,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             resume = load_state(os.path.join(d, "state.pt"))
         resumed_from = int(resume["epoch"])
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
-    shard = ray.train.get_dataset_shard("train")
-    steps = max(1, -(-config["n_train"] // (cfg.batch_size * world)))
-
-    def batches(epoch: int):
-        rng = epoch_rng(cfg.seed, job.fold, epoch, rank)
-        for rows in shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=int(rng.integers(2**31))
-        ):
-            yield stage.collate(job, rows, rng, True)
+    n_train = count_samples(job.inputs[cache_input("train")], split_studies(job, "train"))
+    steps = steps_per_epoch(n_train, stage.train_config(job).batch_size, world)
 
     # epoch_s: this epoch's training (since the last report returned); report_s: how long the last
     # report took (writing the checkpoint, persisting it to storage, syncing with the controller).
@@ -154,23 +257,27 @@ def _train_worker(config: dict[str, Any]) -> None:
         clock["mark"] = time.perf_counter()
         clock["report_s"] = clock["mark"] - t
 
-    fit(model, lambda m, b: stage.loss(job, m, b), batches, steps, cfg, resume=resume, device=device, on_epoch_end=report)
+    pin = str(device).startswith("cuda")
+    model, _ = fit_fold(
+        stage, job, StreamedBatches(stage, job, resources, steps, rank, world, pin), n_train,
+        device=device, world=world, prepare=ray.train.torch.prepare_model, resume=resume, on_epoch_end=report,
+    )
     if rank == 0:
-        raw = getattr(model, "module", model)
-        raw.eval()
-        from spine_ray.stage import samples
-
-        finish_fold(stage, job, raw, samples(stage, job, "val"), resumed_from)
+        finish_fold(stage, job, model, samples(stage, job, "val"), resumed_from)
 
 
 def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1) -> pd.DataFrame:
     """Predict the held-out split, write the final weights and OOF table, then the done marker."""
     import torch
 
+    from spine_ray.config import to_dict
+
     oof = stage.predict(job, model, val)
     out = fold_dir(job)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "config": job.config}, buf)
+    # Weights and the config as plain data only: loadable with weights_only=True (no code runs).
+    config = to_dict(job.config) if hasattr(job.config, "__dataclass_fields__") else job.config
+    torch.save({"model": model.state_dict(), "config": config}, buf)
     atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
     atomic_write_parquet(join(out, "oof.parquet"), oof)
     atomic_write_text(join(out, "done.json"), json.dumps({"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}))
@@ -191,10 +298,9 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
     job = jobs[config["fold"]]
     # Ray Train propagates this variable from here to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
-    train = _ray_dataset(stage, job, "train")
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"stage": stage, "job": job, "n_train": train.count()},
+        train_loop_config={"stage": stage, "job": job, "resources": resources},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
@@ -202,18 +308,17 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
         ),
         run_config=ray.train.RunConfig(
             name=f"{job.stage}-{job_key(job)}",
-            storage_path=_storage_root(storage),
-            storage_filesystem=_pyarrow_fs(storage),
+            storage_path=storage_root(storage),
+            storage_filesystem=pyarrow_fs(storage),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
-        datasets={"train": train},
     )
     trainer.fit()
 
 
-def _pyarrow_fs(url: str):
+def pyarrow_fs(url: str):
     """A pyarrow filesystem for a storage URL (fsspec-backed, so s3:// honours AWS_ENDPOINT_URL)."""
     import pyarrow.fs as pafs
 
@@ -225,7 +330,8 @@ def _pyarrow_fs(url: str):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def _storage_root(url: str) -> str:
+def storage_root(url: str) -> str:
+    """A storage URL as Ray Train/Tune's storage_path wants it (absolute local path, or bucket/key)."""
     from spine_ray.storage import fs_for, is_local
 
     if is_local(url):
@@ -233,11 +339,13 @@ def _storage_root(url: str) -> str:
     return fs_for(url)[1]
 
 
-def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> list[pd.DataFrame]:
+def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, samples_dir: str | None = None) -> list[pd.DataFrame]:
     """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables.
 
     Jobs may belong to several members of one stage: they share one Tune run, so every model of
-    the stage is trained at once and the cluster's resources are shared out between them.
+    the stage is trained at once and the cluster's resources are shared out between them. Their
+    samples are built first, once per distinct sample key, under `samples_dir` (default
+    `{run_dir}/samples`).
     """
     from ray import tune
 
@@ -247,6 +355,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
             log.info("%s/%s fold %d already done: skipped", j.stage, j.member, j.fold)
     if pending:
         init_ray()
+        pending = with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))
         first = pending[0]
         storage = join(first.run_dir, "ray")
         trainable = tune.with_parameters(
@@ -264,8 +373,8 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
             tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or len(pending)),
             run_config=tune.RunConfig(
                 name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
-                storage_path=_storage_root(join(storage, "tune")),
-                storage_filesystem=_pyarrow_fs(storage),
+                storage_path=storage_root(join(storage, "tune")),
+                storage_filesystem=pyarrow_fs(storage),
                 verbose=1,
             ),
         )

@@ -37,7 +37,15 @@ from torch import nn
 from spine_ray.crops import crop_stack
 from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
-from spine_ray.schema import CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, row_id, target_index
+from spine_ray.schema import (
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    PROB_COLUMNS,
+    row_id,
+    target_index,
+    with_target,
+)
 from spine_ray.stage import FoldJob
 from spine_ray.storage import join, read_parquet
 from spine_ray.train_loop import TrainConfig
@@ -115,12 +123,6 @@ class GradeConfig:
         return self.axial_mm if view == 2 else self.sagittal_mm
 
 
-def _cfg(job: FoldJob) -> GradeConfig:
-    from spine_ray.config import from_dict
-
-    return from_dict(GradeConfig, job.config)
-
-
 @functools.lru_cache(maxsize=4)
 def _read_table(url: str) -> pd.DataFrame:
     return read_parquet(url)
@@ -128,9 +130,7 @@ def _read_table(url: str) -> pd.DataFrame:
 
 def _labels(prepared: str) -> pd.DataFrame:
     """labels.parquet with a `target` column (label column name)."""
-    df = _read_table(join(prepared, LABELS_FILE)).copy()
-    df["target"] = df["condition"] + "_" + df["level"]
-    return df
+    return with_target(_read_table(join(prepared, LABELS_FILE)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,8 +148,7 @@ def fake_points(labels: pd.DataFrame, rng: np.random.Generator, xy_px: float = 1
 
     Gaussian noise of `xy_px` native pixels in-plane, round(N(0, slice_sigma)) slices; `slice_err` is recorded.
     """
-    lab = labels[labels["slice"].notna()].copy()
-    lab["target"] = lab["condition"] + "_" + lab["level"]
+    lab = with_target(labels[labels["slice"].notna()])
     lab = lab.drop_duplicates(["study_id", "target"])
     n = len(lab)
     shift = np.rint(rng.normal(0.0, slice_sigma, n))
@@ -297,8 +296,12 @@ def _slot_permutation(conditions: list[str]) -> np.ndarray:
     return np.asarray([i if mirror_name(c) == c else conditions.index(mirror_name(c)) for i, c in enumerate(conditions)], np.int64)
 
 
-def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None, errors: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """Sample rows → grader tensors; augmented when rng is given (pure; shared by train, OOF and inference)."""
+def augment_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None, errors: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Sample rows → fixed-shape per-sample arrays (re-cropped, augmented when rng is given); pure.
+
+    x [B, T, S, H, W] float16 (half the bytes through Ray Data's object store), slice_mask [B, T, S],
+    target_mask [B, T], labels [B, T], slice_target [B, T], level [B], study_id [B].
+    """
     slots = cfg.slots
     t = len(slots)
     conditions = [c for c, _, _ in slots]
@@ -326,7 +329,7 @@ def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.rando
         if rng is not None and rng.random() < cfg.flip_prob:
             x, sm, tm, lab, st = flip_sample(x, views, conditions, sm, tm, lab, slice_index=st)
         lab = np.where(tm, lab, -1)
-        xs.append(x)
+        xs.append(x.astype(np.float16))
         smasks.append(sm)
         tmasks.append(tm)
         labs.append(lab)
@@ -334,21 +337,42 @@ def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.rando
         studies.append(int(rows["study_id"][j]))
         levels.append(LEVELS.index(rows["level"][j]))
     b = len(xs)
+    empty = (0, t)
+    return {
+        "x": np.stack(xs) if b else np.zeros((*empty, 2 * cfg.k + 1, cfg.out_px, cfg.out_px), np.float16),
+        "slice_mask": np.stack(smasks) if b else np.zeros((*empty, 2 * cfg.k + 1), bool),
+        "target_mask": np.stack(tmasks) if b else np.zeros(empty, bool),
+        "labels": np.stack(labs) if b else np.zeros(empty, np.int64),
+        "slice_target": np.stack(starg) if b else np.zeros(empty, np.int64),
+        "level": np.asarray(levels, np.int64),
+        "study_id": np.asarray(studies, np.int64),
+    }
+
+
+def batch_tensors(cfg: GradeConfig, a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Augmented arrays → grader tensors: x [B, T, S, 1, H, W] float32 and per-target ids, masks, labels."""
+    conditions = [c for c, _, _ in cfg.slots]
+    views = np.array([v for _, v, _ in cfg.slots])
+    b, t = a["target_mask"].shape
     cond_idx = np.array([CONDITIONS.index(c) for c in conditions])
     spinal = np.array([c == CONDITIONS[0] for c in conditions])
-    study = np.asarray(studies, np.int64)
     return {
-        "x": torch.from_numpy(np.stack(xs)[:, :, :, None]),  # [B, T, S, 1, H, W]
-        "slice_mask": torch.from_numpy(np.stack(smasks)),
-        "target_mask": torch.from_numpy(np.stack(tmasks)),
-        "labels": torch.from_numpy(np.stack(labs)),
-        "slice_target": torch.from_numpy(np.stack(starg)),
-        "level": torch.from_numpy(np.repeat(np.asarray(levels, np.int64)[:, None], t, 1)),
+        "x": torch.from_numpy(np.asarray(a["x"], np.float32)[:, :, :, None]),  # [B, T, S, 1, H, W]
+        "slice_mask": torch.from_numpy(np.asarray(a["slice_mask"], bool)),
+        "target_mask": torch.from_numpy(np.asarray(a["target_mask"], bool)),
+        "labels": torch.from_numpy(np.asarray(a["labels"], np.int64)),
+        "slice_target": torch.from_numpy(np.asarray(a["slice_target"], np.int64)),
+        "level": torch.from_numpy(np.repeat(np.asarray(a["level"], np.int64)[:, None], t, 1)),
         "condition": torch.from_numpy(np.broadcast_to(cond_idx, (b, t)).copy()),
         "view": torch.from_numpy(np.broadcast_to(views, (b, t)).copy()),
         # The study id's rank in the batch keeps ids small and exact in int64.
-        "spinal_study": torch.from_numpy(np.where(spinal[None], np.unique(study, return_inverse=True)[1][:, None], -1)),
+        "spinal_study": torch.from_numpy(np.where(spinal[None], np.unique(np.asarray(a["study_id"]), return_inverse=True)[1].reshape(-1)[:, None], -1)),
     }
+
+
+def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None, errors: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Sample rows → grader tensors; augmented when rng is given (pure; shared by train, OOF and inference)."""
+    return batch_tensors(cfg, augment_samples(cfg, rows, rng, errors))
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -431,15 +455,23 @@ class GradeStage:
 
     def train_config(self, job: FoldJob) -> TrainConfig:
         """The member's optimisation settings."""
-        return _cfg(job).train
+        return job.config.train
 
     def source(self, job: FoldJob) -> str:
         """Stage 2 reads the prepared volumes."""
         return join(job.prepared, VOLUMES_DIR)
 
+    def sample_key(self, job: FoldJob, split: str) -> dict:
+        """Crop geometry and slots shape a sample; validation crops sit on the stage-1 points."""
+        c: GradeConfig = job.config
+        return {
+            "sagittal_mm": c.sagittal_mm, "axial_mm": c.axial_mm, "out_px": c.out_px, "k": c.k, "max_shift": c.max_shift,
+            "context": c.context, "multiview_spinal": c.multiview_spinal, "inputs": ["points"] if split != "train" else [],
+        }
+
     def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → one sample per (study, level) with context patches for every slot."""
-        cfg = _cfg(job)
+        cfg: GradeConfig = job.config
         points = _points_for(job, split)
         sev = _severity(job, split)
         gt = _labels(job.prepared) if split != "test" else None
@@ -461,39 +493,41 @@ class GradeStage:
                     samples.append(s)
         return pd.DataFrame(samples, columns=SAMPLE_COLUMNS)
 
-    def collate(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None, train: bool) -> dict[str, torch.Tensor]:
-        """Samples → x [B, T, S, 1, H, W] and per-target ids, masks, labels; augmented when train."""
-        cfg = _cfg(job)
-        errors = _slice_errors(job.inputs["points"]) if "points" in job.inputs else None
-        return collate_samples(cfg, rows, rng if train else None, errors)
+    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        """Re-crop every slot with jitter (slice shifts drawn from stage-1 errors when known), intensity, flip."""
+        errors = _slice_errors(job.inputs["points"]) if rng is not None and "points" in job.inputs else None
+        return augment_samples(job.config, rows, rng, errors)
+
+    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """x [B, T, S, 1, H, W] and per-target ids, masks, labels."""
+        return batch_tensors(job.config, arrays)
 
     def build_model(self, job: FoldJob) -> nn.Module:
         """A fresh Grader."""
-        return Grader(_cfg(job).model)
+        return Grader(job.config.model)
 
     def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Metric-weighted CE (1/2/4) + any-severe-spinal + auxiliary slice CE."""
-        cfg = _cfg(job)
+        cfg: GradeConfig = job.config
         out = _forward(model, batch)
         parts = grader_loss(out, batch["labels"], batch["slice_target"], batch["spinal_study"], cfg.w_slice, cfg.w_any)
         return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Held-out samples → the OOF table, one row per (study, target) predicted."""
-        cfg = _cfg(job)
+        cfg: GradeConfig = job.config
         probs, masks = sample_probs([model], cfg, samples)
         rows = [
             {"row_id": row_id(study, target), "study_id": study, **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
             for study, target, p in _per_target(cfg, samples, probs, masks)
         ]
         df = pd.DataFrame(rows, columns=["row_id", "study_id", *PROB_COLUMNS])
-        # On Ray, a study's volume rows can reach to_samples in two batches and give two partial
-        # samples of one level: each row_id is kept once, averaged over the samples that saw it.
+        # Each row_id once, averaged over the samples that saw it (none do twice today; cheap insurance).
         df = df.groupby(["row_id", "study_id"], as_index=False, sort=True)[list(PROB_COLUMNS)].mean()
         return df.assign(fold=job.fold, member=job.member)[OOF_COLUMNS]
 
 
 __all__ = [
-    "GradeConfig", "GradeStage", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples",
+    "GradeConfig", "GradeStage", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples", "augment_samples", "batch_tensors",
     "flip_sample", "flip_batch", "sample_probs", "predict_study", "fake_points",
 ]

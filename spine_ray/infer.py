@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from spine_ray.baseline import read_prior_table
+from spine_ray.baseline import read_prior
 from spine_ray.config import load
 from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
 from spine_ray.storage import atomic_write_text, exists, join, read_bytes
@@ -33,18 +34,19 @@ from spine_ray.storage import atomic_write_text, exists, join, read_bytes
 log = logging.getLogger(__name__)
 
 
-def _load_models(run_dir: str, stage: str, member: str, folds: int, build: Any, device: torch.device) -> tuple[list[torch.nn.Module], dict]:
-    """Every fold's final model of one member (model.pt written by the fold's trainer)."""
-    from spine_ray.stage import FoldJob
+def _load_models(run_dir: str, stage: str, member: str, folds: int, build: Callable[[], torch.nn.Module], device: torch.device) -> list[torch.nn.Module]:
+    """Every fold's final model of one member: weights from model.pt (weights-only: a checkpoint
+    that would run code is refused), the network from the run's config."""
+    from spine_ray.train_loop import load_state
 
-    models, config = [], {}
+    models = []
     for k in range(folds):
-        ck = torch.load(io.BytesIO(read_bytes(join(run_dir, stage, member, f"fold{k}", "model.pt"))), map_location=device, weights_only=False)
-        config = ck["config"]
-        m = build(FoldJob(stage, member, k, folds, config, "", run_dir, {}))
+        url = join(run_dir, stage, member, f"fold{k}", "model.pt")
+        ck = load_state(io.BytesIO(read_bytes(url)), what=url)
+        m = build()
         m.load_state_dict(ck["model"])
         models.append(m.to(device).eval())
-    return models, config
+    return models
 
 
 def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[int, str]]) -> tuple[bytes, list[str]]:
@@ -67,19 +69,21 @@ class StudyPredictor:
     """All models of a run, loaded once: one study's volume rows → blended probabilities [25, 3]."""
 
     def __init__(self, run_dir: str, device: str = "cpu") -> None:
-        from spine_ray.grade import GradeStage
-        from spine_ray.localize import LocalizeStage
+        from spine_ray.grade import Grader
+        from spine_ray.localize import view_model
         from spine_ray.pipeline import PipelineConfig
 
         self.device = torch.device(device)
         cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
-        self.prior = read_prior_table(pd.read_csv(io.BytesIO(read_bytes(join(run_dir, "prior.csv")))))
+        self.prior = read_prior(join(run_dir, "prior.csv"))
         self.localizers, self.loc_configs = {}, {}
         for view in ("sag_t2", "sag_t1", "axial"):
-            self.localizers[view], self.loc_configs[view] = _load_models(run_dir, "localize", view, cfg.folds, LocalizeStage().build_model, self.device)
+            vc = getattr(cfg.localize, view)
+            self.localizers[view] = _load_models(run_dir, "localize", view, cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
+            self.loc_configs[view] = vc
         self.graders = {}
         for member in cfg.grade:
-            models, _ = _load_models(run_dir, "grade", member.name, cfg.folds, GradeStage().build_model, self.device)
+            models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
             self.graders[member.name] = (models, member)
         self.blend = None
         if exists(join(run_dir, "blend.json")):
@@ -162,8 +166,10 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
     """Score every study listed in `{split}_series_descriptions.csv` into the submission at `out`."""
     import ray
 
-    from spine_ray.distributed import init_ray
+    from spine_ray.pipeline import PipelineConfig
+    from spine_ray.raycluster import init_ray
     from spine_ray.storage import absolute
+    from spine_ray.train_loop import check_checkpoint
 
     t0 = time.perf_counter()
     data_dir, run_dir, out = absolute(data_dir), absolute(run_dir), absolute(out)
@@ -172,6 +178,10 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
         {"study_id": int(s), "series": json.dumps([[int(r.series_id), r.series_description] for r in g.itertuples()])}
         for s, g in series.groupby("study_id")
     ]
+    cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
+    for stage, member in [("localize", v) for v in ("sag_t2", "sag_t1", "axial")] + [("grade", m.name) for m in cfg.grade]:
+        for k in range(cfg.folds):
+            check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
     init_ray()
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Decoding: stateless CPU tasks, one study each.

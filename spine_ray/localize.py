@@ -31,8 +31,8 @@ from spine_ray import geometry
 from spine_ray.crops import normalise_intensity, resample_volume, to_native, to_resampled
 from spine_ray.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.models.localizer import Localizer, LocalizerConfig
-from spine_ray.schema import AXIAL_T2, LEVELS, SAGITTAL_T1, SAGITTAL_T2
-from spine_ray.stage import FoldJob
+from spine_ray.schema import AXIAL_T2, LEVELS, SAGITTAL_T1, SAGITTAL_T2, with_target
+from spine_ray.stage import FoldJob, columns
 from spine_ray.storage import join, read_parquet
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import intensity
@@ -76,8 +76,7 @@ class LocalizeConfig:
 
 @functools.lru_cache(maxsize=4)
 def _labels(prepared: str) -> pd.DataFrame:
-    df = read_parquet(join(prepared, LABELS_FILE))
-    df["target"] = df["condition"] + "_" + df["level"]
+    df = with_target(read_parquet(join(prepared, LABELS_FILE)))
     return df[df["slice"].notna()]
 
 
@@ -86,14 +85,9 @@ def _points_table(url: str) -> pd.DataFrame:
     return read_parquet(url)
 
 
-def _view_cfg(job: FoldJob) -> ViewConfig:
-    from spine_ray.config import from_dict
-
-    return from_dict(ViewConfig, job.config)
-
-
-def _model_cfg(view: str, cfg: ViewConfig) -> LocalizerConfig:
-    return dataclasses.replace(cfg.model, n_points=len(VIEWS[view][1]))
+def view_model(view: str, cfg: ViewConfig) -> Localizer:
+    """A fresh Localizer for a view: one heatmap per point of that view."""
+    return Localizer(dataclasses.replace(cfg.model, n_points=len(VIEWS[view][1])))
 
 
 def _sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, cfg: ViewConfig) -> dict:
@@ -158,19 +152,25 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
 
 
 class LocalizeStage:
-    """Stage 1 for one view (the FoldJob's member names the view)."""
+    """Stage 1 for one view (the FoldJob's member names the view, its config is a ViewConfig)."""
 
     def train_config(self, job: FoldJob) -> TrainConfig:
         """The view's optimisation settings."""
-        return _view_cfg(job).train
+        return job.config.train
 
     def source(self, job: FoldJob) -> str:
         """Stage 1 reads the prepared volumes."""
         return join(job.prepared, VOLUMES_DIR)
 
+    def sample_key(self, job: FoldJob, split: str) -> dict:
+        """The view and its resampled size; axial validation slabs sit on stage-1 spinal points."""
+        cfg: ViewConfig = job.config
+        uses = ["spinal_points"] if job.member == "axial" and split != "train" else []
+        return {"view": job.member, "slices": cfg.slices, "size": cfg.size, "inputs": uses}
+
     def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → samples of this view (label points attached where they exist)."""
-        cfg = _view_cfg(job)
+        cfg: ViewConfig = job.config
         description, targets = VIEWS[job.member]
         rows = rows[rows["series_description"] == description]
         gt = _labels(job.prepared) if split != "test" else _NO_LABELS
@@ -186,25 +186,21 @@ class LocalizeStage:
                     samples.append(s)
         return pd.DataFrame(samples, columns=SAMPLE_COLUMNS)
 
-    def collate(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None, train: bool) -> dict[str, torch.Tensor]:
-        """Samples → x [B, S, 1, H, W], coords [B, P, 3] (resampled voxels), visible [B, P]."""
-        xs = [np.frombuffer(b, np.float16).reshape(s).astype(np.float32) for b, s in zip(rows["x"], rows["shape"], strict=True)]
-        if train and rng is not None:
-            xs = [intensity(x, rng) for x in xs]
-        p = len(VIEWS[job.member][1])
-        return {
-            "x": torch.from_numpy(np.stack(xs)[:, :, None]),
-            "coords": torch.from_numpy(np.stack([np.frombuffer(c, np.float32).reshape(p, 3) for c in rows["coords"]])),
-            "visible": torch.from_numpy(np.stack([np.frombuffer(v, bool) for v in rows["visible"]])),
-        }
+    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        """Intensity augmentation of the stored stacks (see `view_arrays`)."""
+        return view_arrays(job.member, job.config, rows, rng)
+
+    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """See `view_tensors`."""
+        return view_tensors(arrays)
 
     def build_model(self, job: FoldJob) -> nn.Module:
         """A Localizer with one heatmap per point of this view."""
-        return Localizer(_model_cfg(job.member, _view_cfg(job)))
+        return view_model(job.member, job.config)
 
     def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Jensen–Shannon heatmap loss plus DSNT coordinate loss, on heatmap-voxel coordinates."""
-        cfg = _view_cfg(job)
+        cfg: ViewConfig = job.config
         logits = model(batch["x"])  # [B, P, S, h, w]
         stride = cfg.model.out_stride
         target = scale_coords(batch["coords"], [1.0, 1.0 / stride, 1.0 / stride])
@@ -213,7 +209,31 @@ class LocalizeStage:
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Samples → one point per (sample, point), best per study × target, with errors vs labels."""
-        return predict_points(job, model, samples)
+        return predict_points(job.member, job.config, model, samples, fold=job.fold)
+
+
+def view_arrays(view: str, cfg: ViewConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """Sample rows → x [B, S, H, W] float16 (intensity-augmented when rng is given), coords [B, P, 3], visible [B, P]."""
+    xs = [np.frombuffer(b, np.float16).reshape(s).astype(np.float32) for b, s in zip(rows["x"], rows["shape"], strict=True)]
+    if rng is not None:
+        xs = [intensity(x, rng) for x in xs]
+    p = len(VIEWS[view][1])
+    if not xs:
+        return {"x": np.zeros((0, cfg.slices, cfg.size, cfg.size), np.float16), "coords": np.zeros((0, p, 3), np.float32), "visible": np.zeros((0, p), bool)}
+    return {
+        "x": np.stack(xs).astype(np.float16),
+        "coords": np.stack([np.frombuffer(c, np.float32).reshape(p, 3) for c in rows["coords"]]),
+        "visible": np.stack([np.frombuffer(v, bool) for v in rows["visible"]]),
+    }
+
+
+def view_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Arrays → x [B, S, 1, H, W] float32, coords [B, P, 3] (resampled voxels), visible [B, P]."""
+    return {
+        "x": torch.from_numpy(np.asarray(arrays["x"], np.float32)[:, :, None]),
+        "coords": torch.from_numpy(np.asarray(arrays["coords"], np.float32)),
+        "visible": torch.from_numpy(np.asarray(arrays["visible"], bool)),
+    }
 
 
 # Sample rows: volume/slab x (float16 bytes, `shape`), label coords in resampled voxels, `visible`
@@ -231,16 +251,14 @@ def _spinal_points(job: FoldJob, split: str) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def predict_points(job: FoldJob, model: nn.Module, samples: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
-    """Run the view's model on samples; map points to native pixels and millimetres."""
-    stage = LocalizeStage()
-    cfg = _view_cfg(job)
-    _, targets = VIEWS[job.member]
+def predict_points(view: str, cfg: ViewConfig, model: nn.Module, samples: pd.DataFrame, fold: int = -1, batch_size: int = 8) -> pd.DataFrame:
+    """Run a view's model on samples; map points to native pixels and millimetres (fold: recorded in the table)."""
+    _, targets = VIEWS[view]
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(samples), batch_size):
         part = samples.iloc[i : i + batch_size]
-        batch = stage.collate(job, {c: part[c].to_numpy() for c in part.columns}, None, False)
+        batch = view_tensors(view_arrays(view, cfg, columns(part), None))
         logits = model(batch["x"].to(device)).float()
         coords, conf = decode_points(logits)  # heatmap voxels
         coords = scale_coords(coords, [1.0, float(cfg.model.out_stride), float(cfg.model.out_stride)]).cpu().numpy()
@@ -257,7 +275,7 @@ def predict_points(job: FoldJob, model: nn.Module, samples: pd.DataFrame, batch_
             for p, t in enumerate(targets):
                 name = f"{t}_{s['level']}" if s["level"] else t
                 out.append({
-                    "study_id": int(s["study_id"]), "target": name, "view": job.member, "fold": job.fold,
+                    "study_id": int(s["study_id"]), "target": name, "view": view, "fold": fold,
                     "series_id": int(s["series_id"]), "stack": int(s["stack"]),
                     "slice": float(native[p, 0]), "row": float(native[p, 1]), "col": float(native[p, 2]),
                     "x_mm": float(mm[p, 0]), "y_mm": float(mm[p, 1]), "z_mm": float(mm[p, 2]),
@@ -303,18 +321,17 @@ def _fold_average(points: pd.DataFrame) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def locate_study(models: dict[str, list[nn.Module]], configs: dict[str, dict], rows: pd.DataFrame) -> pd.DataFrame:
+def locate_study(models: dict[str, list[nn.Module]], configs: dict[str, ViewConfig], rows: pd.DataFrame) -> pd.DataFrame:
     """Stage-1 inference on one study's volume rows: every fold's model per view, fold-averaged.
 
-    models: view → fold models (eval mode); configs: view → ViewConfig as plain data. Returns one
-    point per target found (columns as the points table, without the label columns).
+    models: view → fold models (eval mode); configs: view → its ViewConfig. Returns one point per
+    target found (columns as the points table, without the label columns).
     """
     found = []
     for view in ("sag_t2", "sag_t1", "axial"):
         if view not in models:
             continue
-        job = FoldJob("localize", view, 0, len(models[view]), configs[view], "", "", {})
-        cfg = _view_cfg(job)
+        cfg = configs[view]
         description, targets = VIEWS[view]
         rel = rows[rows["series_description"] == description]
         if rel.empty:
@@ -328,7 +345,7 @@ def locate_study(models: dict[str, list[nn.Module]], configs: dict[str, dict], r
             samples = pd.DataFrame([_sagittal_sample(r, targets, _NO_LABELS, cfg) for _, r in rel.iterrows()], columns=SAMPLE_COLUMNS)
         if samples.empty:
             continue
-        per_fold = [predict_points(FoldJob("localize", view, k, len(models[view]), configs[view], "", "", {}), m, samples) for k, m in enumerate(models[view])]
+        per_fold = [predict_points(view, cfg, m, samples, fold=k) for k, m in enumerate(models[view])]
         found.append(_fold_average(pd.concat(per_fold, ignore_index=True)))
     return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=POINT_COLUMNS)
 

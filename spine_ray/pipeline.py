@@ -12,6 +12,7 @@ A run directory holds everything a run produced (paths or URLs):
     grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
+    samples/              sample caches, built once per (data, stage config, split) and shared by every fold
     ray/                  Ray Train checkpoints and Ray Tune experiment state
 """
 
@@ -21,12 +22,13 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from spine_ray.baseline import write_prior
-from spine_ray.config import save, to_dict
+from spine_ray.config import save
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
@@ -39,6 +41,7 @@ from spine_ray.schema import (
     label_matrix,
     labels_from_matrix,
     read_labels,
+    with_target,
 )
 from spine_ray.stage import FoldJob
 from spine_ray.storage import (
@@ -70,6 +73,7 @@ class PipelineConfig:
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
+    samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -82,8 +86,7 @@ class PipelineConfig:
 def training_labels(prepared: str) -> pd.DataFrame:
     """Wide labels (train.csv format) of every study in a prepared train split."""
     long = read_parquet(join(prepared, LABELS_FILE))
-    long = long.drop_duplicates(["study_id", "condition", "level"])
-    long["target"] = long["condition"] + "_" + long["level"]
+    long = with_target(long.drop_duplicates(["study_id", "condition", "level"]))
     wide = long.pivot(index="study_id", columns="target", values="severity").reindex(columns=list(LABEL_COLUMNS))
     matrix = wide.fillna(-1).to_numpy(dtype=np.int8)
     return labels_from_matrix(wide.index.astype(np.int64), matrix)
@@ -92,7 +95,8 @@ def training_labels(prepared: str) -> pd.DataFrame:
 def resolved(cfg: PipelineConfig) -> PipelineConfig:
     """The config with its local paths made absolute, as every stage and worker must see them."""
     return dataclasses.replace(
-        cfg, prepared=absolute(cfg.prepared), run_dir=absolute(cfg.run_dir), oracle=absolute(cfg.oracle) if cfg.oracle else None
+        cfg, prepared=absolute(cfg.prepared), run_dir=absolute(cfg.run_dir), oracle=absolute(cfg.oracle) if cfg.oracle else None,
+        samples_dir=absolute(cfg.samples_dir) if cfg.samples_dir else None,
     )
 
 
@@ -117,7 +121,8 @@ def setup_run(cfg: PipelineConfig) -> pd.DataFrame:
     return folds
 
 
-def _jobs(cfg: PipelineConfig, stage: str, member: str, config: dict, inputs: dict[str, str]) -> list[FoldJob]:
+def fold_jobs(cfg: PipelineConfig, stage: str, member: str, config: Any, inputs: dict[str, str]) -> list[FoldJob]:
+    """One FoldJob per fold of a member."""
     return [FoldJob(stage, member, k, cfg.folds, config, cfg.prepared, cfg.run_dir, inputs) for k in range(cfg.folds)]
 
 
@@ -125,11 +130,11 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     """Stage 1: sagittal views in parallel, then the axial view placed by the sagittal T2 points."""
     stage = LocalizeStage()
     loc = cfg.localize
-    sagittal = _jobs(cfg, "localize", "sag_t2", to_dict(loc.sag_t2), {}) + _jobs(cfg, "localize", "sag_t1", to_dict(loc.sag_t1), {})
-    sag = pd.concat(run_folds(stage, sagittal, cfg.resources), ignore_index=True)
+    sagittal = fold_jobs(cfg, "localize", "sag_t2", loc.sag_t2, {}) + fold_jobs(cfg, "localize", "sag_t1", loc.sag_t1, {})
+    sag = pd.concat(run_folds(stage, sagittal, cfg.resources, cfg.samples_dir), ignore_index=True)
     spinal_url = join(cfg.run_dir, "localize", "spinal_points.parquet")
     atomic_write_parquet(spinal_url, sag[sag["view"] == "sag_t2"])
-    axial = pd.concat(run_folds(stage, _jobs(cfg, "localize", "axial", to_dict(loc.axial), {"spinal_points": spinal_url}), cfg.resources), ignore_index=True)
+    axial = pd.concat(run_folds(stage, fold_jobs(cfg, "localize", "axial", loc.axial, {"spinal_points": spinal_url}), cfg.resources, cfg.samples_dir), ignore_index=True)
     points = pd.concat([sag, axial], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
     atomic_write_parquet(join(cfg.run_dir, "localize", "points.parquet"), points)
     summary = error_summary(points)
@@ -169,8 +174,8 @@ def member_probs(oof: pd.DataFrame, studies: list[int], fill: np.ndarray) -> tup
 def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
     stage, inputs = stage_for(cfg, "grade")
-    jobs = [j for m in cfg.grade for j in _jobs(cfg, "grade", m.name, to_dict(m), inputs)]
-    oof = pd.concat(run_folds(stage, jobs, cfg.resources), ignore_index=True)
+    jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
+    oof = pd.concat(run_folds(stage, jobs, cfg.resources, cfg.samples_dir), ignore_index=True)
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof)
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
     lm = label_matrix(labels)

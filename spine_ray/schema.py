@@ -71,6 +71,11 @@ class SchemaError(ValueError):
         self.source, self.row, self.problem = source, row, problem
 
 
+def with_target(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a long label table with its `target` column: the label column name `{condition}_{level}`."""
+    return df.assign(target=df["condition"] + "_" + df["level"])
+
+
 def row_id(study_id: int | str, target: str) -> str:
     """The submission key `{study_id}_{condition}_{level}` for one study and label column."""
     return f"{study_id}_{target}"

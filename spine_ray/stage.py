@@ -1,15 +1,19 @@
-"""What every model stage provides, and how one fold runs without Ray.
+"""What every model stage provides, and the one driver that trains a fold.
 
-A stage turns prepared tables into training samples (a pure function over a pandas batch, which
-Ray Data maps over shards on a cluster), collates sample batches into tensors (with augmentation
-from an explicit generator), builds its model, computes its loss, and predicts held-out samples.
-`run_fold` runs one fold with the plain loop: tests and GPU checks call it; Ray Train workers call
-the same pieces (see `spine_ray.distributed`).
+A stage turns prepared tables into training samples (a pure function over a pandas batch of
+studies; `spine_ray.sample_cache` builds them once for all folds), augments sample rows into
+fixed-shape arrays (from an explicit generator; Ray Data runs this on CPU workers while the
+trainer steps), turns those arrays into tensors, builds its model, computes its loss and predicts
+held-out samples.
+
+`fit_fold` is the only place a fold's model is built and trained: the plain in-process path
+(`run_fold`, used by tests, GPU checks and `spine-ray tune-lr` trials) and the Ray Train workers
+(`spine_ray.distributed`) differ only in where their batches come from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,19 +24,23 @@ from torch import nn
 
 from spine_ray.train_loop import EpochResult, TrainConfig, fit
 
+Batch = dict[str, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class FoldJob:
     """Everything a worker needs to train and predict one fold of one stage (picklable)."""
 
     stage: str  # "localize" or "grade"
-    member: str  # ensemble member name (the stage name for single-model stages)
+    member: str  # ensemble member name (the view for stage 1)
     fold: int
     n_folds: int
-    config: dict[str, Any]  # the stage config as plain data (spine_ray.config.to_dict)
+    config: Any  # the member's typed config (e.g. GradeConfig, ViewConfig): a frozen dataclass
     prepared: str  # the prepare output (volumes/, labels.parquet), path or URL
     run_dir: str  # where this run's tables go, path or URL
-    inputs: dict[str, str]  # extra tables a stage reads (e.g. stage-1 OOF points), name → URL
+    # Tables the stage reads, name → URL: earlier stages' outputs (e.g. "points") and, once built,
+    # the sample caches "samples:train" / "samples:val" (spine_ray.sample_cache).
+    inputs: dict[str, str]
 
 
 class Stage(Protocol):
@@ -44,33 +52,49 @@ class Stage(Protocol):
     def source(self, job: FoldJob) -> str:
         """The prepared Parquet table (path or URL) whose rows this stage turns into samples."""
 
-    def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
-        """Source rows of the `train` or `val` split's studies → samples, one row each."""
+    def sample_key(self, job: FoldJob, split: str) -> dict[str, Any]:
+        """What a split's samples depend on besides the prepared data: config fields and the names
+        of the `job.inputs` tables read. Jobs with equal keys share one sample cache."""
 
-    def collate(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
-        """A batch of sample rows (columns → arrays) → tensors, augmented when train."""
+    def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
+        """Source rows of some studies → `train` or `val` samples, one row each."""
+
+    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        """Sample rows (columns → arrays) → fixed-shape arrays, first axis the sample; augmented when rng is given."""
+
+    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> Batch:
+        """Augmented arrays of a batch → the tensors `loss` and the model take."""
 
     def build_model(self, job: FoldJob) -> nn.Module:
         """A fresh model."""
 
-    def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss and named parts."""
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Predictions for held-out samples: the stage's out-of-fold table."""
 
 
+def collate(stage: Stage, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> Batch:
+    """Sample rows → tensors in one go (augmented when rng is given)."""
+    return stage.to_batch(job, stage.augment(job, rows, rng))
+
+
+def columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A samples frame as the column → array mapping that `augment` takes."""
+    return {c: df[c].to_numpy() for c in df.columns}
+
+
 def numpy_batches(df: pd.DataFrame, batch_size: int, rng: np.random.Generator | None) -> Iterator[dict[str, np.ndarray]]:
     """Column batches of a samples frame; shuffled when rng is given."""
     order = rng.permutation(len(df)) if rng is not None else np.arange(len(df))
     for i in range(0, len(df), batch_size):
-        part = df.iloc[order[i : i + batch_size]]
-        yield {c: part[c].to_numpy() for c in part.columns}
+        yield columns(df.iloc[order[i : i + batch_size]])
 
 
-def epoch_rng(seed: int, fold: int, epoch: int, rank: int = 0) -> np.random.Generator:
-    """The augmentation generator of one worker's epoch: reproducible, different per epoch and rank."""
-    return np.random.default_rng([seed, fold, epoch, rank])
+def epoch_rng(seed: int, fold: int, epoch: int, rank: int = 0, part: int = -1) -> np.random.Generator:
+    """The augmentation generator of one worker's epoch (or of one part of it): reproducible, different per epoch and rank."""
+    return np.random.default_rng([seed, fold, epoch, rank] + ([part] if part >= 0 else []))
 
 
 def new_model(stage: Stage, job: FoldJob) -> nn.Module:
@@ -79,13 +103,62 @@ def new_model(stage: Stage, job: FoldJob) -> nn.Module:
     return stage.build_model(job)
 
 
+def steps_per_epoch(n_samples: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch and worker: every worker takes the same number (DDP needs it)."""
+    return max(1, -(-n_samples // (batch_size * world)))
+
+
+def fit_fold(
+    stage: Stage,
+    job: FoldJob,
+    batches: Callable[[int], Iterable[Batch]],
+    n_train: int,
+    *,
+    device: torch.device | None = None,
+    world: int = 1,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """The one fold driver: a seeded fresh model trained on `batches(epoch)`; returns (bare model, last metrics).
+
+    `prepare` wraps the model for distributed training (Ray Train's `prepare_model`); the returned
+    model is the bare one, in eval mode.
+    """
+    cfg = stage.train_config(job)
+    model = new_model(stage, job)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    wrapped = prepare(model) if prepare is not None else model
+    metrics = fit(
+        wrapped, lambda m, b: stage.loss(job, m, b), batches, steps_per_epoch(n_train, cfg.batch_size, world), cfg,
+        validate=validate, on_epoch_end=on_epoch_end, resume=resume, device=device,
+    )
+    model.eval()
+    return model, metrics
+
+
+def local_batches(stage: Stage, job: FoldJob, train: pd.DataFrame) -> Callable[[int], Iterator[Batch]]:
+    """In-process batches of a samples frame: shuffled and augmented per epoch, on the calling thread."""
+    cfg = stage.train_config(job)
+
+    def batches(epoch: int) -> Iterator[Batch]:
+        rng = epoch_rng(cfg.seed, job.fold, epoch)
+        for rows in numpy_batches(train, cfg.batch_size, rng):
+            yield collate(stage, job, rows, rng)
+
+    return batches
+
+
 def split_studies(job: FoldJob, split: str) -> list[int]:
-    """Study ids of a fold's `train` (other folds) or `val` (this fold) split."""
+    """Study ids of a fold's `train` (other folds) or `val` (this fold) split; `all` for every study."""
     from spine_ray.storage import join, read_parquet
 
     folds = read_parquet(join(job.run_dir, "folds.parquet"))
     held = folds["fold"] == job.fold
-    return sorted(folds.loc[held if split == "val" else ~held, "study_id"].astype(int).tolist())
+    chosen = folds if split == "all" else folds.loc[held if split == "val" else ~held]
+    return sorted(chosen["study_id"].astype(int).tolist())
 
 
 def source_rows(stage: Stage, job: FoldJob, studies: list[int]) -> pd.DataFrame:
@@ -97,8 +170,13 @@ def source_rows(stage: Stage, job: FoldJob, studies: list[int]) -> pd.DataFrame:
 
 
 def samples(stage: Stage, job: FoldJob, split: str) -> pd.DataFrame:
-    """All samples of a split, in-process (the Ray path maps `to_samples` over batches of studies)."""
-    return stage.to_samples(job, split, source_rows(stage, job, split_studies(job, split)))
+    """A fold's samples of a split: from its sample cache when the job has one, else built in-process."""
+    from spine_ray.sample_cache import cache_input, read_cache
+
+    studies = split_studies(job, split)
+    if cache_input(split) in job.inputs:
+        return read_cache(job.inputs[cache_input(split)], studies)
+    return stage.to_samples(job, split, source_rows(stage, job, studies))
 
 
 def run_fold(
@@ -107,34 +185,9 @@ def run_fold(
     *,
     device: torch.device | None = None,
     resume: dict[str, Any] | None = None,
-    on_epoch_end: Any = None,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
 ) -> tuple[nn.Module, dict[str, float], pd.DataFrame]:
     """Train one fold in-process and predict its held-out split: (model, metrics, oof table)."""
-    cfg = stage.train_config(job)
     train = samples(stage, job, "train")
-    val = samples(stage, job, "val")
-    model = new_model(stage, job)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-
-    def batches(epoch: int):
-        rng = epoch_rng(cfg.seed, job.fold, epoch)
-        for rows in numpy_batches(train, cfg.batch_size, rng):
-            yield stage.collate(job, rows, rng, True)
-
-    steps = -(-len(train) // cfg.batch_size)
-    metrics = fit(
-        model,
-        lambda m, b: stage.loss(job, m, b),
-        batches,
-        steps,
-        cfg,
-        resume=resume,
-        device=device,
-        on_epoch_end=on_epoch_end,
-    )
-    model.eval()
-    return model, metrics, stage.predict(job, model, val)
-
-
-__all__ = ["FoldJob", "Stage", "new_model", "run_fold", "samples", "source_rows", "split_studies", "numpy_batches", "epoch_rng", "EpochResult"]
+    model, metrics = fit_fold(stage, job, local_batches(stage, job, train), len(train), device=device, resume=resume, on_epoch_end=on_epoch_end)
+    return model, metrics, stage.predict(job, model, samples(stage, job, "val"))

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from spine_ray.schema import SchemaError
+
 Batch = Mapping[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -104,8 +106,16 @@ def fit(
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0, n, seen, sums = time.perf_counter(), 0, 0, {}
-        for batch in train_batches(epoch):
+        t0, n, seen, sums, wait = time.perf_counter(), 0, 0, {}, 0.0
+        stream = iter(train_batches(epoch))
+        while True:
+            # data_wait_frac: the share of the epoch spent waiting for the next batch (the input
+            # pipeline is the bottleneck when this is large; on CUDA the step itself is asynchronous).
+            t = time.perf_counter()
+            batch = next(stream, None)
+            wait += time.perf_counter() - t
+            if batch is None:
+                break
             batch = _to_device(batch, device)
             ctx = torch.autocast(device.type, dtype=dtype) if use_amp else nullcontext()
             with ctx:
@@ -124,7 +134,7 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + float(v)
         elapsed = time.perf_counter() - t0
         metrics = {f"train_{k}": v / max(1, n) for k, v in sums.items()}
-        metrics.update(epoch=epoch, samples_per_s=seen / max(elapsed, 1e-9), lr=opt.param_groups[0]["lr"])
+        metrics.update(epoch=epoch, samples_per_s=seen / max(elapsed, 1e-9), lr=opt.param_groups[0]["lr"], data_wait_frac=wait / max(elapsed, 1e-9))
         if validate is not None:
             model.eval()
             with torch.no_grad():
@@ -164,11 +174,42 @@ def _batch_len(batch: Batch) -> int:
     return 0
 
 
+class UnsafeCheckpointError(SchemaError):
+    """A checkpoint that is not plain tensors and containers: loading it could run code."""
+
+
 def save_state(state: dict[str, Any], path: str) -> None:
-    """Save a checkpoint state with torch.save."""
+    """Save a checkpoint state (tensors, numbers, strings and containers only) with torch.save."""
     torch.save(state, path)
 
 
-def load_state(path: str) -> dict[str, Any]:
-    """Load a checkpoint state onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_state(path: str | Any, what: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, refusing any pickle that holds more than tensors and plain data.
+
+    `weights_only=True` never runs code from the file: a checkpoint from a shared bucket can be
+    trusted as far as its numbers go. `path` may be an open binary file; `what` names it in errors.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(str(what or path), f"refused, not a weights-only checkpoint ({first})") from None
+
+
+def check_checkpoint(url: str) -> None:
+    """Refuse a checkpoint (path or URL) whose pickle names anything but tensors and plain data,
+    reading only its pickle, not its tensors: a cheap check before workers load it."""
+    from spine_ray.storage import fs_for
+
+    fs, path = fs_for(url)
+    try:
+        with fs.open(path, "rb") as f:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything that is not a torch.save zip is refused
+        raise UnsafeCheckpointError(url, f"refused, not a torch.save checkpoint ({type(e).__name__})") from None
+    if unsafe:
+        raise UnsafeCheckpointError(url, f"refused, not a weights-only checkpoint (it would import {', '.join(sorted(unsafe)[:3])})")

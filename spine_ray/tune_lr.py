@@ -19,9 +19,11 @@ import pandas as pd
 import torch
 
 from spine_ray.config import ConfigError, from_dict, save, to_dict
-from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, numpy_batches, samples
+from spine_ray.grade import GradeConfig
+from spine_ray.localize import ViewConfig
+from spine_ray.pipeline import PipelineConfig, resolved
+from spine_ray.stage import FoldJob, Stage, collate, fit_fold, local_batches, numpy_batches, samples
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
-from spine_ray.train_loop import TrainConfig, fit
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,10 @@ class TuneLRConfig:
     )
 
 
-def member_config(cfg: Any, target: str) -> tuple[str, str, Any]:
+MemberConfig = ViewConfig | GradeConfig
+
+
+def member_config(cfg: PipelineConfig, target: str) -> tuple[str, str, MemberConfig]:
     """`localize.sag_t2` or `grade.<name>` → (stage, member, the member's config dataclass)."""
     stage, _, member = target.partition(".")
     if stage == "localize" and member in ("sag_t2", "sag_t1", "axial"):
@@ -60,7 +65,7 @@ def member_config(cfg: Any, target: str) -> tuple[str, str, Any]:
     raise ConfigError(f"--target {target!r}: expected localize.sag_t2|sag_t1|axial or grade.<member name>")
 
 
-def with_values(member_cfg: Any, values: dict[str, float]) -> Any:
+def with_values(member_cfg: MemberConfig, values: dict[str, float]) -> MemberConfig:
     """A member config with dotted keys replaced (validated through the dataclass again)."""
     data = to_dict(member_cfg)
     for key, v in values.items():
@@ -74,58 +79,54 @@ def with_values(member_cfg: Any, values: dict[str, float]) -> Any:
     return from_dict(type(member_cfg), data)
 
 
-def _trial(config: dict[str, Any], stage: Stage, job: FoldJob, member_cfg: Any, data: dict[str, pd.DataFrame]) -> None:
-    """One trial: train the model with the proposed values, report validation loss per epoch."""
+def _trial(config: dict[str, float], stage: Stage, job: FoldJob, data: dict[str, pd.DataFrame]) -> None:
+    """One trial: train the model with the proposed values (the fold driver), report validation loss per epoch."""
     from ray import tune
 
     torch.set_num_threads(1)
-    job = dataclasses.replace(job, config=to_dict(with_values(member_cfg, config)))
-    cfg: TrainConfig = stage.train_config(job)
-    model = new_model(stage, job)
+    job = dataclasses.replace(job, config=with_values(job.config, config))
     train, val = data["train"], data["val"]
-
-    def batches(epoch: int):
-        rng = epoch_rng(cfg.seed, job.fold, epoch)
-        for rows in numpy_batches(train, cfg.batch_size, rng):
-            yield stage.collate(job, rows, rng, True)
+    batch_size = stage.train_config(job).batch_size
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        losses = [float(stage.loss(job, m, stage.collate(job, rows, None, False))[0]) for rows in numpy_batches(val, cfg.batch_size, None)]
+        losses = [float(stage.loss(job, m, collate(stage, job, rows, None))[0]) for rows in numpy_batches(val, batch_size, None)]
         return {"loss": float(np.mean(losses))}
 
-    fit(model, lambda m, b: stage.loss(job, m, b), batches, -(-len(train) // cfg.batch_size), cfg,
-        validate=validate, on_epoch_end=lambda r: tune.report({"val_loss": r.metrics["val_loss"], "epoch": r.epoch}),
-        device=torch.device("cpu"))
+    fit_fold(stage, job, local_batches(stage, job, train), len(train), device=torch.device("cpu"), validate=validate,
+             on_epoch_end=lambda r: tune.report({"val_loss": r.metrics["val_loss"], "epoch": r.epoch}))
 
 
-def tune_lr(pipeline: Any, target: str, tcfg: TuneLRConfig, stage: Stage, inputs: dict[str, str]) -> dict[str, Any]:
+def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: Stage, inputs: dict[str, str]) -> dict[str, Any]:
     """Search, write best.yaml and results.json under the run's tune_lr folder; returns the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from spine_ray.distributed import _storage_root, init_ray
-    from spine_ray.pipeline import resolved
+    from spine_ray.distributed import storage_root
+    from spine_ray.raycluster import init_ray
+    from spine_ray.sample_cache import with_caches
 
     pipeline = resolved(pipeline)
     stage_name, member, member_cfg = member_config(pipeline, target)
     out = join(pipeline.run_dir, "tune_lr", target)
     # Trials train on the run's folds but write nothing into the run's stage folders.
     atomic_write_bytes(join(out, "folds.parquet"), read_bytes(join(pipeline.run_dir, "folds.parquet")))
-    job = FoldJob(stage_name, member, tcfg.fold, pipeline.folds, to_dict(member_cfg), pipeline.prepared, out, inputs)
-    data = {split: samples(stage, job, split) for split in ("train", "val")}
+    job = FoldJob(stage_name, member, tcfg.fold, pipeline.folds, member_cfg, pipeline.prepared, out, inputs)
     init_ray()
+    # The run's sample caches (the same key as training's, so usually already built), shared by all trials.
+    (job,) = with_caches(stage, [job], pipeline.samples_dir or join(pipeline.run_dir, "samples"))
+    data = {split: samples(stage, job, split) for split in ("train", "val")}
     space = {p.key: (tune.loguniform if p.log else tune.uniform)(p.low, p.high) for p in tcfg.space}
     current = {p.key: float(_get(to_dict(member_cfg), p.key)) for p in tcfg.space}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, stage=stage, job=job, member_cfg=member_cfg, data=data), {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(_trial, stage=stage, job=job, data=data), {"cpu": 1}),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tcfg.trials, max_concurrent_trials=tcfg.max_concurrent,
             search_alg=OptunaSearch(seed=tcfg.seed, points_to_evaluate=[current]),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=stage.train_config(job).epochs, grace_period=tcfg.grace_period),
         ),
-        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=_storage_root(join(out, "ray")), verbose=1),
+        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=storage_root(join(out, "ray")), verbose=1),
     )
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
@@ -144,7 +145,7 @@ def _get(data: dict, key: str) -> Any:
     return data
 
 
-def _replace_member(pipeline: Any, stage: str, member: str, new: Any) -> Any:
+def _replace_member(pipeline: PipelineConfig, stage: str, member: str, new: MemberConfig) -> PipelineConfig:
     if stage == "localize":
         return dataclasses.replace(pipeline, localize=dataclasses.replace(pipeline.localize, **{member: new}))
     return dataclasses.replace(pipeline, grade=tuple(new if m.name == member else m for m in pipeline.grade))

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from spine_ray.config import to_dict
 from spine_ray.folds import assign_folds
 from spine_ray.grade import (
     OOF_COLUMNS,
@@ -28,7 +27,7 @@ from spine_ray.grade import (
 from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
 from spine_ray.schema import LABEL_COLUMNS, read_labels
-from spine_ray.stage import FoldJob, run_fold, samples
+from spine_ray.stage import FoldJob, collate, run_fold, samples
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import mirror_name
 from spine_ray.volumes import read_volumes
@@ -59,7 +58,7 @@ def prepared(tmp_path_factory, ray_local):
 
 
 def _job(p: dict, cfg: GradeConfig = CFG, fold: int = 0) -> FoldJob:
-    return FoldJob("grade", cfg.name, fold, 2, to_dict(cfg), p["prep"], p["run"], {"points": f"{p['run']}/points.parquet"})
+    return FoldJob("grade", cfg.name, fold, 2, cfg, p["prep"], p["run"], {"points": f"{p['run']}/points.parquet"})
 
 
 def _volume(n: int = 9, size: int = 40) -> pd.DataFrame:
@@ -166,11 +165,11 @@ def test_samples_from_prepared_studies(prepared):
     assert set(train["study_id"]) <= set(folds.loc[folds["fold"] != 0, "study_id"])
     assert set(val["study_id"]) == set(folds.loc[folds["fold"] == 0, "study_id"])
     assert list(train.columns) == SAMPLE_COLUMNS and len(train) > 0
-    batch = stage.collate(job, {c: train[c].to_numpy()[:3] for c in train.columns}, np.random.default_rng(0), True)
+    batch = collate(stage, job, {c: train[c].to_numpy()[:3] for c in train.columns}, np.random.default_rng(0))
     assert batch["x"].shape == (3, 5, 5, 1, 32, 32)
     assert batch["x"].dtype == torch.float32 and 0 <= float(batch["x"].min()) and float(batch["x"].max()) <= 1
     # Labels match labels.parquet for the unflipped, unaugmented view of the samples.
-    plain = stage.collate(job, {c: train[c].to_numpy() for c in train.columns}, None, False)
+    plain = collate(stage, job, {c: train[c].to_numpy() for c in train.columns}, None)
     lab = prepared["lab"].drop_duplicates(["study_id", "condition", "level"]).set_index(["study_id", "condition", "level"])["severity"]
     for j, (study, lv) in enumerate(zip(train["study_id"], train["level"], strict=True)):
         for i, (cond, _, _) in enumerate(SLOTS):

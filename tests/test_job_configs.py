@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spine_ray.config import load, to_dict
+from spine_ray.config import load
 from spine_ray.grade import GradeStage
 from spine_ray.localize import VIEWS, LocalizeStage
 from spine_ray.pipeline import PipelineConfig
@@ -34,14 +34,14 @@ def test_config_builds_its_models_and_runs_one_batch(name):
     for view in VIEWS:
         vc = getattr(cfg.localize, view)
         vc = dataclasses.replace(vc, model=offline(vc.model))
-        job = FoldJob("localize", view, 0, cfg.folds, to_dict(vc), "", "", {})
+        job = FoldJob("localize", view, 0, cfg.folds, vc, "", "", {})
         model = LocalizeStage().build_model(job).eval()
         with torch.no_grad():
             heat = model(torch.rand(1, vc.slices, 1, vc.size, vc.size))
         assert heat.shape == (1, len(VIEWS[view][1]), vc.slices, vc.size // vc.model.out_stride, vc.size // vc.model.out_stride)
     for member in cfg.grade:
         member = dataclasses.replace(member, model=offline(member.model))
-        model = GradeStage().build_model(FoldJob("grade", member.name, 0, cfg.folds, to_dict(member), "", "", {})).eval()
+        model = GradeStage().build_model(FoldJob("grade", member.name, 0, cfg.folds, member, "", "", {})).eval()
         t, s = len(member.slots), 2 * member.k + 1
         with torch.no_grad():
             out = model(

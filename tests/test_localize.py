@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from spine_ray.config import to_dict
 from spine_ray.crops import to_native
 from spine_ray.heatmap import gaussian_heatmap, scale_coords
 from spine_ray.localize import (
@@ -27,7 +26,7 @@ TINY = ViewConfig(model=LocalizerConfig(backbone="resnet10t", hidden=16, out_str
 
 
 def _job(prepared, run_dir, view: str, cfg: ViewConfig = TINY, inputs=None) -> FoldJob:
-    return FoldJob("localize", view, 0, 2, to_dict(cfg), str(prepared), str(run_dir), inputs or {})
+    return FoldJob("localize", view, 0, 2, cfg, str(prepared), str(run_dir), inputs or {})
 
 
 @pytest.fixture()
@@ -79,7 +78,7 @@ def test_predicted_points_map_back_to_native_pixels_and_millimetres(prepared, ru
     val = samples(LocalizeStage(), job, "val")
     coords = [np.frombuffer(c, np.float32).reshape(5, 3) for c in val["coords"]]
     model = _PerfectLocalizer(coords, (8, 16, 16), 2)
-    points = predict_points(job, model, val)
+    points = predict_points("sag_t2", TINY, model, val, fold=0)
     assert set(points["target"]) == set(SPINAL)
     assert points["err_mm"].max() < 1.5  # DSNT on a coarse grid: sub-voxel, not exact
     assert (points["slice_err"] == 0).all()

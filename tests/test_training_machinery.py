@@ -6,9 +6,11 @@ The stage here is a small regression model on a Parquet source table: the machin
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from spine_ray.distributed import ResourcesConfig, fold_dir, is_done, read_done, run_folds
-from spine_ray.stage import FoldJob, run_fold, split_studies
+from spine_ray.stage import FoldJob, collate, run_fold, split_studies
 from spine_ray.train_loop import TrainConfig, lr_factor
 
 N_STUDIES, DIM = 40, 6
@@ -39,14 +41,20 @@ class LinearStage:
     def source(self, job):
         return job.inputs["table"]
 
+    def sample_key(self, job, split):
+        return {"inputs": ["table"]}
+
     def to_samples(self, job, split, rows):
         return rows[["study_id", "x", "y"]].reset_index(drop=True)
 
-    def collate(self, job, rows, rng, train):
-        x = np.stack(rows["x"]).astype(np.float32)
-        if train:
+    def augment(self, job, rows, rng):
+        x = np.stack(rows["x"]).astype(np.float32).reshape(-1, DIM)
+        if rng is not None:
             x = x + rng.normal(0, 0.01, x.shape).astype(np.float32)
-        return {"x": torch.from_numpy(x), "y": torch.as_tensor(np.asarray(rows["y"], dtype=np.float32))}
+        return {"x": x, "y": np.asarray(rows["y"], dtype=np.float32)}
+
+    def to_batch(self, job, arrays):
+        return {"x": torch.from_numpy(np.asarray(arrays["x"], np.float32)), "y": torch.from_numpy(np.asarray(arrays["y"], np.float32))}
 
     def build_model(self, job):
         return nn.Linear(DIM, 1)
@@ -65,7 +73,7 @@ class LinearStage:
         return loss, {"mse": float(loss.detach())}
 
     def predict(self, job, model, samples):
-        batch = self.collate(job, {c: samples[c].to_numpy() for c in samples}, None, False)
+        batch = collate(self, job, {c: samples[c].to_numpy() for c in samples}, None)
         with torch.no_grad():
             pred = model(batch["x"]).squeeze(-1).numpy()
         return pd.DataFrame({"study_id": samples["study_id"], "fold": job.fold, "pred": pred, "y": samples["y"]})
@@ -77,6 +85,7 @@ def make_run(tmp_path: Path, n_folds: int = 2) -> list[FoldJob]:
     y = x @ np.arange(1, DIM + 1) / DIM
     studies = np.arange(1000, 1000 + N_STUDIES)
     src = tmp_path / "source.parquet"
+    (tmp_path / "manifest.json").write_text('{"what": "a toy prepared output"}')  # sample caches key on it
     pd.DataFrame({"study_id": studies, "x": list(x), "y": y}).to_parquet(src)
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
@@ -123,6 +132,12 @@ def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
     stamps = [read_done(j)["finished"] for j in jobs]
     run_folds(LinearStage(), jobs, ResourcesConfig())
     assert [read_done(j)["finished"] for j in jobs] == stamps
+    # The same seed in a fresh run directory gives the same out-of-fold table, bit for bit:
+    # streamed, augmented batches come in the same order with the same augmentation.
+    again = [dataclasses.replace(j, run_dir=str(tmp_path / "again")) for j in jobs]
+    Path(again[0].run_dir).mkdir()
+    shutil.copy(Path(jobs[0].run_dir, "folds.parquet"), Path(again[0].run_dir, "folds.parquet"))
+    pd.testing.assert_frame_equal(pd.concat(run_folds(LinearStage(), again, ResourcesConfig())), oof)
     # Both folds ran at the same time on the 2 CPUs: their training overlapped.
     assert Path(fold_dir(jobs[0]), "model.pt").exists()
     # Every epoch reached Tune with the worker's own timing of its training and of its report.
@@ -158,7 +173,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path
     killed = []
 
     def killer():
-        deadline = time.time() + 120
+        deadline = time.time() + 900  # a loaded 2-core machine can take minutes to the first checkpoint
         while time.time() < deadline and not killed:
             # Kill once the controller has registered a checkpoint (its snapshot lists one).
             snaps = list(Path(jobs[0].run_dir, "ray", "train").rglob("checkpoint_manager_snapshot.json"))
