@@ -24,12 +24,6 @@ def normalise_intensity(x: np.ndarray, p01: float, p99: float) -> np.ndarray:
     return np.clip((np.asarray(x, dtype=np.float32) - p01) * scale, 0.0, 1.0).astype(np.float32)
 
 
-def intensity_window(volume: np.ndarray) -> tuple[float, float]:
-    """The (p01, p99) window of a whole stack, for `normalise_intensity`."""
-    lo, hi = np.percentile(np.asarray(volume, dtype=np.float32), [1.0, 99.0])
-    return float(lo), float(hi)
-
-
 def _bilinear(
     image: np.ndarray, rows: np.ndarray, cols: np.ndarray, window: tuple[float, float] | None
 ) -> np.ndarray:
@@ -130,32 +124,6 @@ def stack_slices(n_slices: int, centre: float, k: int = 2) -> tuple[np.ndarray, 
     return idx, (idx >= 0) & (idx < n_slices)
 
 
-def crop_to_native(
-    points: np.ndarray,
-    centre: Sequence[float],
-    spacing: Sequence[float],
-    size_mm: float | Sequence[float] = 40.0,
-    out_px: int | Sequence[int] = 64,
-    angle: float = 0.0,
-) -> np.ndarray:
-    """Map (row, col) positions in a crop's pixels [..., 2] back to native pixels (crop_stack's grid)."""
-    a, b = crop_affine(centre, spacing, size_mm, out_px, angle)
-    return np.asarray(points, dtype=np.float64) @ a.T + b
-
-
-def native_to_crop(
-    points: np.ndarray,
-    centre: Sequence[float],
-    spacing: Sequence[float],
-    size_mm: float | Sequence[float] = 40.0,
-    out_px: int | Sequence[int] = 64,
-    angle: float = 0.0,
-) -> np.ndarray:
-    """Map native (row, col) [..., 2] into a crop's pixel grid (e.g. to place a second point)."""
-    a, b = crop_affine(centre, spacing, size_mm, out_px, angle)
-    return (np.asarray(points, dtype=np.float64) - b) @ np.linalg.inv(a).T
-
-
 def resample_volume(volume: np.ndarray, out_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Trilinear resize [S, H, W] → out_shape (float32) and the per-axis scale out/in.
 
@@ -183,12 +151,9 @@ def to_native(points: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "normalise_intensity",
-    "intensity_window",
     "crop_affine",
     "crop_stack",
     "stack_slices",
-    "crop_to_native",
-    "native_to_crop",
     "resample_volume",
     "to_resampled",
     "to_native",

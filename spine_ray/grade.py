@@ -292,7 +292,7 @@ def flip_sample(x: np.ndarray, views: np.ndarray, conditions: list[str], *per_ta
 
 
 def _slot_permutation(conditions: list[str]) -> np.ndarray:
-    """`transforms.mirror_permutation` for slot lists that may repeat the (unmirrored) spinal condition."""
+    """Slot i → the slot of its mirrored condition; a self-mirrored (spinal) slot, even repeated, stays put."""
     return np.asarray([i if mirror_name(c) == c else conditions.index(mirror_name(c)) for i, c in enumerate(conditions)], np.int64)
 
 

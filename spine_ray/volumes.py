@@ -106,20 +106,6 @@ def load_volume(row: dict[str, Any] | pd.Series) -> tuple[np.ndarray, dict[str, 
     return vol, meta
 
 
-def load_stack(row: dict[str, Any] | pd.Series) -> Stack:
-    """A volumes-table row → a `Stack` (for `geometry.project_to_stacks` and friends)."""
-    vol, m = load_volume(row)
-    return Stack(
-        volume=vol,
-        instance_numbers=m["instance_numbers"],
-        positions=m["positions"],
-        orientation=m["orientation"],
-        pixel_spacing=m["pixel_spacing"],
-        slice_spacing=float(m["slice_spacing"]),
-        affine=m["affine"],
-    )
-
-
 def read_manifest(out: str) -> dict[str, Any]:
     """The manifest of a finished prepare output; raises IncompleteOutput if there is none."""
     url = join(out, MANIFEST)

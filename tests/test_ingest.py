@@ -16,7 +16,6 @@ from spine_ray.testing import truncate, write_non_image, write_study_tree
 from spine_ray.volumes import (
     VOLUME_SCHEMA,
     IncompleteOutput,
-    load_stack,
     load_volume,
     read_manifest,
     read_table,
@@ -145,8 +144,7 @@ def test_labels_with_points(prepared):
         v = vols.query(f"series_id == {c.series_id} and stack == {row['stack']}").iloc[0]
         assert list(v["instance_numbers"])[row["slice"]] == c.instance_number
         # And back: the voxel the affine maps to that point is (slice, row, col).
-        stack = load_stack(v)
-        kij = geometry.patient_to_voxel(stack.affine, xyz)
+        kij = geometry.patient_to_voxel(load_volume(v)[1]["affine"], xyz)
         np.testing.assert_allclose(kij, [row["slice"], c.y, c.x], atol=1e-3)
     assert labels["stack"].notna().sum() == 2
     # The axial point lies in the second (lower) oblique block.

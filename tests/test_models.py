@@ -10,7 +10,7 @@ import timm
 import torch
 
 from spine_ray.config import ConfigError, from_dict, to_dict
-from spine_ray.crops import crop_stack, intensity_window, resample_volume, stack_slices, to_native
+from spine_ray.crops import crop_stack, resample_volume, stack_slices, to_native
 from spine_ray.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.losses import grader_loss, severity_loss, slice_loss
 from spine_ray.models import Grader, GraderConfig, Localizer, LocalizerConfig
@@ -302,7 +302,7 @@ def test_the_two_stages_fit_together():
     rng = np.random.default_rng(0)
     native = rng.normal(500, 100, size=(15, 96, 80)).astype(np.float32)  # a sagittal T2 series
     spacing = (0.6, 0.7)
-    window = intensity_window(native)
+    window = tuple(float(v) for v in np.percentile(native, [1.0, 99.0]))  # as ingest's intensity_p01/p99
     vol, scale = resample_volume(native, (8, 64, 64))
     loc = Localizer(LocalizerConfig(backbone="test_resnet", n_points=5, hidden=8)).eval()
     with torch.no_grad():

@@ -10,7 +10,8 @@ heatmap logit volume per point over (slice, row, col). Train it with
 - axial T2: n_points=2 (left, right subarticular) on the few slices around the axial slice that
   stage 1 finds geometrically from the sagittal spinal point — the same network on S = 5.
 
-`POINT_NAMES[series_description]` names the heatmap channels in that order.
+`spine_ray.localize.VIEWS[view]` gives each view's series description and names its heatmap
+channels in that order.
 
 Heatmap voxel (s, i, j) is centred on input voxel (s, (i + 0.5)·stride − 0.5, …): map with
 `spine_ray.heatmap.scale_coords(coords, model.stride)`.
@@ -25,15 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spine_ray.models.backbone import check_weights, create_backbone, input_stats
-from spine_ray.schema import AXIAL_T2, CONDITIONS, LEVELS, SAGITTAL_T1, SAGITTAL_T2
-
-# Heatmap channel → what it marks: a LABEL_COLUMNS name on sagittal series, a condition on an
-# axial stack (the level is the stack's). Left/right names pair up under transforms.mirror_name.
-POINT_NAMES: dict[str, tuple[str, ...]] = {
-    SAGITTAL_T2: tuple(f"{CONDITIONS[0]}_{lv}" for lv in LEVELS),
-    SAGITTAL_T1: tuple(f"{c}_{lv}" for c in CONDITIONS[1:3] for lv in LEVELS),
-    AXIAL_T2: CONDITIONS[3:5],
-}
 
 
 @dataclass(frozen=True)
@@ -145,4 +137,4 @@ class Localizer(nn.Module):
         return self.head(self.dropout(y))  # [B, P, S, h', w']
 
 
-__all__ = ["POINT_NAMES", "Localizer", "LocalizerConfig"]
+__all__ = ["Localizer", "LocalizerConfig"]
