@@ -79,7 +79,7 @@ def prepare_cmd(
     split: str = typer.Option("train", "--split", help="train or test."),
     workers: int = typer.Option(None, "--workers", help="Concurrent decode tasks (default: all CPUs)."),
     shard_mb: float = typer.Option(128.0, "--shard-mb", help="Target pixels per Parquet shard, MB (before compression)."),
-    codec: str = typer.Option("none", "--codec", help="Compression of the pixel column: none (fastest), lz4, snappy or zstd (half the size, ~2x the CPU)."),
+    codec: str = typer.Option("none", "--codec", help="Compression of the pixel column: none (fastest), lz4, snappy or zstd (half the size, ~1.6x the CPU)."),
     codec_level: int = typer.Option(None, "--codec-level", help="zstd level (1 when omitted; negative levels are faster)."),
 ) -> None:
     """Decode every DICOM series into Parquet volumes, labels and an errors table (resumable)."""

@@ -79,8 +79,8 @@ def _leaves(path: str, t: pa.DataType) -> list[str]:
 class VolumeCodec:
     """Parquet compression of the volumes' pixel column (the metadata columns are always zstd).
 
-    Default "none": compressing costs more CPU per image than decoding its RLE (docs/BENCHMARKS.md,
-    Ingest); zstd level 1 halves the shards for ~2x the CPU of the whole decode.
+    Default "none": every codec costs more CPU per image than decoding its RLE (docs/BENCHMARKS.md,
+    Ingest); zstd level 1 halves the shards for ~1.6x the CPU of decoding and writing without it.
     """
 
     name: str = "none"
