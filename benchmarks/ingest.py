@@ -1,17 +1,22 @@
-"""Ingest benchmark: the public-notebook DICOM loop vs `prepare` (1 and 2 workers), at two dataset sizes.
+"""Ingest benchmark: the public-notebook DICOM loop vs `prepare`'s decode, its Parquet codecs and 1 vs 2 workers.
 
     PYTHONPATH=. python benchmarks/ingest.py --root /tmp/spine-ray-bench --studies 6 18
 
 Generates (once, cached under --root) synthetic RLE Lossless studies of realistic size with
 `spine_ray.testing.write_study`, then on each size, in one run:
-- naive: `pydicom.dcmread(f)` per file, sort by InstanceNumber, `np.stack(pixel_array)`, `np.save`;
-- decode_only / decode_write: prepare's decode path in this process without Ray, without and with
-  its zstd Parquet write (where the time goes);
-- prepare with 1 and with 2 workers on one local Ray (num_cpus=2, started and warmed up on the
-  small set before timing), output to a fresh folder each time.
-Reports wall time, CPU seconds of the whole process tree (Ray's processes included; robust to other
-load on a shared machine), images/s, images per CPU-second, input MB/s and the peak RSS of the
-driver and of the largest Ray worker (sampled every 50 ms), which must not grow with the number of studies.
+- naive (the baseline): `pydicom.dcmread(f)` per file, sort by InstanceNumber,
+  `np.stack(pixel_array)`, `np.save`; naive_pydicom_rle: the same with pydicom's own RLE decoder;
+- floor: read each file, `pydicom.dcmread`, decode its RLE frame with pylibjpeg-rle, nothing else
+  (the work no ingest can skip);
+- decode_only: prepare's decode path in this process without Ray and without writing;
+- write_{codec}: the same plus its Parquet shards with the pixel column in that codec (none is the
+  default), and the size ratio pixels / shards;
+- prepare_1w / prepare_2w: `prepare` with 1 and 2 workers on one local Ray (num_cpus=2), started
+  after the in-process runs and warmed up on the small set before timing.
+Every run is repeated `--repeats` times, interleaved, and the fastest is kept (other load on a
+shared machine only ever adds time). CPU seconds are those of the whole process tree (Ray's
+processes included). Also reports images/s, images per CPU-second, the ratio to naive per
+CPU-second, input MB/s and the peak RSS of the driver and of the largest Ray worker.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import threading
@@ -27,9 +33,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
+from rle.utils import decode_frame
 
 from spine_ray.dicom import decode_series
-from spine_ray.ingest import decode_group, make_plan, prepare
+from spine_ray.ingest import VolumeCodec, decode_group, make_plan, prepare
 from spine_ray.schema import read_series
 from spine_ray.testing import write_series_csv, write_study
 
@@ -149,9 +157,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def tree_cpu() -> float:
-    """CPU seconds used so far by this process and all its live descendants (Ray's included)."""
+    """CPU seconds used so far by this process, its live descendants (Ray's included) and its reaped children."""
     me = os.getpid()
-    return _cpu_seconds(me) + sum(_cpu_seconds(p) for p, _ in _descendants(me))
+    reaped = os.times().children_user + os.times().children_system
+    return _cpu_seconds(me) + reaped + sum(_cpu_seconds(p) for p, _ in _descendants(me))
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
@@ -163,16 +172,67 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
     return wall, cpu, peak
 
 
-def decode_only(data: str, out: str, write: bool) -> None:
-    """The decode path of `prepare` in this process, no Ray: every group, with or without its Parquet write."""
+def _floor_files(files: list[str]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            ds = pydicom.dcmread(fh)
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        decode_frame(frame, ds.Rows * ds.Columns, ds.BitsAllocated, "<")
+
+
+def floor(data: str, procs: int = 1) -> None:
+    """Read, parse and RLE-decode every file, nothing more: what any ingest of this data must spend.
+
+    procs=2: the files split over two forked processes, no Ray: the most two workers can gain here.
+    """
+    files = sorted(glob.glob(os.path.join(data, "train_images", "*", "*", "*.dcm")))
+    if procs == 1:
+        _floor_files(files)
+        return
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        pool.map(_floor_files, [files[i::procs] for i in range(procs)])
+
+
+def decode_only(data: str, out: str, codec: VolumeCodec | None) -> None:
+    """The decode path of `prepare` in this process, no Ray: every group, with its Parquet write unless codec is None."""
     shutil.rmtree(out, ignore_errors=True)
     plan = make_plan(data, "train", 16.0)
     for g in plan["groups"]:
-        if write:
-            decode_group(g, data, out)
+        if codec is not None:
+            decode_group(g, data, out, codec)
         else:
             for s in g["series"]:
                 decode_series([(f, open(f, "rb").read()) for f in s["files"]])
+
+
+def shard_bytes(out: str) -> int:
+    """Bytes of the volumes shards under out."""
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(out, "volumes", "*.parquet")))
+
+
+CODECS = {
+    "none": VolumeCodec("none"),
+    "lz4": VolumeCodec("lz4"),
+    "snappy": VolumeCodec("snappy"),
+    "zstd-3": VolumeCodec("zstd", -3),
+    "zstd1": VolumeCodec("zstd", 1),
+    "zstd3": VolumeCodec("zstd", 3),
+}
+
+
+def measure(runs: dict[str, Callable[[], object]], repeats: int, images: int) -> dict[str, dict[str, float]]:
+    """Each run `repeats` times, interleaved; per run the fastest wall and CPU and the largest RSS."""
+    out: dict[str, dict[str, float]] = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            wall, cpu, peak = timed(fn)
+            m = out.setdefault(name, {"wall_s": wall, "cpu_s": cpu, "driver_rss_mb": 0.0, "worker_rss_mb": 0.0})
+            m["wall_s"], m["cpu_s"] = min(m["wall_s"], wall), min(m["cpu_s"], cpu)
+            m["driver_rss_mb"] = max(m["driver_rss_mb"], peak.driver / 1e6)
+            m["worker_rss_mb"] = max(m["worker_rss_mb"], peak.worker / 1e6)
+    for m in out.values():
+        m["img_per_s"], m["img_per_cpu_s"] = images / m["wall_s"], images / m["cpu_s"]
+    return out
 
 
 def main() -> None:
@@ -181,6 +241,7 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/spine-ray-bench")
     ap.add_argument("--studies", type=int, nargs=2, default=[6, 18])
     ap.add_argument("--shard-mb", type=float, default=16.0)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -191,54 +252,74 @@ def main() -> None:
     # machine that alone would tilt wall times against prepare, so both run at the same priority.
     os.environ.setdefault("RAY_worker_niceness", "0")
     sets = {n: make_dataset(args.root, n) for n in args.studies}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    load0 = os.getloadavg()
+    results = []
+    for n, data in sets.items():  # in-process runs first, before Ray's processes exist
+        images, dicom_bytes, pixel_bytes = dataset_stats(data)
+        rec: dict = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
+        scratch = os.path.join(args.root, f"scratch-{n}")
+        runs: dict[str, Callable[[], object]] = {
+            "naive": lambda d=data, o=scratch: naive(d, o),
+            "naive_pydicom_rle": lambda d=data, o=scratch: naive(d, o, plugin="pydicom"),
+            "floor": lambda d=data: floor(d),
+            "floor_2proc": lambda d=data: floor(d, procs=2),
+            "decode_only": lambda d=data, o=scratch: decode_only(d, o, None),
+        }
+        for name, codec in CODECS.items():
+            runs[f"write_{name}"] = lambda d=data, c=codec, o=os.path.join(args.root, f"w-{n}-{name}"): decode_only(d, o, c)
+        rec["runs"] = measure(runs, args.repeats, images)
+        for name in CODECS:
+            rec["runs"][f"write_{name}"]["size_ratio"] = pixel_bytes / shard_bytes(os.path.join(args.root, f"w-{n}-{name}"))
+        results.append(rec)
+
+    if args.json:  # the in-process figures survive a Ray that cannot start
+        with open(args.json, "w") as f:
+            json.dump({"load_start": load0, "results": results}, f, indent=2)
+    for attempt in range(3):  # on a heavily loaded machine the raylet can miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
     small = sets[min(args.studies)]
     for w in (1, 2):  # start and import into Ray's workers before timing anything
         shutil.rmtree(os.path.join(args.root, "warmup"), ignore_errors=True)
         prepare(small, os.path.join(args.root, "warmup"), "train", workers=w, shard_mb=args.shard_mb)
-
-    results = []
-    for n, data in sets.items():
-        images, dicom_bytes, pixel_bytes = dataset_stats(data)
-        rec: dict = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
-        scratch = os.path.join(args.root, f"scratch-{n}")
-        runs = {
-            "naive": lambda d=data, o=scratch: naive(d, o),
-            "naive_pydicom_rle": lambda d=data, o=scratch: naive(d, o, plugin="pydicom"),
-            "decode_only": lambda d=data, o=scratch: decode_only(d, o, write=False),
-            "decode_write": lambda d=data, o=scratch: decode_only(d, o, write=True),
-        }
+    for rec, (n, data) in zip(results, sets.items(), strict=True):
+        runs = {}
         for w in (1, 2):
             out = os.path.join(args.root, f"out-{n}-w{w}")
             runs[f"prepare_{w}w"] = lambda d=data, o=out, w=w: (
                 shutil.rmtree(o, ignore_errors=True),
                 prepare(d, o, "train", workers=w, shard_mb=args.shard_mb),
             )
-        for name, fn in runs.items():
-            wall, cpu, peak = timed(fn)
-            rec[name] = {"wall_s": wall, "cpu_s": cpu, "img_per_s": images / wall, "img_per_cpu_s": images / cpu,
-                         "driver_rss_mb": peak.driver / 1e6, "worker_rss_mb": peak.worker / 1e6}
-        results.append(rec)
+        rec["runs"] |= measure(runs, args.repeats, rec["images"])
+    ray.shutdown()
 
     load = os.getloadavg()
-    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores\n")
-    print("| studies | images | DICOM MB | run | wall s | images/s | CPU s | images per CPU-s | input MB/s | peak RSS MB (driver / largest Ray worker) |")
-    print("|" + "---|" * 10)
+    print(f"load average at the start {load0[0]:.1f}, at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores\n")
+    print("| studies | images | run | wall s | images/s | CPU s | images per CPU-s | vs naive per CPU-s | pixels / shard bytes | input MB/s | peak RSS MB (driver / largest Ray worker) |")
+    print("|" + "---|" * 11)
     for r in results:
-        for name in ("naive", "naive_pydicom_rle", "decode_only", "decode_write", "prepare_1w", "prepare_2w"):
-            m = r[name]
-            print(f"| {r['studies']} | {r['images']} | {r['dicom_mb']:.0f} | {name} | {m['wall_s']:.2f} | {m['img_per_s']:.0f} | "
-                  f"{m['cpu_s']:.2f} | {m['img_per_cpu_s']:.0f} | {r['dicom_mb'] / m['wall_s']:.1f} | "
-                  f"{m['driver_rss_mb']:.0f} / {m['worker_rss_mb']:.0f} |")
+        base = r["runs"]["naive"]["img_per_cpu_s"]
+        for name, m in r["runs"].items():
+            size = f"{m['size_ratio']:.2f}" if "size_ratio" in m else ""
+            rss = f"{m['driver_rss_mb']:.0f} / {m['worker_rss_mb']:.0f}" if name.startswith("prepare") else f"{m['driver_rss_mb']:.0f} / –"
+            print(f"| {r['studies']} | {r['images']} | {name} | {m['wall_s']:.2f} | {m['img_per_s']:.0f} | {m['cpu_s']:.2f} | "
+                  f"{m['img_per_cpu_s']:.0f} | {m['img_per_cpu_s'] / base:.2f}x | {size} | {r['dicom_mb'] / m['wall_s']:.1f} | {rss} |")
     print()
     for r in results:
-        print(f"{r['studies']} studies: prepare 1w vs naive per CPU-s {r['prepare_1w']['img_per_cpu_s'] / r['naive']['img_per_cpu_s']:.2f}x, "
-              f"vs naive with pydicom's RLE {r['prepare_1w']['img_per_cpu_s'] / r['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; "
-              f"2w/1w wall {r['prepare_1w']['wall_s'] / r['prepare_2w']['wall_s']:.2f}x")
+        m = r["runs"]
+        print(f"{r['studies']} studies: prepare 1w vs naive per CPU-s {m['prepare_1w']['img_per_cpu_s'] / m['naive']['img_per_cpu_s']:.2f}x "
+              f"(floor {m['floor']['img_per_cpu_s'] / m['naive']['img_per_cpu_s']:.2f}x), "
+              f"vs naive with pydicom's RLE {m['prepare_1w']['img_per_cpu_s'] / m['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; "
+              f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x "
+              f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    ray.shutdown()
+            json.dump({"load_start": load0, "load_end": load, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

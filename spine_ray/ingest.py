@@ -20,7 +20,6 @@ import logging
 import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -34,11 +33,11 @@ import pyarrow.parquet as pq
 from spine_ray import dicom, geometry
 from spine_ray.schema import SchemaError, labels_long, read_coordinates, read_labels, read_series
 from spine_ray.storage import (
-    atomic_write_bytes,
+    atomic_write_parquet,
+    atomic_write_parquet_stream,
     atomic_write_text,
     exists,
     fs_for,
-    is_local,
     join,
     listdir,
     read_text,
@@ -63,21 +62,53 @@ PROGRESS_DIR = "_progress"
 PLAN_FILE = "plan.json"
 # RLE Lossless MR slices are ~2x smaller than their pixels; used only to size groups.
 RLE_RATIO = 2.0
-# zstd level 1 compresses MR pixels ~2x at ~200-350 MB/s a core; level 3 gains 2% for half the speed.
-ZSTD_LEVEL = 1
-# Dictionary encoding and min/max statistics of multi-megabyte pixel blobs are pure cost.
-PARQUET_OPTIONS = {
-    "compression": "zstd",
-    "compression_level": ZSTD_LEVEL,
-    "use_dictionary": [c for c in VOLUME_SCHEMA.names if c != "volume"],
-    "write_statistics": [c for c in VOLUME_SCHEMA.names if c != "volume"],
-}
+CODECS = ("none", "lz4", "snappy", "zstd")
 # Object-store settings the decode tasks need; passed on so workers of an already-running local
 # Ray see the same endpoint and credentials as the driver.
 STORAGE_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 )
+
+
+def _leaves(path: str, t: pa.DataType) -> list[str]:
+    return _leaves(f"{path}.list.element", t.value_type) if pa.types.is_list(t) else [path]
+
+
+@dataclass(frozen=True)
+class VolumeCodec:
+    """Parquet compression of the volumes' pixel column (the metadata columns are always zstd).
+
+    Default "none": every codec costs more CPU per image than decoding its RLE (docs/BENCHMARKS.md,
+    Ingest); zstd level 1 halves the shards for ~1.6x the CPU of decoding and writing without it.
+    """
+
+    name: str = "none"
+    level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if self.level is not None and self.name != "zstd":
+            raise ValueError(f"a codec level applies to zstd only, not {self.name!r}")
+
+    def parquet_options(self) -> dict[str, Any]:
+        """Keyword arguments for `pq.ParquetWriter` with `VOLUME_SCHEMA`."""
+        # Per-column options name Parquet leaf columns; a list column's leaf is "name.list.element".
+        meta = [leaf for f in VOLUME_SCHEMA if f.name != "volume" for leaf in _leaves(f.name, f.type)]
+        options: dict[str, Any] = {
+            "compression": {**dict.fromkeys(meta, "zstd"), "volume": self.name},
+            # Dictionary encoding and min/max statistics of multi-megabyte pixel blobs are pure cost.
+            "use_dictionary": meta,
+            "write_statistics": meta,
+        }
+        if self.level is not None:
+            options["compression_level"] = {"volume": self.level}
+        return options
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for the manifest)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -171,31 +202,6 @@ def make_plan(data_dir: str, split: str, shard_mb: float) -> dict[str, Any]:
     }
 
 
-def _write_parquet_atomic(url: str, tables: Callable[[], Iterator[pa.Table]]) -> int:
-    """Stream Arrow tables from `tables()` into one Parquet file that appears only when complete."""
-    fs, path = fs_for(url)
-    n_bytes = 0
-    if is_local(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with pq.ParquetWriter(tmp, VOLUME_SCHEMA, **PARQUET_OPTIONS) as w:
-                for t in tables():
-                    w.write_table(t)
-            n_bytes = os.path.getsize(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return n_bytes
-    # Object stores: a multipart upload becomes visible only when the writer closes successfully.
-    with fs.open(path, "wb") as f:
-        with pq.ParquetWriter(f, VOLUME_SCHEMA, **PARQUET_OPTIONS) as w:
-            for t in tables():
-                w.write_table(t)
-    return int(fs.info(path)["size"])
-
-
 def _fetch(fs: Any, paths: list[str]) -> list[tuple[str, bytes | Exception]]:
     if len(paths) == 0:
         return []
@@ -224,7 +230,7 @@ def decode_one_series(
     return rows, errors
 
 
-def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, int]:
+def decode_group(group: dict[str, Any], data_dir: str, out: str, codec: VolumeCodec = VolumeCodec()) -> dict[str, int]:
     """Decode one group of series and write its shard, errors and done marker; returns counts."""
     fs, _ = fs_for(data_dir)
     errors: list[dict[str, Any]] = []
@@ -241,12 +247,12 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str) -> dict[str, in
                 yield rows_to_table(rows)
 
     shard = join(out, VOLUMES_DIR, f"part-{group['key']}.parquet")
-    counts["bytes"] = _write_parquet_atomic(shard, tables)
+    counts["bytes"] = atomic_write_parquet_stream(shard, VOLUME_SCHEMA, tables(), **codec.parquet_options())
     if counts["stacks"] == 0:  # an empty shard is noise; leave none
         remove(shard)
         counts["bytes"] = 0
     counts["errors"] = len(errors)
-    atomic_write_bytes(join(out, PROGRESS_DIR, f"errors-{group['key']}.parquet"), _errors_bytes(errors))
+    atomic_write_parquet(join(out, PROGRESS_DIR, f"errors-{group['key']}.parquet"), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
     atomic_write_text(join(out, PROGRESS_DIR, f"done-{group['key']}.json"), json.dumps(counts))
     return counts
 
@@ -276,20 +282,16 @@ def decode_study(
     return rows_to_table(rows).to_pandas(), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA).to_pandas()
 
 
-def _errors_bytes(rows: list[dict[str, Any]]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), sink)
-    return sink.getvalue().to_pybytes()
-
-
-def _decode_batch(batch: dict[str, np.ndarray], data_dir: str, out: str) -> dict[str, np.ndarray]:
+def _decode_batch(batch: dict[str, np.ndarray], data_dir: str, out: str, codec: VolumeCodec) -> dict[str, np.ndarray]:
     """Ray Data UDF: one row = one group (its JSON); returns its counts."""
-    results = [decode_group(json.loads(g), data_dir, out) for g in batch["group"]]
+    results = [decode_group(json.loads(g), data_dir, out, codec) for g in batch["group"]]
     keys = ("series", "series_decoded", "stacks", "images", "errors", "bytes")
     return {"key": batch["key"], **{k: np.array([r[k] for r in results], dtype=np.int64) for k in keys}}
 
 
-def _run_ray(todo: list[dict[str, Any]], data_dir: str, out: str, workers: int, on_done: Callable[[int], None]) -> None:
+def _run_ray(
+    todo: list[dict[str, Any]], data_dir: str, out: str, workers: int, codec: VolumeCodec, on_done: Callable[[int], None]
+) -> None:
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -305,7 +307,7 @@ def _run_ray(todo: list[dict[str, Any]], data_dir: str, out: str, workers: int, 
     items = [{"key": g["key"], "group": json.dumps(g)} for g in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _decode_batch,
-        fn_kwargs={"data_dir": data_dir, "out": out},
+        fn_kwargs={"data_dir": data_dir, "out": out, "codec": codec},
         batch_size=1,
         batch_format="numpy",
         num_cpus=1,
@@ -380,9 +382,7 @@ def finalise(plan: dict[str, Any], data_dir: str, out: str, config: dict[str, An
         fs, path = fs_for(join(out, PROGRESS_DIR, f"errors-{g['key']}.parquet"))
         error_tables.append(pq.read_table(path, filesystem=fs, schema=ERROR_SCHEMA))
     errors = pa.concat_tables(error_tables).to_pandas().sort_values(["study_id", "series_id", "path"], kind="stable")
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(errors, schema=ERROR_SCHEMA, preserve_index=False), sink)
-    atomic_write_bytes(join(out, ERRORS_FILE), sink.getvalue().to_pybytes())
+    atomic_write_parquet(join(out, ERRORS_FILE), pa.Table.from_pandas(errors, schema=ERROR_SCHEMA, preserve_index=False))
 
     shards = sorted(n for n in listdir(join(out, VOLUMES_DIR)) if n.startswith("part-") and n.endswith(".parquet"))
     expected = {f"part-{k}.parquet" for k, c in done.items() if c["stacks"] > 0}
@@ -398,10 +398,7 @@ def finalise(plan: dict[str, Any], data_dir: str, out: str, config: dict[str, An
             meta = pq.ParquetDataset([f"{vpath}/{s}" for s in shards], filesystem=fs, schema=VOLUME_SCHEMA).read(columns=meta_cols).to_pandas()
         else:
             meta = pd.DataFrame(columns=meta_cols)
-        table = build_labels(read_labels(labels_url), coords, meta)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), sink)
-        atomic_write_bytes(join(out, LABELS_FILE), sink.getvalue().to_pybytes())
+        atomic_write_parquet(join(out, LABELS_FILE), build_labels(read_labels(labels_url), coords, meta))
         labels_file = LABELS_FILE
 
     summary = Summary(
@@ -437,6 +434,7 @@ def prepare(
     workers: int | None = None,
     shard_mb: float = 128.0,
     on_progress: Callable[[int, int], None] | None = None,
+    codec: VolumeCodec = VolumeCodec(),
 ) -> Summary:
     """Decode every series of `data_dir` (`split`) into `out`; resumes an interrupted run. Returns counts."""
     if split not in ("train", "test"):
@@ -459,7 +457,7 @@ def prepare(
     if on_progress:
         on_progress(progress[0], total)
     if todo:
-        _run_ray(todo, data_dir, out, workers, on_done)
+        _run_ray(todo, data_dir, out, workers, codec, on_done)
     config = {"workers": workers, "shard_mb": plan["shard_mb"], "angle_tol_deg": dicom.ANGLE_TOL_DEG,
-              "gap_factor": dicom.GAP_FACTOR, "zstd_level": ZSTD_LEVEL, "resumed_groups": len(plan["groups"]) - len(todo)}
+              "gap_factor": dicom.GAP_FACTOR, "codec": codec.as_dict(), "resumed_groups": len(plan["groups"]) - len(todo)}
     return finalise(plan, data_dir, out, config, time.perf_counter() - start)

@@ -13,14 +13,15 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,11 +140,45 @@ def read_parquet(url: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(read_bytes(url)))
 
 
-def atomic_write_parquet(url: str, df: pd.DataFrame) -> None:
-    """Atomically write a table as Parquet (no index)."""
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(url, buf.getvalue())
+def atomic_write_parquet(url: str, table: pd.DataFrame | pa.Table, compression: str = "snappy") -> None:
+    """Atomically write a DataFrame (no index) or an Arrow table (its schema kept) as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    atomic_write_bytes(url, sink.getvalue().to_pybytes())
+
+
+def atomic_write_parquet_stream(url: str, schema: pa.Schema, tables: Iterable[pa.Table], **options: Any) -> int:
+    """Stream Arrow tables into one Parquet file that appears only when complete; returns its size in bytes.
+
+    For outputs too large to hold as one buffer (the volumes shards); `options` go to `pq.ParquetWriter`.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = fs_for(url)
+    if is_local(url):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with pq.ParquetWriter(tmp, schema, **options) as w:
+                for t in tables:
+                    w.write_table(t)
+            size = os.path.getsize(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return size
+    # Object stores: a multipart upload becomes visible only when the writer closes successfully.
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:
+        for t in tables:
+            w.write_table(t)
+    return int(with_retries(lambda: fs.info(path)["size"], f"size of {url}"))
 
 
 def remove(url: str, recursive: bool = False) -> None:

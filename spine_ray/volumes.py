@@ -45,6 +45,7 @@ VOLUME_SCHEMA = pa.schema(
     ]
 )
 META_COLUMNS: tuple[str, ...] = tuple(n for n in VOLUME_SCHEMA.names if n != "volume")
+_META_SCHEMA = pa.schema([VOLUME_SCHEMA.field(n) for n in META_COLUMNS])
 
 ERROR_SCHEMA = pa.schema(
     [("study_id", pa.int64()), ("series_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())]
@@ -75,7 +76,7 @@ def stack_row(study_id: int, series_id: int, description: str, index: int, s: St
         "n_slices": int(s.volume.shape[0]),
         "rows": s.rows,
         "cols": s.cols,
-        "volume": np.ascontiguousarray(s.volume).tobytes(),
+        "volume": np.ascontiguousarray(s.volume),  # rows_to_table wraps this memory; tobytes() would copy it
         "dtype": s.volume.dtype.name,
         "instance_numbers": [int(v) for v in s.instance_numbers],
         "positions": np.asarray(s.positions, dtype=np.float64).tolist(),
@@ -88,9 +89,22 @@ def stack_row(study_id: int, series_id: int, description: str, index: int, s: St
     }
 
 
+def _binary(volume: bytes | np.ndarray) -> pa.Array:
+    """One large_binary value over the memory of `volume` (bytes or a C-contiguous array), not a copy of it."""
+    data = pa.py_buffer(volume)
+    offsets = pa.py_buffer(np.array([0, data.size], dtype=np.int64))
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])
+
+
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Volumes-table rows → an Arrow table with the declared schema."""
-    return pa.Table.from_pylist(rows, schema=VOLUME_SCHEMA)
+    """Volumes-table rows → an Arrow table with the declared schema.
+
+    The pixels (the whole size of the table) become one chunk per row over the row's own memory:
+    each copy of a volume costs as much CPU as the Parquet write of it.
+    """
+    meta = pa.Table.from_pylist([{k: r[k] for k in META_COLUMNS} for r in rows], schema=_META_SCHEMA)
+    volume = pa.chunked_array([_binary(r["volume"]) for r in rows], type=pa.large_binary())
+    return meta.add_column(VOLUME_SCHEMA.get_field_index("volume"), VOLUME_SCHEMA.field("volume"), volume)
 
 
 def load_volume(row: dict[str, Any] | pd.Series) -> tuple[np.ndarray, dict[str, Any]]:

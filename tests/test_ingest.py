@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from spine_ray import dicom, geometry, ingest
@@ -87,7 +88,40 @@ def test_volumes_schema_and_plain_pandas(prepared):
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(os.path.join(out, "volumes", read_manifest(out)["files"]["volumes"][0])).metadata
-    assert meta.row_group(0).column(7).compression == "ZSTD"
+    # Pixels uncompressed by default (compressing costs more CPU than decoding), metadata zstd.
+    assert meta.row_group(0).column(7).compression == "UNCOMPRESSED"
+    assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns) if i != 7} == {"ZSTD"}
+    assert read_manifest(out)["config"]["codec"] == {"name": "none", "level": None}
+
+
+def test_a_zstd_shard_holds_the_same_volumes_smaller(prepared, tmp_path):
+    """Shards of either codec read alike: Parquet records the codec per column chunk."""
+    import pyarrow.parquet as pq
+
+    data, out, _ = prepared
+    plan = json.loads(open(os.path.join(out, "_progress", "plan.json")).read())
+    group = next(g for g in plan["groups"] if g["series"][0]["series_id"] == 1011)
+    counts = ingest.decode_group(group, data, str(tmp_path), ingest.VolumeCodec("zstd", 3))
+    name = f"part-{group['key']}.parquet"
+    packed, plain = pq.ParquetFile(tmp_path / "volumes" / name), pq.ParquetFile(os.path.join(out, "volumes", name))
+    assert packed.metadata.row_group(0).column(7).compression == "ZSTD"
+    assert packed.read().equals(plain.read())
+    assert counts["bytes"] == os.path.getsize(tmp_path / "volumes" / name) < os.path.getsize(os.path.join(out, "volumes", name))
+
+
+def test_unknown_codecs_are_refused_before_anything_is_written(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from spine_ray.cli import app
+
+    with pytest.raises(ValueError, match="codec must be one of none, lz4, snappy, zstd"):
+        ingest.VolumeCodec("brotli")
+    with pytest.raises(ValueError, match="zstd only"):
+        ingest.VolumeCodec("lz4", 3)
+    data, _, _ = prepared
+    r = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "o"), "--codec", "gzip"])
+    assert r.exit_code != 0 and "codec must be one of" in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_volumes_match_a_direct_decode(prepared):
@@ -138,7 +172,8 @@ def test_labels_with_points(prepared):
         row = labels.query(f"study_id == {c.study_id} and row_id.str.contains('{c.level.lower().replace('/', '_')}') "
                            f"and condition == '{c.condition.lower().replace(' ', '_')}'").iloc[0]
         assert (row["series_id"], row["instance_number"], row["row"], row["col"]) == (c.series_id, c.instance_number, c.y, c.x)
-        h = dicom.read_header(os.path.join(data, "train_images", str(c.study_id), str(c.series_id), f"{c.instance_number}.dcm"))
+        path = os.path.join(data, "train_images", str(c.study_id), str(c.series_id), f"{c.instance_number}.dcm")
+        h = dicom.header_from_dataset(pydicom.dcmread(path, stop_before_pixels=True), path)
         xyz = geometry.pixel_to_patient(h.position, h.orientation, h.pixel_spacing, row=c.y, col=c.x)
         np.testing.assert_allclose([row["x_mm"], row["y_mm"], row["z_mm"]], xyz, atol=1e-4)
         v = vols.query(f"series_id == {c.series_id} and stack == {row['stack']}").iloc[0]

@@ -10,6 +10,7 @@ from spine_ray.storage import (
     StorageError,
     atomic_write_bytes,
     atomic_write_parquet,
+    atomic_write_parquet_stream,
     exists,
     listdir,
     read_bytes,
@@ -42,6 +43,38 @@ def test_parquet_tables_round_trip_on_s3_without_their_index(s3_bucket):
 def test_local_atomic_write_leaves_no_temporary(tmp_path):
     atomic_write_bytes(str(tmp_path / "a" / "b.txt"), b"x")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.txt"]
+
+
+def test_arrow_tables_keep_their_schema_and_codec(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("study_id", pa.int64()), ("reason", pa.string())])
+    url = str(tmp_path / "errors.parquet")
+    atomic_write_parquet(url, pa.Table.from_pylist([], schema=schema), compression="zstd")  # empty: types from the schema
+    assert pq.read_schema(url).remove_metadata() == schema
+    assert pq.ParquetFile(url).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_streamed_parquet_appears_whole_or_not_at_all(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("x", pa.int64())])
+    url = str(tmp_path / "out" / "part.parquet")
+
+    def tables(fail: bool):
+        yield pa.table({"x": [1, 2]}, schema=schema)
+        if fail:
+            raise RuntimeError("decode failed mid-shard")
+        yield pa.table({"x": [3]}, schema=schema)
+
+    with pytest.raises(RuntimeError, match="mid-shard"):
+        atomic_write_parquet_stream(url, schema, tables(fail=True))
+    assert list((tmp_path / "out").iterdir()) == []  # no shard, no temporary
+    size = atomic_write_parquet_stream(url, schema, tables(fail=False), compression="none")
+    assert size == (tmp_path / "out" / "part.parquet").stat().st_size
+    assert pq.read_table(url)["x"].to_pylist() == [1, 2, 3]
 
 
 def test_retries_transient_errors_then_names_the_object():
