@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/ingest.py --root /tmp/spine-ray-bench --studies 6 18
 
 Generates (once, cached under --root) synthetic RLE Lossless studies of realistic size with
-`spine_ray.testing.write_study`, then on each size, in one run:
+`tests/dicomfiles.write_study`, then on each size, in one run:
 - naive (the baseline): `pydicom.dcmread(f)` per file, sort by InstanceNumber,
   `np.stack(pixel_array)`, `np.save`; naive_pydicom_rle: the same with pydicom's own RLE decoder;
 - floor: read each file, `pydicom.dcmread`, decode its RLE frame with pylibjpeg-rle, nothing else
@@ -39,7 +39,7 @@ from rle.utils import decode_frame
 from spine_ray.dicom import decode_series
 from spine_ray.ingest import VolumeCodec, decode_group, make_plan, prepare
 from spine_ray.schema import read_series
-from spine_ray.testing import write_series_csv, write_study
+from tests.dicomfiles import write_series_csv, write_study  # run from the repository root
 
 
 def make_dataset(root: str, n_studies: int, seed: int = 0) -> str:

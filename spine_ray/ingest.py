@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spine_ray import dicom, geometry
-from spine_ray.schema import SchemaError, labels_long, read_coordinates, read_labels, read_series
+from spine_ray.raycluster import init_ray
+from spine_ray.schema import (
+    SchemaError,
+    labels_long,
+    read_coordinates,
+    read_labels,
+    read_series,
+    with_target,
+)
 from spine_ray.storage import (
     atomic_write_parquet,
     atomic_write_parquet_stream,
@@ -295,11 +303,7 @@ def _run_ray(
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # a running cluster
-            ray.init(log_to_driver=False, logging_level=logging.WARNING)
-        else:  # a local one sized to the workers asked for, so a shared machine is not oversubscribed
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    init_ray(num_cpus=workers, quiet=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
@@ -364,8 +368,7 @@ def build_labels(labels: pd.DataFrame, coords: pd.DataFrame | None, meta: pd.Dat
             row |= {"stack": stack, "slice": k, "x_mm": xyz[0], "y_mm": xyz[1], "z_mm": xyz[2]}
         pts.append(row)
     points = pd.DataFrame(pts, columns=["study_id", "target", *cols])
-    long["target"] = long["condition"] + "_" + long["level"]
-    merged = long.merge(points, on=["study_id", "target"], how="left").drop(columns="target")
+    merged = with_target(long).merge(points, on=["study_id", "target"], how="left").drop(columns="target")
     for c in cols:
         merged[c] = merged[c].astype("Int64" if c in cols[:4] else "Float64")
     return merged

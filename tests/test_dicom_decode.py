@@ -7,10 +7,7 @@ import os
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
-
-from spine_ray import dicom, geometry
-from spine_ray.testing import (
+from dicomfiles import (
     axial,
     make_dataset,
     phantom,
@@ -19,6 +16,9 @@ from spine_ray.testing import (
     write_non_image,
     write_series,
 )
+from pydicom.uid import RLELossless
+
+from spine_ray import dicom, geometry
 
 H, W = 24, 32  # non-square images catch rows/columns swaps
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dicomfiles import axial, rotation, sagittal
 
 from spine_ray import geometry
-from spine_ray.testing import axial, rotation, sagittal
 
 
 def test_affine_matches_the_dicom_formula_with_non_square_pixels():

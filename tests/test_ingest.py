@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from dicomfiles import truncate, write_non_image, write_study_tree
 
 from spine_ray import dicom, geometry, ingest
 from spine_ray.schema import LABEL_COLUMNS
-from spine_ray.testing import truncate, write_non_image, write_study_tree
 from spine_ray.volumes import (
     VOLUME_SCHEMA,
     IncompleteOutput,

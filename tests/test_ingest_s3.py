@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pandas as pd
+from dicomfiles import truncate, write_study_tree
 
 from spine_ray import ingest
 from spine_ray.storage import fs_for
-from spine_ray.testing import truncate, write_study_tree
 from spine_ray.volumes import load_volume, read_manifest, read_table, read_volumes
 
 

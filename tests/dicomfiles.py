@@ -1,4 +1,4 @@
-"""Small synthetic DICOM writers for tests and benchmarks: a numpy volume + explicit geometry → files.
+"""Small DICOM writers for tests and benchmarks: a numpy volume + explicit geometry → files.
 
 Not the project's synthetic-study generator; just enough DICOM to exercise decoding, stacking and
 geometry (RLE Lossless or uncompressed, MONOCHROME1/2, signed, rescaled, oblique, shuffled).
