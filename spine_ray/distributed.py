@@ -70,7 +70,7 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker restarts per fold, each from the last checkpoint
-    max_concurrent_folds: int = 0  # 0: all folds at once (Ray queues what does not fit)
+    max_concurrent_folds: int = 0  # 0: as many as the cluster can run now (every fold, on a GPU cluster still scaling up)
     # How often Ray Train's controller collects worker reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
     # Ray's default 2 s). A worker's report blocks until the previous one is collected, so epochs
     # shorter than this are throttled to it; an explicit environment variable wins.
@@ -339,6 +339,23 @@ def storage_root(url: str) -> str:
     return fs_for(url)[1]
 
 
+def concurrent_folds(resources: ResourcesConfig, pending: int) -> int:
+    """How many folds to start at once when the config says "all": as many as the cluster can run now.
+
+    A started fold holds a Tune trial and a Ray Train controller (about 1 GB of host memory each)
+    even while it waits for a GPU or CPU, so on a fixed machine the rest wait as trials instead. A
+    cluster that has no GPU yet (an autoscaler adds them on demand) gets every fold at once.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    if resources.use_gpu:
+        fit = int(have.get("GPU", 0) // resources.num_workers)
+    else:
+        fit = int(have.get("CPU", 0) // (resources.num_workers * resources.cpus_per_worker))
+    return min(pending, fit) if fit >= 1 else pending
+
+
 def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, samples_dir: str | None = None) -> list[pd.DataFrame]:
     """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables.
 
@@ -370,7 +387,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
             # asks for no CPU (a head bundle must ask for something: a token of memory).
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
             param_space={"fold": tune.grid_search([job_key(j) for j in pending])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or len(pending)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or concurrent_folds(resources, len(pending))),
             run_config=tune.RunConfig(
                 name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
                 storage_path=storage_root(join(storage, "tune")),

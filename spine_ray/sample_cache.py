@@ -86,8 +86,12 @@ def chunks(studies: list[int], size: int) -> list[list[int]]:
 
 
 def build_part(stage: Stage, job: FoldJob, split: str, studies: list[int], url: str) -> dict[str, int]:
-    """Build one part's samples and write it atomically (one row group per study); returns study → samples."""
-    df = stage.to_samples(job, split, source_rows(stage, job, studies))
+    """Build one part's samples and write it; returns study → samples."""
+    return write_part(stage.to_samples(job, split, source_rows(stage, job, studies)), studies, url)
+
+
+def write_part(df: pd.DataFrame, studies: list[int], url: str) -> dict[str, int]:
+    """Write one part's samples atomically, one row group per study in the given order; returns study → samples."""
     counts = {str(s): 0 for s in studies}
     buf = io.BytesIO()
     table = pa.Table.from_pandas(df, preserve_index=False)
@@ -101,6 +105,17 @@ def build_part(stage: Stage, job: FoldJob, split: str, studies: list[int], url: 
             writer.write_table(table)
     atomic_write_bytes(url, buf.getvalue())
     return counts
+
+
+def write_manifest(url: str, key: str, made_by: dict[str, Any], names: list[str], counts: list[dict[str, int]], built: int, build_s: float) -> dict[str, Any]:
+    """Finish a cache: its manifest, written last (a cache without one is unfinished)."""
+    manifest = {
+        "key": key, "made_by": made_by, "built_parts": built, "reused_parts": len(names) - built, "build_s": round(build_s, 3),
+        "samples": sum(sum(c.values()) for c in counts),
+        "parts": [{"file": n, "studies": c} for n, c in zip(names, counts, strict=True)],
+    }
+    atomic_write_text(join(url, MANIFEST), json.dumps(manifest, indent=1))
+    return manifest
 
 
 def _part_counts(url: str) -> dict[str, int]:
@@ -140,13 +155,7 @@ def ensure_cache(stage: Stage, job: FoldJob, split: str, root: str, chunk: int =
     else:
         for i in todo:
             counts[i] = build_part(stage, job, split, parts[i], join(url, names[i]))
-    manifest = {
-        "key": key, "made_by": made_by, "built_parts": len(todo), "reused_parts": len(parts) - len(todo),
-        "build_s": round(time.perf_counter() - t0, 3),
-        "samples": sum(sum(c.values()) for c in counts.values()),
-        "parts": [{"file": names[i], "studies": counts[i]} for i in range(len(parts))],
-    }
-    atomic_write_text(join(url, MANIFEST), json.dumps(manifest, indent=1))
+    manifest = write_manifest(url, key, made_by, names, [counts[i] for i in range(len(parts))], len(todo), time.perf_counter() - t0)
     log.info("%s: %d samples in %d parts (%d built)", url, manifest["samples"], len(parts), len(todo))
     return url, manifest
 
