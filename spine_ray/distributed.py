@@ -136,7 +136,10 @@ def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs:
     """
     import ray
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the same seed gives the same batches
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same seed gives the same batches
+    ctx.enable_progress_bars = False  # one pipeline per worker: bars would flood the driver's console
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     url = job.inputs[cache_input("train")]
     seed = stage.train_config(job).seed
     items = [
