@@ -120,6 +120,11 @@ def test_member_matrix_aligns_by_row_id_and_fills_from_prior():
     np.testing.assert_array_equal(b[[0, 30, 74]], prior[[0, 5, 24]])
     keep = np.setdiff1d(np.arange(75), [0, 30, 74])
     np.testing.assert_array_equal(b[keep], probs["b"].reshape(-1, 3)[keep])
+    assert mm.coverage()[:, 1] == pytest.approx([1 - 1 / 15, 1 - 1 / 30, 1 - 1 / 30])  # b lacks rows 0 (spinal), 30 and 74
+    # A per-study fill (pipeline.train_grade passes the out-of-fold prior) is taken row by row.
+    per_study = np.random.default_rng(1).dirichlet(np.ones(3), size=(3, 25))
+    b = member_matrix(oof, studies, list(MEMBERS), per_study).probs[1].reshape(-1, 3)
+    np.testing.assert_array_equal(b[[0, 30, 74]], per_study.reshape(-1, 3)[[0, 30, 74]])
     with pytest.raises(ValueError, match="twice"):
         member_matrix(pd.concat([oof, oof]), studies, list(MEMBERS), prior)
 
