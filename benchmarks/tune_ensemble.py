@@ -164,7 +164,7 @@ def main() -> None:
             f"{g} " + (f"member {c['member']}" if c["kind"] == "member" else
                        "shrink {shrink:g} cap {cap} per_level {per_level} clip {clip:.0e}".format(**c["config"]))
             for g, c in new["choice"].items()), file=buf)
-        print(buf.getvalue().splitlines()[-1], flush=True)
+        print("\n".join(buf.getvalue().splitlines()[-len(rows) - 2:]), flush=True)  # this size, as it finishes
     print(buf.getvalue())
 
 

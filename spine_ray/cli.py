@@ -201,7 +201,7 @@ def tune_ensemble_cmd(
     run_dir: str = typer.Argument(..., help="A training run directory (oof.parquet, folds.parquet, train_labels.csv, prior.csv); path or URL."),
     trials: int = typer.Option(1000, "--trials", help="At most this many hyper-parameter candidates (default: the whole grid)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the draw when --trials cuts the grid."),
-    mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per fit structure (shrinkage path inside); per-trial: one per candidate."),
+    mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per (per-level, clip), its caps × shrinkages inside; per-trial: one Tune trial per candidate."),
 ) -> None:
     """Fit per-group member weights, temperatures and a spinal severe factor exactly on OOF predictions; Ray Tune picks shrinkage, cap, per-level temperatures and clip held-out; write blend.json."""
     from spine_ray.storage import join

@@ -84,7 +84,7 @@ class SearchConfig:
     trials: int = 1000  # at most this many candidates (a seeded subset of the grid, the plain fit always in)
     seed: int = 0
     mode: str = "batched"  # see the module docstring
-    concurrency: int = 2  # Tune trials at once (each asks for 1 CPU)
+    concurrency: int = 8  # Tune trials at most at once (each asks for 1 CPU, so a 2-CPU machine runs 2)
     min_coverage: float = 0.5  # a member enters a group when it predicts at least this share of its rows
 
     def __post_init__(self) -> None:
@@ -295,7 +295,7 @@ def eligibility(matrix: MemberMatrix, min_coverage: float) -> np.ndarray:
     return ok
 
 
-def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "batched", concurrency: int = 2,
+def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "batched", concurrency: int = 8,
                   search: SearchConfig | None = None) -> dict[str, Any]:
     """Fit the blend on RUN_DIR's OOF predictions (hyper-parameters by Ray Tune), write RUN_DIR/blend.json, return its report."""
     from spine_ray.distributed import init_ray
