@@ -28,7 +28,6 @@ import numpy as np
 
 from spine_ray.blend import (
     SEVERE_RANGE,
-    TEMPERATURE_RANGE,
     Blend,
     FitConfig,
     _objective,
@@ -46,6 +45,8 @@ from spine_ray.metric import score_arrays
 from spine_ray.schema import GROUPS
 from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
 from spine_ray.tune_ensemble import load_run, split_masks, tune_ensemble
+
+TEMPERATURE_RANGE: tuple[float, float] = (0.5, 2.0)  # the old search's temperature range
 
 
 def _params_blend(params: dict[str, float], members: tuple[str, ...]) -> Blend:

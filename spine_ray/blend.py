@@ -45,8 +45,7 @@ from spine_ray.schema import (
 )
 from spine_ray.storage import atomic_write_text, read_text
 
-TEMPERATURE_RANGE: tuple[float, float] = (0.5, 2.0)
-SEVERE_RANGE: tuple[float, float] = (0.5, 3.0)
+SEVERE_RANGE: tuple[float, float] = (0.5, 3.0)  # bounds of the spinal severe factor
 LEVEL_RANGE: tuple[float, float] = (0.25, 4.0)  # bounds of a per-target temperature factor
 
 
