@@ -259,11 +259,11 @@ def _replicated(g: dict, replicas: int, tmp: Path):
     rows = read_cache(g["url"], real)
     run, url = tmp / "replicated", tmp / "replicated" / "samples"
     url.mkdir(parents=True)
-    studies = [r * 1_000_000 + s for r in range(1, replicas + 1) for s in real]
+    studies = [r * 10**10 + s for r in range(1, replicas + 1) for s in real]  # study ids stay below 10**10
     pd.DataFrame({"study_id": studies, "fold": [i % 2 for i in range(len(studies))]}).to_parquet(run / "folds.parquet")
     names, counts = [], []
     for i, part in enumerate(chunks(studies, 8)):
-        df = pd.concat([rows[rows["study_id"] == s % 1_000_000].assign(study_id=s) for s in part], ignore_index=True)
+        df = pd.concat([rows[rows["study_id"] == s % 10**10].assign(study_id=s) for s in part], ignore_index=True)
         names.append(f"part-{i:05d}.parquet")
         counts.append(write_part(df, part, str(url / names[-1])))
     write_manifest(str(url), "replicated", {"replicas": replicas}, names, counts, len(names), 0.0)

@@ -209,11 +209,11 @@ def tune_lr_cmd(
 @app.command("tune-ensemble")
 def tune_ensemble_cmd(
     run_dir: str = typer.Argument(..., help="A training run directory (oof.parquet, folds.parquet, train_labels.csv, prior.csv); path or URL."),
-    trials: int = typer.Option(1000, "--trials", help="Blend evaluations per search (three searches: half A, half B, all folds)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of Optuna's sampler."),
-    mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per Optuna study; per-trial: one Tune trial per blend (OptunaSearch)."),
+    trials: int = typer.Option(1000, "--trials", help="At most this many hyper-parameter candidates (default: the whole grid)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the draw when --trials cuts the grid."),
+    mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per (per-level, clip), its caps × shrinkages inside; per-trial: one Tune trial per candidate."),
 ) -> None:
-    """Search per-group member weights, temperatures and a spinal severe factor on OOF predictions; write blend.json."""
+    """Fit per-group member weights, temperatures and a spinal severe factor exactly on OOF predictions; Ray Tune picks shrinkage, cap, per-level temperatures and clip held-out; write blend.json."""
     from spine_ray.storage import join
     from spine_ray.tune_ensemble import MODES, tune_ensemble
 
@@ -223,9 +223,10 @@ def tune_ensemble_cmd(
     s = r["search"]
     out.print(score_table(
         f"ensemble blend of {len(r['blend']['members'])} members on {r['studies']} studies "
-        f"({s['evaluations']} evaluations, {s['evaluations_per_s']:.0f}/s, {s['mode']})",
+        f"({s['trials_per_search']} candidates, {s['evaluations']} evaluations, {s['seconds']:.1f} s, {s['mode']})",
         r["scores"],
     ))
+    out.print(r["decision"])
     filled = {m: n for m, n in r["filled_from_prior"].items() if n}
     if filled:
         out.print(f"rows filled from the prior: {filled}")

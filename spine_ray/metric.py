@@ -31,8 +31,8 @@ from spine_ray.schema import (
 
 EPS = float(np.finfo(np.float64).eps)
 _WEIGHTS = np.asarray(SEVERITY_WEIGHTS)
-_TARGET_GROUP = np.repeat(np.asarray(CONDITION_GROUP), len(LEVELS))  # [25]
-_SPINAL = _TARGET_GROUP == 0
+TARGET_GROUP: np.ndarray = np.repeat(np.asarray(CONDITION_GROUP), len(LEVELS))  # [25] group of each target
+SPINAL: np.ndarray = TARGET_GROUP == 0  # [25] (the blend shares these)
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,16 @@ def score_arrays(labels: np.ndarray, probs: np.ndarray, any_severe_scalar: float
 
     parts = []
     for g in range(len(GROUPS)):
-        cols = _TARGET_GROUP == g
+        cols = TARGET_GROUP == g
         m = scored[:, cols]
         parts.append(_weighted_logloss(y[:, cols][m], p[:, cols][m], w[:, cols][m]))
 
     # any_severe_spinal: per study with at least one scored spinal row.
-    sm = scored[:, _SPINAL]
+    sm = scored[:, SPINAL]
     has = sm.any(axis=1)
-    sev_label = ((y[:, _SPINAL] == 2) & sm).any(axis=1)[has].astype(np.int64)
-    sev_pred = np.where(sm, p[:, _SPINAL, 2], -np.inf).max(axis=1)[has]
-    sev_weight = np.where(sm, w[:, _SPINAL], 0.0).max(axis=1)[has]
+    sev_label = ((y[:, SPINAL] == 2) & sm).any(axis=1)[has].astype(np.int64)
+    sev_pred = np.where(sm, p[:, SPINAL, 2], -np.inf).max(axis=1)[has]
+    sev_weight = np.where(sm, w[:, SPINAL], 0.0).max(axis=1)[has]
     binary = normalise(np.stack([1 - sev_pred, sev_pred], axis=1))
     parts.append(_weighted_logloss(sev_label, binary, sev_weight))
 
@@ -136,4 +136,4 @@ def score_frames(labels: pd.DataFrame, submission: pd.DataFrame) -> Score:
     return score_arrays(lm, probs.reshape(len(studies), N_TARGETS, 3))
 
 
-__all__ = ["Score", "score_arrays", "score_frames", "normalise", "probs_from_submission", "LABEL_COLUMNS"]
+__all__ = ["EPS", "SPINAL", "TARGET_GROUP", "Score", "score_arrays", "score_frames", "normalise", "probs_from_submission", "LABEL_COLUMNS"]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ray.baseline import write_prior
+from spine_ray.blend import member_matrix
 from spine_ray.config import save
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
@@ -159,18 +160,6 @@ def stage_for(cfg: PipelineConfig, stage: str):
     raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
 
 
-def member_probs(oof: pd.DataFrame, studies: list[int], fill: np.ndarray) -> tuple[np.ndarray, int]:
-    """One member's OOF rows → [n_studies, 25, 3] aligned to `studies`; rows it lacks come from
-    `fill` (the out-of-fold prior, [n_studies, 25, 3]). Returns the probabilities and how many were filled."""
-    from spine_ray.schema import row_ids
-
-    got = oof.set_index("row_id")[["normal_mild", "moderate", "severe"]].reindex(pd.Index(row_ids(studies)))
-    probs = np.array(got.to_numpy(dtype=np.float64)).reshape(fill.shape)
-    missing = np.isnan(probs).any(axis=-1)
-    probs[missing] = fill[missing]
-    return probs, int(missing.sum())
-
-
 def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
     stage, inputs = stage_for(cfg, "grade")
@@ -183,10 +172,10 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     fold_of = folds.set_index("study_id").loc[studies, "fold"].to_numpy()
     prior_oof = oof_prior(lm, fold_of)
     report: dict = {"prior": score_arrays(lm, prior_oof).as_dict(), "members": {}, "filled_from_prior": {}}
-    for m in cfg.grade:
-        probs, filled = member_probs(oof[oof["member"] == m.name], studies, prior_oof)
-        report["members"][m.name] = score_arrays(lm, probs).as_dict()
-        report["filled_from_prior"][m.name] = filled
+    mm = member_matrix(oof, studies, [m.name for m in cfg.grade], prior_oof)
+    for m, probs in zip(mm.members, mm.probs, strict=True):
+        report["members"][m] = score_arrays(lm, probs).as_dict()
+        report["filled_from_prior"][m] = mm.filled[m]
     if cfg.oracle:
         from spine_ray.metric import score_frames
         from spine_ray.schema import read_submission
