@@ -160,8 +160,10 @@ class Spine:
         tex = self.texture(points)
         coarse = self.texture(points, coarse=True)
         front = -self.sac_half_v - 2 * float(self.body_v.mean()) - 4.0
-        retro = ((u / 58.0) ** 2 + ((v - front + 4.0) / 24.0) ** 2 < 1.0) | (v > front)
-        abdomen = (ri < 0.93) & ~retro
+        retro = (u / 48.0) ** 2 + ((v - front + 2.0) / 14.0) ** 2 < 1.0
+        out[ri < 0.93] = SOFT  # flanks: kidneys, colon, liver
+        out[(ri < 0.93) & retro] = FAT
+        abdomen = (ri < 0.93) & ~retro & (v < front + 20.0 - 30.0 * (u / 70.0) ** 2)
         out[abdomen & (coarse > -0.55)] = BOWEL
         out[abdomen & (np.abs(coarse - 0.2) < 0.12)] = SOFT  # bowel walls
         out[abdomen & (coarse > 0.8)] = AIR
@@ -268,13 +270,18 @@ class Spine:
         fu = np.float32(self.foramen_u)
         fc_v, fc_w = -sv + 3.0, half + 4.0
         lat = np.abs(au - fu) < 6.0
+        # The foramen's walls: pedicles above and below, the articular processes behind, the
+        # disc in front at its lower end; only the foramen itself holds fat.
+        arch = lat & (v > pw - 0.5) & (v < sv + 6.0) & (dw > -half - 14.0) & (dw < half + 20.0)
+        out[arch & ~sacral] = MARROW
+        out[arch & ~sacral & (np.abs(dw) < half + 0.3) & (v < pw + 1.0 + 0.5 * bulge)] = ANNULUS
         fz = ((v - fc_v) / np.maximum(root_r + ft, 0.8)) ** 2 + ((dw - fc_w) / (root_r + fv + 3.0)) ** 2 < 1.0
         out[lat & fz & ~sacral] = FAT
         squash = np.clip((root_r + ft) / root_r, 0.35, 1.0)
         root = ((v - fc_v) / (root_r * squash)) ** 2 + ((dw - fc_w) / root_r) ** 2 < 1.0
         out[lat & fz & root & ~sacral] = NERVE
         # Spinal canal: epidural fat, then the dural sac between the bulge and the flavum.
-        canal = (au < su + 2.0) & (v > a - 0.5) & (v < sv + 3.5) & ~body & ~disc
+        canal = (au < su + 2.0) & (v > a - 0.5) & (v < sv + 3.5) & ~body & ~disc & ~facet & ~lf
         out[canal & ~sacral] = FAT
         vcen, vh = (a + b) / 2, np.maximum((b - a) / 2, 0.6)
         sac = (u / su_eff) ** 2 + ((v - vcen) / vh) ** 2 < 1.0
@@ -371,3 +378,34 @@ def sample_spine(latent: np.ndarray, rng: np.random.Generator) -> Spine:
         origin=np.array([rng.normal(0, 4), rng.normal(0, 6), rng.normal(0, 8)]),
         transitional=transitional,
     )
+
+
+def measure_level(spine: Spine, level: int, step: float = 0.25) -> dict[str, float]:
+    """Radiological measurements of one labelled level from the tissue map, as a reader would take them.
+
+    Dural-sac AP (mm, midline, at the disc) and cross-sectional area (mm², axial plane through the
+    disc); lateral-recess depth (mm, left and right: disc margin to superior articular process);
+    perineural fat and exiting-root area in each foramen (mm², parasagittal plane through it).
+    """
+    d = spine._lumbar(level)
+    s0, half = float(spine.disc_s[d]), float(spine.disc_h[d]) / 2
+    g = np.arange(-30.0, 30.0, step)
+    u, v = np.meshgrid(g, g)
+    axial, _ = spine.sample(spine.to_patient(np.stack([u, v, np.full_like(u, s0)], -1)))
+    dural = np.isin(axial, (CSF, NERVE)) & (np.abs(u) < spine.sac_half_u + 1.0)
+    mid = dural[:, np.argmin(np.abs(g))]
+    out = {"sac_ap_mm": float(mid.sum() * step), "sac_area_mm2": float(dural.sum() * step * step)}
+    a, _ = spine._sac_walls(d)
+    for j, name in ((0, "left"), (1, "right")):
+        side = 1.0 if j == 0 else -1.0
+        su = spine.sac_half_u * spine.sac_width[d, j]
+        vv = np.arange(a - 3.0, a + 12.0, step)
+        line, _ = spine.sample(spine.to_patient(np.stack([np.full_like(vv, side * (su + 0.5)), vv, np.full_like(vv, s0)], -1)))
+        bone = np.flatnonzero(np.isin(line, (MARROW, CORTEX)) & (vv > a))
+        soft = np.flatnonzero(np.isin(line, (CSF, NERVE, FAT)) & (vv > a - 1.0))
+        out[f"recess_{name}_mm"] = float(vv[bone[0]] - vv[soft[0]]) if len(bone) and len(soft) else 0.0
+        vw, ww = np.meshgrid(np.arange(-spine.sac_half_v - 1.0, -spine.sac_half_v + 11.0, step), np.arange(s0 - half, s0 + half + 13.0, step))
+        para, _ = spine.sample(spine.to_patient(np.stack([np.full_like(vw, side * spine.foramen_u), vw, ww], -1)))
+        out[f"foramen_fat_{name}_mm2"] = float((para == FAT).sum() * step * step)
+        out[f"foramen_root_{name}_mm2"] = float((para == NERVE).sum() * step * step)
+    return out
