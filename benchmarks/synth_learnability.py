@@ -76,15 +76,19 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--mm-per-px", type=float, default=1.0)
+    ap.add_argument("--studies", type=int, default=0, help="use only the first N training studies (0 = all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     labels = read_labels(str(args.root / "train.csv"))
+    if args.studies:
+        labels = labels.iloc[: args.studies].reset_index(drop=True)
     lm = label_matrix(labels)
     latent = pd.read_csv(args.root / "latent.csv").set_index("study_id").loc[labels["study_id"]].to_numpy()
     index = {s: i for i, s in enumerate(labels["study_id"])}
     coords = read_coordinates(str(args.root / "train_label_coordinates.csv"))
     xs, study, target, cond = [], [], [], []
+    coords = coords[coords.study_id.isin(index)]
     for r in coords.itertuples():
         xs.append(crop_stack(args.root / "train_images" / str(r.study_id) / str(r.series_id), r.instance_number, r.x, r.y, args.mm_per_px))
         study.append(index[r.study_id])

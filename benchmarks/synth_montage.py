@@ -26,7 +26,7 @@ from spine_ray.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.synth.generate import generate
 from spine_ray.synth.study import PRESETS, SynthConfig
 
-TILE = 256
+TILE = 224
 
 
 def write_png(path: Path, img: np.ndarray) -> None:

@@ -7,7 +7,7 @@ Sizes are drawn around published normal ranges (docs/synth.md cites them). Each 
 latent severities drives the mechanisms that narrow its structure, through `severity_fraction`:
 
 - spinal canal: posterior disc bulge (from the front) and ligamentum flavum thickening (from
-  behind) take the dural sac's AP diameter from ~14 mm towards ~4 mm; facet overgrowth takes
+  behind) take the dural sac's AP diameter from ~13 mm towards ~3 mm; facet overgrowth takes
   some of its width; the cauda equina roots keep their size, so they crowd and the CSF between
   them disappears as the sac shrinks (the central-canal grading of Lee et al. 2011);
 - lateral recess: the superior articular process advances on the traversing root, recess depth
@@ -134,7 +134,7 @@ class Spine:
 
     def texture(self, points: np.ndarray, coarse: bool = False) -> np.ndarray:
         """Band-limited 3D texture, about [-1, 1], at patient points [..., 3]: fine (marrow, muscle) or coarse (bowel)."""
-        k = self.waves[12:] if coarse else self.waves[:12]
+        k = self.waves[8:] if coarse else self.waves[:8]
         k = k.astype(np.float32)
         phase = points.astype(np.float32) @ k[:, :3].T + k[:, 3]
         return np.cos(phase).mean(axis=-1) * np.float32(np.sqrt(2.0))
@@ -157,8 +157,9 @@ class Spine:
         ri = (p[..., 0] / (self.trunk_u - self.subcut)) ** 2 + ((yt - vc) / (self.trunk_v - self.subcut * 0.8)) ** 2
         out[r_trunk < 1.0] = FAT
         out[(ri < 1.0) & (ri > 0.93)] = MUSCLE  # abdominal wall
-        tex = self.texture(points)
-        coarse = self.texture(points, coarse=True)
+        coarse = np.zeros(u.shape, np.float32)
+        inner = ri < 0.93
+        coarse[inner] = self.texture(points[inner], coarse=True)  # only the abdomen uses it
         front = -self.sac_half_v - 2 * float(self.body_v.mean()) - 4.0
         retro = (u / 48.0) ** 2 + ((v - front + 2.0) / 14.0) ** 2 < 1.0
         out[ri < 0.93] = SOFT  # flanks: kidneys, colon, liver
@@ -193,7 +194,7 @@ class Spine:
             mod_sub = np.zeros(0, np.float32)
         mod = np.zeros(u.shape, np.float32)
         textured = np.isin(out, TEXTURED)
-        mod[textured] = tex[textured]
+        mod[textured] = self.texture(points[textured])
         if box.any():
             m = mod.ravel()
             hydrated = out.ravel()[idx] == NUCLEUS
@@ -329,9 +330,9 @@ def sample_spine(latent: np.ndarray, rng: np.random.Generator) -> Spine:
     lss = THORACIC_ABOVE + N_LEVELS - 1  # index of the labelled L5/S1
     # Spinal: AP loss 0.7·AP0 at the worst; loss of disc height and nucleus signal with it.
     sv = rng.uniform(6.2, 8.0) * scale  # dural sac half AP: ~12–16 mm AP
-    su = rng.uniform(8.5, 10.5) * scale
+    su = rng.uniform(7.5, 9.5) * scale  # dural sac half-width: area ≈ 150–200 mm² when normal
     lost = np.zeros(d)
-    lost[labelled >= 0] = 0.7 * 2 * sv * (1 - g[0])
+    lost[labelled >= 0] = 0.8 * 2 * sv * (1 - g[0]) ** 0.8  # sac area ≈ 100 mm² at the Moderate threshold, ≈ 50 at Severe
     height_g = np.ones(d)
     height_g[labelled >= 0] = 0.55 + 0.45 * (g[0] + g[1] + g[2]) / 3
     dh = dh * height_g
@@ -360,11 +361,11 @@ def sample_spine(latent: np.ndarray, rng: np.random.Generator) -> Spine:
     body_u[n_upper:] = np.linspace(24.0, 12.0, d - n_upper) * scale
     body_v = np.concatenate([rng.uniform(13.0, 15.0, THORACIC_ABOVE), np.full(d - THORACIC_ABOVE, rng.uniform(15.0, 17.5))]) * scale
     body_v[n_upper:] = np.linspace(16.0, 9.0, d - n_upper) * scale
-    # Texture: 12 fine plane waves (2–6 mm, marrow trabeculae and muscle fibres), 12 coarse ones (bowel loops).
-    direction = rng.standard_normal((24, 3))
+    # Texture: 8 fine plane waves (2–6 mm, marrow trabeculae and muscle fibres), 8 coarse ones (bowel loops).
+    direction = rng.standard_normal((16, 3))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    wavelength = np.concatenate([rng.uniform(2.0, 6.0, 12), rng.uniform(25.0, 60.0, 12)])
-    waves = np.concatenate([direction * (2 * np.pi / wavelength)[:, None], rng.uniform(0, 2 * np.pi, (24, 1))], axis=1)
+    wavelength = np.concatenate([rng.uniform(2.0, 6.0, 8), rng.uniform(25.0, 60.0, 8)])
+    waves = np.concatenate([direction * (2 * np.pi / wavelength)[:, None], rng.uniform(0, 2 * np.pi, (16, 1))], axis=1)
     trunk_u = rng.uniform(140.0, 185.0)
     return Spine(
         disc_s=s, disc_h=dh, labelled=labelled, body_u=body_u, body_v=body_v,

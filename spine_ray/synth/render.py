@@ -131,7 +131,8 @@ def _acquired_points(s: Slice, rows: int, cols: int, depth: float) -> np.ndarray
 
 def coil_profile(points: np.ndarray, spine: Spine) -> np.ndarray:
     """Spine-coil sensitivity: brightest at the patient's back, falling off anteriorly."""
-    v = spine.to_local(points)[..., 1]
+    p = (points - spine.origin) @ spine.rotation
+    v = p[..., 1] - 0.5 * spine._curve(p[..., 2])[0]  # the trunk's frame: the back follows half the lordosis
     return (0.45 + 0.55 * np.exp(-np.clip(spine.back - v, 0.0, None) / 110.0)).astype(np.float32)
 
 
@@ -144,7 +145,7 @@ def render_realistic(
     contrast[0] = 0.0
     bias = rng.normal(0.0, scanner.bias_sd, 6)
     scale = rng.uniform(0.55, 0.85) * scanner.max_value
-    acq = int(rng.choice([256, 288, 320]))
+    acq = int(rng.choice([224, 256, 288]))  # acquired matrix; the scanner interpolates to the stored one
     ghosts = rng.random() < scanner.motion
     wrap = rng.random() < scanner.wrap
     images = []
