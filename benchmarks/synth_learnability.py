@@ -5,8 +5,8 @@
     python benchmarks/synth_learnability.py data/s60 --epochs 80
     python benchmarks/synth_learnability.py data/r60 --epochs 80
 
-Crops 5 slices × 48 × 48 px at 1 mm per px (`--mm-per-px`; nearest-neighbour resampling, so both
-presets show the model the same 48 mm whatever their matrix) around every labelled point
+Crops 5 slices × 48 × 48 px at 1 mm per px (`--mm-per-px`, 0 for native pixels; nearest-neighbour
+resampling, so both presets show the model the same 48 mm whatever their matrix) around every labelled point
 (neighbours ordered along the slice normal), trains a 3-layer CNN on the first 70% of studies with the metric's 1/2/4 class weights
 and scores the remaining studies against the prior (fitted on the training studies) and the
 oracle. A check of the generator, not a model of the project.
@@ -45,8 +45,10 @@ def crop_stack(folder: Path, instance: int, x: float, y: float, mm_per_px: float
         d = dss[min(max(j, 0), len(dss) - 1)]
         a = d.pixel_array.astype(np.float32)
         dy, dx = (float(v) for v in d.PixelSpacing)
-        rows = np.rint(y + offsets / dy).astype(int)
-        cols = np.rint(x + offsets / dx).astype(int)
+        if mm_per_px > 0:
+            rows, cols = np.rint(y + offsets / dy).astype(int), np.rint(x + offsets / dx).astype(int)
+        else:  # native pixels, as before issue 17
+            rows, cols = int(round(y)) + np.arange(-HALF, HALF), int(round(x)) + np.arange(-HALF, HALF)
         inside = (rows[:, None] >= 0) & (rows[:, None] < a.shape[0]) & (cols[None, :] >= 0) & (cols[None, :] < a.shape[1])
         out.append(np.where(inside, a[np.clip(rows, 0, a.shape[0] - 1)][:, np.clip(cols, 0, a.shape[1] - 1)], 0.0))
     stack = np.stack(out)
