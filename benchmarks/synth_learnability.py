@@ -1,10 +1,13 @@
 """Can a tiny CNN see severity in the synthetic images? Fraction of the prior → oracle gap it closes.
 
-    spine-ray synth data/s60 --studies 60 --seed 5
+    spine-ray synth data/s60 --studies 60 --seed 5 --preset simple
+    spine-ray synth data/r60 --studies 60 --seed 5 --preset realistic
     python benchmarks/synth_learnability.py data/s60 --epochs 80
+    python benchmarks/synth_learnability.py data/r60 --epochs 80
 
-Crops 5 slices × 48 × 48 px around every labelled point (neighbours ordered along the slice
-normal), trains a 3-layer CNN on the first 70% of studies with the metric's 1/2/4 class weights
+Crops 5 slices × 48 × 48 px at 1 mm per px (`--mm-per-px`, 0 for native pixels; nearest-neighbour
+resampling, so both presets show the model the same 48 mm whatever their matrix) around every labelled point
+(neighbours ordered along the slice normal), trains a 3-layer CNN on the first 70% of studies with the metric's 1/2/4 class weights
 and scores the remaining studies against the prior (fitted on the training studies) and the
 oracle. A check of the generator, not a model of the project.
 """
@@ -29,18 +32,25 @@ from spine_ray.synth.labels import LabelConfig, column_params, oracle_probs
 HALF = 24
 
 
-def crop_stack(folder: Path, instance: int, x: float, y: float) -> np.ndarray:
-    """Five slices around `instance` (spatial order), HALF px either side of (x, y): [5, 48, 48]."""
+def crop_stack(folder: Path, instance: int, x: float, y: float, mm_per_px: float = 1.0) -> np.ndarray:
+    """Five slices around `instance` (spatial order), HALF px of `mm_per_px` either side of (x, y): [5, 48, 48]."""
     dss = [pydicom.dcmread(p) for p in folder.glob("*.dcm")]
     o = np.asarray(dss[0].ImageOrientationPatient, dtype=float)
     normal = np.cross(o[:3], o[3:])
     dss.sort(key=lambda d: float(np.asarray(d.ImagePositionPatient, dtype=float) @ normal))
     k = next(i for i, d in enumerate(dss) if int(d.InstanceNumber) == instance)
     out = []
+    offsets = (np.arange(2 * HALF) - HALF + 0.5) * mm_per_px
     for j in range(k - 2, k + 3):
-        a = np.pad(dss[min(max(j, 0), len(dss) - 1)].pixel_array.astype(np.float32), HALF)
-        r, c = int(round(y)) + HALF, int(round(x)) + HALF
-        out.append(a[r - HALF : r + HALF, c - HALF : c + HALF])
+        d = dss[min(max(j, 0), len(dss) - 1)]
+        a = d.pixel_array.astype(np.float32)
+        dy, dx = (float(v) for v in d.PixelSpacing)
+        if mm_per_px > 0:
+            rows, cols = np.rint(y + offsets / dy).astype(int), np.rint(x + offsets / dx).astype(int)
+        else:  # native pixels, as before issue 17
+            rows, cols = int(round(y)) + np.arange(-HALF, HALF), int(round(x)) + np.arange(-HALF, HALF)
+        inside = (rows[:, None] >= 0) & (rows[:, None] < a.shape[0]) & (cols[None, :] >= 0) & (cols[None, :] < a.shape[1])
+        out.append(np.where(inside, a[np.clip(rows, 0, a.shape[0] - 1)][:, np.clip(cols, 0, a.shape[1] - 1)], 0.0))
     stack = np.stack(out)
     return stack / (np.percentile(stack, 99) + 1.0)
 
@@ -67,17 +77,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
     ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--mm-per-px", type=float, default=1.0)
+    ap.add_argument("--studies", type=int, default=0, help="use only the first N training studies (0 = all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     labels = read_labels(str(args.root / "train.csv"))
+    if args.studies:
+        labels = labels.iloc[: args.studies].reset_index(drop=True)
     lm = label_matrix(labels)
     latent = pd.read_csv(args.root / "latent.csv").set_index("study_id").loc[labels["study_id"]].to_numpy()
     index = {s: i for i, s in enumerate(labels["study_id"])}
     coords = read_coordinates(str(args.root / "train_label_coordinates.csv"))
     xs, study, target, cond = [], [], [], []
+    coords = coords[coords.study_id.isin(index)]
     for r in coords.itertuples():
-        xs.append(crop_stack(args.root / "train_images" / str(r.study_id) / str(r.series_id), r.instance_number, r.x, r.y))
+        xs.append(crop_stack(args.root / "train_images" / str(r.study_id) / str(r.series_id), r.instance_number, r.x, r.y, args.mm_per_px))
         study.append(index[r.study_id])
         target.append(LABEL_COLUMNS.index(r.target))
         cond.append(CONDITIONS.index(r.target.rsplit("_", 2)[0]))

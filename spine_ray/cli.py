@@ -121,7 +121,8 @@ def synth(
     studies: int = typer.Option(None, "--studies", help="Number of training studies [default: 100]."),
     seed: int = typer.Option(None, "--seed", help="Seed; the same seed gives the same bytes [default: 0]."),
     test_studies: int = typer.Option(None, "--test-studies", help="Held-out studies (test_images, test_labels.csv, oracle) [default: 0]."),
-    image_size: str = typer.Option(None, "--image-size", help="Image size in pixels, or a comma list drawn per series, e.g. 384,512,640 [default: 256]."),
+    preset: str = typer.Option(None, "--preset", help="realistic (anatomy, scanners, reader-like labels; 384–640 px) or simple (flat shapes, 256 px, fast) [default: realistic, or the --config file's]."),
+    image_size: str = typer.Option(None, "--image-size", help="Image size in pixels, or a comma list drawn per series, e.g. 384,512,640 [default: the preset's]."),
     quirks: float = typer.Option(None, "--quirks", help="Fraction of series given one quirk [default: 0, clean data]."),
     quirk_kinds: str = typer.Option(None, "--quirk-kinds", help="Comma list of quirks to draw from [default: all of monochrome1, rescale, explicit, implicit, deflated, mixed_sizes, non_image, truncated]."),
     config: str = typer.Option(None, "--config", help="YAML SynthConfig; the flags above override it."),
@@ -131,10 +132,11 @@ def synth(
     """Write a synthetic dataset with known labels, coordinates and the Bayes-optimal oracle."""
     from spine_ray.config import load
     from spine_ray.synth.generate import generate
-    from spine_ray.synth.study import SynthConfig
+    from spine_ray.synth.study import PRESETS, SynthConfig
 
     flags = {"studies": studies, "test_studies": test_studies, "seed": seed, "quirks": quirks}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    preset = preset or ("simple" if config else "realistic")  # simple adds nothing to a config file
+    overrides = [*PRESETS.get(preset, [f"preset={preset}"]), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     if image_size is not None:
         overrides.append(f"acquisition.image_sizes={[int(v) for v in image_size.split(',') if v.strip()]}")
     if quirk_kinds is not None:

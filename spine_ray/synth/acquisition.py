@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spine_ray.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+from spine_ray.synth.anatomy import Spine
 from spine_ray.synth.geometry import SeriesGeometry, Slice, plane_stack
 from spine_ray.synth.phantom import N_LEVELS, Phantom
 
@@ -24,6 +25,7 @@ class AcquisitionConfig:
     sagittal_slices: tuple[int, int] = (15, 20)
     sagittal_gap_mm: tuple[float, float] = (3.0, 4.0)
     sagittal_fov_mm: tuple[float, float] = (230.0, 300.0)
+    sagittal_centre_sd_mm: float = 5.0  # head-foot scatter of the sagittal centre: where the field of view starts
     axial_fov_mm: tuple[float, float] = (160.0, 200.0)
     axial_block_fraction: float = 0.5  # axial series acquired as oblique per-disc blocks
     axial_block_slices: tuple[int, int] = (3, 5)
@@ -69,12 +71,12 @@ def _numbering(n: int, rng: np.random.Generator, cfg: AcquisitionConfig, blocks:
     return tuple(int(v) for v in numbers)
 
 
-def sagittal(phantom: Phantom, rng: np.random.Generator, cfg: AcquisitionConfig) -> tuple[SeriesGeometry, int]:
+def sagittal(phantom: Phantom | Spine, rng: np.random.Generator, cfg: AcquisitionConfig) -> tuple[SeriesGeometry, int]:
     """A sagittal stack centred on the canal midline; returns it and its number of slices."""
     n = int(rng.integers(cfg.sagittal_slices[0], cfg.sagittal_slices[1] + 1))
     gap = round(float(rng.uniform(*cfg.sagittal_gap_mm)), 2)
     size, spacing = _in_plane(rng, cfg, cfg.sagittal_fov_mm)
-    centre = phantom.disc_point(2, v=-20.0) + np.array([0.0, 0.0, rng.normal(0, 5)])
+    centre = phantom.disc_point(2, v=-20.0) + np.array([0.0, 0.0, rng.normal(0, cfg.sagittal_centre_sd_mm)])
     centre[0] = phantom.disc_point(2)[0] + rng.uniform(-0.2, 0.2) * gap
     # Rows run posterior, columns inferior: normal = (0,1,0) × (0,0,-1) = (-1,0,0).
     offsets = (np.arange(n) - (n - 1) / 2) * gap
@@ -82,7 +84,7 @@ def sagittal(phantom: Phantom, rng: np.random.Generator, cfg: AcquisitionConfig)
     return SeriesGeometry(tuple(slices), thickness=round(gap * 0.9, 2), spacing_between=gap), n
 
 
-def axial(phantom: Phantom, levels: list[int], rng: np.random.Generator, cfg: AcquisitionConfig) -> tuple[SeriesGeometry, int]:
+def axial(phantom: Phantom | Spine, levels: list[int], rng: np.random.Generator, cfg: AcquisitionConfig) -> tuple[SeriesGeometry, int]:
     """An axial series covering `levels`: one continuous stack or one oblique block per disc."""
     gap = round(float(rng.uniform(*cfg.axial_gap_mm)), 2)
     size, spacing = _in_plane(rng, cfg, cfg.axial_fov_mm)
@@ -109,7 +111,7 @@ def axial(phantom: Phantom, levels: list[int], rng: np.random.Generator, cfg: Ac
 
 
 def plan_study(
-    phantom: Phantom, labels: np.ndarray, rng: np.random.Generator, cfg: AcquisitionConfig
+    phantom: Phantom | Spine, labels: np.ndarray, rng: np.random.Generator, cfg: AcquisitionConfig
 ) -> list[SeriesPlan]:
     """The series of one study; axial coverage skips upper levels whose recess labels are empty."""
     plans: list[SeriesPlan] = []

@@ -17,6 +17,7 @@ from spine_ray.config import ConfigError
 from spine_ray.schema import CONDITION_SERIES, CONDITION_TITLES, CONDITIONS, LEVEL_TITLES
 from spine_ray.storage import atomic_write_bytes, is_local, join
 from spine_ray.synth.acquisition import AcquisitionConfig, SeriesPlan, plan_study
+from spine_ray.synth.anatomy import sample_spine
 from spine_ray.synth.dicomwrite import (
     SeriesHeader,
     frame_of_reference_uid,
@@ -26,8 +27,20 @@ from spine_ray.synth.dicomwrite import (
 from spine_ray.synth.geometry import SeriesGeometry, Slice, nearest_slice
 from spine_ray.synth.labels import LabelConfig
 from spine_ray.synth.phantom import N_LEVELS, sample_phantom
-from spine_ray.synth.render import render_series
+from spine_ray.synth.render import render_realistic, render_series, sample_scanner
 
+PRESETS: dict[str, tuple[str, ...]] = {
+    # The phantom of flat shapes at 256 px: fast, for tests.
+    "simple": (),
+    # Anatomy, mechanisms of narrowing, scanner variety and reader-like coordinates at 384–640 px.
+    "realistic": (
+        "preset=realistic",
+        "acquisition.image_sizes=[384,448,512,640]",
+        "acquisition.sagittal_fov_mm=[260.0,320.0]",
+        "acquisition.axial_fov_mm=[160.0,220.0]",
+        "acquisition.sagittal_centre_sd_mm=15.0",
+    ),
+}
 QUIRKS: tuple[str, ...] = (
     "monochrome1", "rescale", "explicit", "implicit", "deflated", "mixed_sizes", "non_image", "truncated",
 )
@@ -42,11 +55,16 @@ class SynthConfig:
     seed: int = 0
     quirks: float = 0.0  # fraction of series that get one quirk
     quirk_kinds: tuple[str, ...] = QUIRKS
-    noise: float = 0.035  # Gaussian noise σ relative to the brightest tissue
+    noise: float = 0.035  # Gaussian noise σ relative to the brightest tissue (simple; realistic draws it per site)
+    preset: str = "simple"  # "simple" or "realistic" (see PRESETS for the acquisition it goes with)
+    off_level: float = 0.02  # realistic: fraction of coordinates a reader put on the adjacent level
+    jitter_mm: float = 1.5  # realistic: σ of a reader's in-plane placement error; 5% of points get 3× it
     labels: LabelConfig = field(default_factory=LabelConfig)
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r} (known: {list(PRESETS)})")
         unknown = sorted(set(self.quirk_kinds) - set(QUIRKS))
         if unknown:
             raise ConfigError(f"unknown quirk kinds {unknown} (known: {list(QUIRKS)})")
@@ -103,18 +121,33 @@ def _mixed_sizes(geom: SeriesGeometry, rng: np.random.Generator) -> tuple[Series
     return replace(geom, slices=geom.slices[:-k] + tuple(changed)), f"{k} slices {rows}x{cols}"
 
 
-def _coordinates(task: StudyTask, plans: list[SeriesPlan], points: dict) -> tuple[list, set]:
+def _reader_point(points: dict, c: int, lv: int, cfg: SynthConfig, rng: np.random.Generator | None) -> tuple[np.ndarray, float]:
+    """Where a reader marks (c, lv) and their in-plane error σ (mm); realistic readers slip a level now and then."""
+    if rng is None:
+        return points[(c, lv)], 0.0
+    other = lv + (1 if lv == 0 else -1 if lv == N_LEVELS - 1 else int(rng.choice([-1, 1])))
+    point = points[(c, other)] if rng.random() < cfg.off_level else points[(c, lv)]
+    return point, cfg.jitter_mm * (3.0 if rng.random() < 0.05 else 1.0)
+
+
+def _coordinates(task: StudyTask, plans: list[SeriesPlan], points: dict, cfg: SynthConfig, rng: np.random.Generator | None = None) -> tuple[list, set]:
     """Label coordinates on the series each condition is read on, and the annotated files."""
     rows, used = [], set()
     for c, cond in enumerate(CONDITIONS):
         for lv in range(N_LEVELS):
             if task.labels[c * N_LEVELS + lv] < 0:
                 continue
+            point, sd = _reader_point(points, c, lv, cfg, rng)
             for plan in plans:
                 if plan.description != CONDITION_SERIES[cond]:
                     continue
-                i, x, y, d = nearest_slice(plan.geometry, points[(c, lv)])
+                i, x, y, d = nearest_slice(plan.geometry, point)
+                if d > 0.75 * plan.geometry.spacing_between and point is not points[(c, lv)]:
+                    i, x, y, d = nearest_slice(plan.geometry, points[(c, lv)])  # no slice there: the reader used the right one
                 s: Slice = plan.geometry.slices[i]
+                if sd > 0:
+                    x += float(rng.normal(0, sd / s.spacing[1]))
+                    y += float(rng.normal(0, sd / s.spacing[0]))
                 inside = 0 <= x < s.cols and 0 <= y < s.rows
                 if d <= 0.75 * plan.geometry.spacing_between and inside:
                     inst = plan.instance_numbers[i]
@@ -127,7 +160,9 @@ def _coordinates(task: StudyTask, plans: list[SeriesPlan], points: dict) -> tupl
 def make_study(task: StudyTask, cfg: SynthConfig, out: str) -> StudyResult:
     """Render and write all series of one study; return its table rows."""
     rng = np.random.default_rng([cfg.seed, 1, task.index])
-    phantom = sample_phantom(task.latent, rng)
+    realistic = cfg.preset == "realistic"
+    phantom = sample_spine(task.latent, rng) if realistic else sample_phantom(task.latent, rng)
+    scanner = sample_scanner(rng) if realistic else None
     plans = plan_study(phantom, task.labels, rng, cfg.acquisition)
     quirk_rows: list[tuple[int, int, str, str]] = []
     kinds = {}
@@ -138,7 +173,7 @@ def make_study(task: StudyTask, cfg: SynthConfig, out: str) -> StudyResult:
                 geom, detail = _mixed_sizes(plan.geometry, rng)
                 plans[n] = replace(plan, geometry=geom)
                 quirk_rows.append((task.study_id, plan.series_id, "mixed_sizes", detail))
-    coords, used = _coordinates(task, plans, phantom.target_points())
+    coords, used = _coordinates(task, plans, phantom.target_points(), cfg, rng if realistic else None)
     frame = frame_of_reference_uid(cfg.seed, task.study_id)
     folder = join(out, f"{task.split}_images", str(task.study_id))
     for n, plan in enumerate(plans):
@@ -154,7 +189,10 @@ def make_study(task: StudyTask, cfg: SynthConfig, out: str) -> StudyResult:
             monochrome1=kind == "monochrome1",
             rescale=(round(float(rng.uniform(0.5, 2.0)), 3), float(rng.integers(-100, 100))) if kind == "rescale" else None,
         )
-        images = render_series(phantom, plan.geometry, plan.description, rng, cfg.noise)
+        if scanner is not None:
+            images = render_realistic(phantom, plan.geometry, plan.description, scanner, rng)
+        else:
+            images = render_series(phantom, plan.geometry, plan.description, rng, cfg.noise)
         files = {inst: image_bytes(header, s, img, inst) for s, img, inst in zip(plan.geometry.slices, images, plan.instance_numbers, strict=True)}
         if kind in ("monochrome1", "rescale", "explicit", "implicit", "deflated"):
             detail = f"slope={header.rescale[0]} intercept={header.rescale[1]}" if header.rescale else ""
@@ -175,4 +213,4 @@ def make_study(task: StudyTask, cfg: SynthConfig, out: str) -> StudyResult:
     return StudyResult(series, coords, quirk_rows)
 
 
-__all__ = ["QUIRKS", "SynthConfig", "StudyTask", "StudyResult", "make_study", "LabelConfig", "AcquisitionConfig"]
+__all__ = ["PRESETS", "QUIRKS", "SynthConfig", "StudyTask", "StudyResult", "make_study", "LabelConfig", "AcquisitionConfig"]
