@@ -69,8 +69,9 @@ def run_tasks(
         return [make_study(t, cfg, out) for t in tasks]
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from spine_ray.raycluster import init_ray
+
+    init_ray(num_cpus=workers or None, quiet=True)
     remote = ray.remote(num_cpus=1, max_retries=2)(make_study)
     cfg_ref = ray.put(cfg)
     refs = [remote.remote(t, cfg_ref, out) for t in tasks]
