@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--config", default="jobs/rsna2024.yaml")
     ap.add_argument("--model-steps", type=int, default=1)
     ap.add_argument("--cores", type=int, default=1, help="CPU cores the simulated accelerator's pipeline gets")
-    ap.add_argument("--replicas", type=int, default=30, help="copies of the studies in the data_wait_frac run")
+    ap.add_argument("--replicas", type=int, default=20, help="copies of the studies in the data_wait_frac run")
     ap.add_argument("--skip-models", action="store_true", help="skip the CPU training steps of the real networks")
     args = ap.parse_args()
 
@@ -235,11 +235,11 @@ def main() -> None:
               f"data_wait_frac by epoch {[round(w, 3) for w in waits]}")
 
     # Object-store peak: F folds on this node, old (materialised fold sets) vs streamed.
-    print("\nobject-store peak, grade samples, folds running on this node (as many at once as CPUs allow):")
+    print(f"\nobject-store peak, {len(split_studies(job, 'all'))} replicated studies' grade samples, folds on this node (as many at once as CPUs allow):")
     peaks = {}
     for mode in ("materialised", "streamed"):
         for folds in (2, 4):
-            peaks[(mode, folds)] = _fold_set_peak(mode, folds, g, cfg, tmp, res, address)
+            peaks[(mode, folds)] = _fold_set_peak(mode, folds, stage, job, res, tmp, address)
             print(f"  {mode:12s} {folds} folds: {peaks[(mode, folds)]:8.1f} MiB")
     for mode in ("materialised", "streamed"):
         print(f"  {mode}: 4 folds / 2 folds = {peaks[(mode, 4)] / max(peaks[(mode, 2)], 1e-9):.2f}x")
@@ -284,40 +284,45 @@ def _sample_pixels(stage_name: str, cfg: object) -> int:
     return cfg.slices * cfg.size**2
 
 
-def _fold_set_peak(mode: str, folds: int, g: dict, cfg: object, tmp: Path, res: object, address: str) -> float:
-    """Peak object-store MiB while `folds` simulated fold trainers (Ray tasks, one CPU each) run one epoch."""
+def _fold_set_peak(mode: str, folds: int, stage: object, job: object, res: object, tmp: Path, address: str) -> float:
+    """Peak object-store MiB while `folds` simulated fold trainers (Ray tasks, one CPU each) run one epoch.
+
+    Both modes read the same replicated grade samples: `materialised` holds each fold's training set
+    in the object store, as training did before the sample cache (building or reading a sample puts
+    the same bytes there); `streamed` is `StreamedBatches`.
+    """
+    import dataclasses as dc
+
+    import pandas as pd
     import ray
 
     from spine_ray.distributed import StreamedBatches
-    from spine_ray.pipeline import PipelineConfig, fold_jobs, setup_run
-    from spine_ray.sample_cache import cache_input, count_samples, with_caches
-    from spine_ray.stage import source_rows, split_studies
+    from spine_ray.sample_cache import cache_input, count_samples, read_cache
+    from spine_ray.stage import split_studies
 
-    run = PipelineConfig(prepared=cfg.prepared, run_dir=str(tmp / f"peak-{mode}-{folds}"), folds=folds, seed=cfg.seed)
-    setup_run(run)
-    stage, member = g["stage"], g["job"].config
-    jobs = fold_jobs(run, "grade", member.name, member, dict(g["job"].inputs))
-    if mode == "streamed":
-        jobs = with_caches(stage, jobs, str(tmp / "samples"), parallel=False)  # the same key: cached already
+    run = tmp / f"peak-{mode}-{folds}"
+    run.mkdir()
+    studies = split_studies(job, "all")
+    pd.DataFrame({"study_id": studies, "fold": [i % folds for i in range(len(studies))]}).to_parquet(run / "folds.parquet")
+    jobs = [dc.replace(job, run_dir=str(run), fold=k, n_folds=folds) for k in range(folds)]
+    url = job.inputs[cache_input("train")]
 
     @ray.remote(num_cpus=1)
     def fold_trainer(job: object) -> int:
         seen = 0
         if mode == "materialised":
-            # What training did before the sample cache: the fold's samples built and materialised.
-            studies = split_studies(job, "train")
-            ds = ray.data.from_items([{"study_id": s} for s in studies], override_num_blocks=len(studies))
-            ds = ds.map_batches(lambda b: stage.to_samples(job, "train", source_rows(stage, job, b["study_id"].astype(int).tolist())),
-                                batch_format="pandas", batch_size=1, num_cpus=0, concurrency=1).materialize()
+            ids = split_studies(job, "train")
+            ds = ray.data.from_items([{"study_id": s} for s in ids], override_num_blocks=len(ids))
+            ds = ds.map_batches(lambda b: read_cache(url, b["study_id"].astype(int).tolist()), batch_format="pandas", batch_size=1,
+                                num_cpus=0, concurrency=1).materialize()
             for b in ds.iter_batches(batch_size=8, batch_format="numpy"):
-                stage.to_batch(job, stage.augment(job, b, np.random.default_rng(0)))
                 seen += len(b["study_id"])
-                time.sleep(0.05)
+                time.sleep(0.01)
         else:
-            n = count_samples(job.inputs[cache_input("train")], split_studies(job, "train"))
+            n = count_samples(url, split_studies(job, "train"))
             for batch in StreamedBatches(stage, job, res, -(-n // 8))(0):
                 seen += len(batch["labels"])
-                time.sleep(0.05)
+                time.sleep(0.01)
         return seen
 
     with PeakMonitor(address) as mon:
