@@ -32,6 +32,7 @@ from spine_ray.storage import (
     read_parquet,
     read_text,
 )
+from spine_ray.tracking import tune_callbacks, write_epoch
 from spine_ray.train_loop import EpochResult, fit, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_state(result.state, os.path.join(d, "state.pt"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        if rank == 0:  # per-epoch metrics beside the fold's outputs, for `spine-ray report`
+            write_epoch(fold_dir(job), metrics)
         clock["mark"] = time.perf_counter()
         clock["report_s"] = clock["mark"] - t
 
@@ -267,6 +270,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig) -> 
                 storage_path=_storage_root(join(storage, "tune")),
                 storage_filesystem=_pyarrow_fs(storage),
                 verbose=1,
+                callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", lambda c: {job_key(j): j.config for j in pending}[c["fold"]]),
             ),
         )
         grid = tuner.fit()

@@ -62,6 +62,7 @@ from spine_ray.metric import score_arrays
 from spine_ray.prior import oof_prior
 from spine_ray.schema import GROUPS, SchemaError, label_matrix, read_labels
 from spine_ray.storage import exists, join, read_parquet, read_text
+from spine_ray.tracking import tune_callbacks
 
 # "all" first: the longest search starts first when Tune runs two at a time.
 SPLITS: tuple[str, ...] = ("all", "A", "B")
@@ -193,13 +194,13 @@ def _blend_trial(config: dict[str, Any], data: SplitData, members: tuple[str, ..
     tune.report({"score": s.score, "g0": g[0], "g1": g[1], "g2": g[2]})
 
 
-def _run_config(name: str, storage: str):
+def _run_config(name: str, storage: str, run_dir: str):
     from ray import tune
 
-    return tune.RunConfig(name=name, storage_path=storage, verbose=0)
+    return tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=tune_callbacks(run_dir, f"tune-ensemble-{name}"))
 
 
-def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str) -> tuple[dict[str, Blend], dict[str, float]]:
+def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str, run_dir: str) -> tuple[dict[str, Blend], dict[str, float]]:
     from ray import tune
 
     trainable = tune.with_parameters(_study_trial, splits=splits, members=members, trials=cfg.trials)
@@ -207,7 +208,7 @@ def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg:
         tune.with_resources(trainable, {"cpu": 1}),
         param_space={"split": tune.grid_search(list(SPLITS)), "seed": cfg.seed},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-        run_config=_run_config("blend-batched", storage),
+        run_config=_run_config("blend-batched", storage, run_dir),
     )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
@@ -219,7 +220,7 @@ def _search_batched(splits: dict[str, SplitData], members: tuple[str, ...], cfg:
     )
 
 
-def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str) -> tuple[dict[str, Blend], dict[str, float]]:
+def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cfg: SearchConfig, storage: str, run_dir: str) -> tuple[dict[str, Blend], dict[str, float]]:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -235,7 +236,7 @@ def _search_per_trial(splits: dict[str, SplitData], members: tuple[str, ...], cf
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=cfg.trials, max_concurrent_trials=cfg.concurrency, reuse_actors=True
             ),
-            run_config=_run_config(f"blend-{split}", storage),
+            run_config=_run_config(f"blend-{split}", storage, run_dir),
         )
         df = tuner.fit().get_dataframe()
         df = df[df["score"].notna()]
@@ -264,7 +265,7 @@ def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "
     # Tune's own bookkeeping is throwaway here (blend.json is the output): a local temporary folder.
     with tempfile.TemporaryDirectory(prefix="spine-ray-blend-") as storage:
         search = _search_batched if cfg.mode == "batched" else _search_per_trial
-        found, per_search = search(splits, members, cfg, storage)
+        found, per_search = search(splits, members, cfg, storage, run_dir)
     seconds = time.perf_counter() - t0
 
     final = found["all"]

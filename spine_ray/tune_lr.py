@@ -21,6 +21,7 @@ import torch
 from spine_ray.config import ConfigError, from_dict, save, to_dict
 from spine_ray.stage import FoldJob, Stage, epoch_rng, new_model, numpy_batches, samples
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
+from spine_ray.tracking import tune_callbacks
 from spine_ray.train_loop import TrainConfig, fit
 
 
@@ -125,7 +126,7 @@ def tune_lr(pipeline: Any, target: str, tcfg: TuneLRConfig, stage: Stage, inputs
             search_alg=OptunaSearch(seed=tcfg.seed, points_to_evaluate=[current]),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=stage.train_config(job).epochs, grace_period=tcfg.grace_period),
         ),
-        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=_storage_root(join(out, "ray")), verbose=1),
+        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=_storage_root(join(out, "ray")), verbose=1, callbacks=tune_callbacks(pipeline.run_dir, f"tune-lr-{target}")),
     )
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
