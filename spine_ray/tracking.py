@@ -51,11 +51,22 @@ def tune_callbacks(run_dir: str, experiment: str, params: Callable[[dict[str, An
         def log_trial_start(self, trial: Any) -> None:
             super().log_trial_start(trial)
             if params is not None:
-                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params(trial.config))
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=flatten(params(trial.config)))
 
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return [_Logger(tracking_uri=uri, experiment_name=f"spine-ray/{experiment}", tags={"run_dir": run_dir}, save_artifact=False)]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → flat `a/b/c` keys, so that MLflow shows (and compares) each value as its own parameter."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def set_tracking_uri(uri: str | None) -> None:
@@ -69,7 +80,7 @@ def write_epoch(fold_dir: str, metrics: dict[str, Any]) -> None:
     path = join(fold_dir, METRICS_FILE)
     epoch = int(metrics["epoch"])
     kept = [line for line in (read_text(path).splitlines() if exists(path) else []) if line and json.loads(line)["epoch"] < epoch]
-    row = {k: (float(v) if isinstance(v, int | float) else v) for k, v in metrics.items()}
+    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}  # numpy scalars → JSON
     atomic_write_text(path, "\n".join([*kept, json.dumps(row)]) + "\n")
 
 

@@ -181,8 +181,11 @@ def _study_trial(config: dict[str, Any], splits: dict[str, SplitData], members: 
     from ray import tune
 
     t0 = time.perf_counter()
-    blend, n = optuna_search(splits[config["split"]], members, trials, config["seed"])
-    tune.report({"evaluations": n, "seconds": time.perf_counter() - t0, "blend_json": json.dumps(blend.as_dict())})
+    data = splits[config["split"]]
+    blend, n = optuna_search(data, members, trials, config["seed"])
+    # The score on the search's own studies goes to MLflow with the trial (tracking.tune_callbacks).
+    found = score_blend(blend, data.logp, data.labels).as_dict()
+    tune.report({"evaluations": n, "seconds": time.perf_counter() - t0, "blend_json": json.dumps(blend.as_dict()), **found})
 
 
 def _blend_trial(config: dict[str, Any], data: SplitData, members: tuple[str, ...]) -> None:
