@@ -11,8 +11,10 @@ from rich.table import Table
 
 from spine_ray.config import ConfigError
 from spine_ray.demo import DemoConfig
+from spine_ray.report import ReportConfig
 from spine_ray.schema import SchemaError
 from spine_ray.storage import StorageError
+from spine_ray.tracking import set_tracking_uri
 
 app = typer.Typer(
     help="Lumbar-spine MRI degenerative grading (RSNA 2024) on Ray.",
@@ -158,12 +160,14 @@ def train(
     config: str = typer.Option(..., "--config", help="Pipeline config YAML (see jobs/)."),
     stage: str = typer.Option(None, "--stage", help="Run one stage (localize or grade); default: every stage in order."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3 --set localize.sag_t2.train.epochs=2."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
     """Train every model stage, all folds in parallel, and write out-of-fold tables."""
     from spine_ray.config import load
     from spine_ray.pipeline import PipelineConfig
     from spine_ray.pipeline import train as run_train
 
+    set_tracking_uri(tracking_uri)
     cfg = load(PipelineConfig, config, overrides)
     report = run_train(cfg, stage)
     if "localize" in report:
@@ -188,8 +192,10 @@ def tune_lr_cmd(
     trials: int = typer.Option(8, "--trials", help="Number of trials (each a real training run on one fold)."),
     fold: int = typer.Option(0, "--fold", help="The fold whose held-out studies score each trial."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
     """Search a model's learning rate and weight decay with Ray Tune, Optuna and ASHA."""
+    set_tracking_uri(tracking_uri)
     from spine_ray.config import load
     from spine_ray.pipeline import PipelineConfig, resolved, setup_run, stage_for
     from spine_ray.storage import join
@@ -214,8 +220,10 @@ def tune_ensemble_cmd(
     trials: int = typer.Option(1000, "--trials", help="At most this many hyper-parameter candidates (default: the whole grid)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the draw when --trials cuts the grid."),
     mode: str = typer.Option("batched", "--mode", help="batched: one Tune trial per (per-level, clip), its caps × shrinkages inside; per-trial: one Tune trial per candidate."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
     """Fit per-group member weights, temperatures and a spinal severe factor exactly on OOF predictions; Ray Tune picks shrinkage, cap, per-level temperatures and clip held-out; write blend.json."""
+    set_tracking_uri(tracking_uri)
     from spine_ray.storage import join
     from spine_ray.tune_ensemble import MODES, tune_ensemble
 
@@ -275,10 +283,12 @@ def demo(
     image_size: int = typer.Option(DemoConfig.image_size, "--image-size", help="Synthetic image size (pixels)."),
     blend_trials: int = typer.Option(DemoConfig.blend_trials, "--blend-trials", help="Blend evaluations per search."),
     overrides: list[str] = typer.Option([], "--set", help="Override a pipeline config value."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
-    """synthesise → prepare → train → tune-ensemble → infer → score, and print one table."""
+    """synthesise → prepare → train → tune-ensemble → infer → score → report, and print one table."""
     from spine_ray.demo import run_demo
 
+    set_tracking_uri(tracking_uri)
     s = run_demo(out_dir, config, DemoConfig(studies, test_studies, image_size, blend_trials=blend_trials), tuple(overrides), say=console.print)
     table = Table(title=f"spine-ray demo ({out_dir}/summary.json)")
     table.add_column("")
@@ -301,6 +311,25 @@ def demo(
     times.add_column("total", justify="right")
     times.add_row(*(f"{v:.0f} s" for v in s["seconds"].values()), f"{sum(s['seconds'].values()):.0f} s")
     out.print(times)
+    out.print(f"report: {s['report']}")
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="A training run directory (cv.json, oof.parquet, localize/points.parquet, …); path or URL."),
+    data: str = typer.Option("", "--data", help="The prepared volumes for the pictures (default: the run config's `prepared`)."),
+    out_dir: str = typer.Option("", "--out", help="Where index.html and its images go (default: RUN_DIR/report)."),
+    studies: int = typer.Option(ReportConfig.studies, "--studies", help="Pictures of this many worst and this many random studies."),
+) -> None:
+    """Write a static HTML report of a run: scores, confusion matrices, calibration, localisation, pictures, curves, blend."""
+    from spine_ray.report import build_report
+    from spine_ray.storage import join
+
+    if studies < 0:
+        raise typer.BadParameter("--studies must be ≥ 0")
+    dest = out_dir or join(run_dir, "report")
+    build_report(run_dir, dest, ReportConfig(studies=studies, data=data))
+    out.print(f"report: {join(dest, 'index.html')}")
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """`spine-ray demo`: the whole system on the synthetic default, in one command.
 
 synthesise a train and a test set → prepare both → train every stage (two grade members) →
-tune the ensemble blend → infer on the test studies → score against their labels. Prints one
-table (prior, each member, blend, test score, oracle, share of the prior→oracle gap closed) and
-the time of each step, and writes `summary.json` and a README into the output folder.
+tune the ensemble blend → infer on the test studies → score against their labels → write the
+HTML report into the run. Prints one table (prior, each member, blend, test score, oracle, share
+of the prior→oracle gap closed) and the time of each step, and writes `summary.json` and a README
+into the output folder.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ What each file is (every table is Parquet or CSV with documented columns; see th
   (Ray Train checkpoints, Ray Tune state).
 - `submission.csv` — `spine-ray infer` on the test studies; `submission.csv.report.json` says
   which studies fell back to the prior and why.
+- `run/report/index.html` — `spine-ray report`: scores, confusion matrices, calibration, stage-1
+  errors, the studies with their points drawn, training curves, the blend (open it from disk).
+- `run/mlruns/` — every training fold, Tune trial and blend search in MLflow
+  (`mlflow ui --backend-store-uri run/mlruns`).
 - `summary.json` — the table printed at the end: `prior`, `members`, `blend_cv`, `test_score`,
-  `oracle`, `gap_closed`, `seconds` (per step).
+  `oracle`, `gap_closed`, `seconds` (per step), `report` (its path).
 """
 
 
@@ -47,6 +52,7 @@ class DemoConfig:
     image_size: int = 128
     seed: int = 0
     blend_trials: int = 200
+    report_studies: int = 3  # pictures of this many worst and random studies in the report
 
 
 def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -58,6 +64,7 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     from spine_ray.metric import score_frames
     from spine_ray.pipeline import PipelineConfig, train
     from spine_ray.prior import predict_prior
+    from spine_ray.report import ReportConfig, build_report
     from spine_ray.schema import read_labels, read_submission, submission_frame
     from spine_ray.storage import absolute
     from spine_ray.synth.generate import generate
@@ -104,6 +111,10 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
         "gap_closed": (prior - test["score"]) / (prior - oracle["score"]),
         "seconds": seconds,
     }
+    atomic_write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
+    # The report reads summary.json (held-out scores), so it comes after it; then the summary names it.
+    step("report", lambda: build_report(run, join(run, "report"), ReportConfig(studies=demo.report_studies)))
+    summary["report"] = join(run, "report", "index.html")
     atomic_write_text(join(out, "summary.json"), json.dumps(summary, indent=2))
     atomic_write_text(join(out, "README.md"), RUN_README)
     return summary

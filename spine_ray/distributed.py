@@ -16,6 +16,7 @@ A worker that dies is restarted from the last checkpoint (`FailureConfig`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spine_ray.config import to_dict
 from spine_ray.raycluster import init_ray
 from spine_ray.sample_cache import (
     cache_input,
@@ -57,6 +59,7 @@ from spine_ray.storage import (
     read_parquet,
     read_text,
 )
+from spine_ray.tracking import tune_callbacks, write_epoch
 from spine_ray.train_loop import EpochResult, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -257,6 +260,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_state(result.state, os.path.join(d, "state.pt"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        if rank == 0:  # per-epoch metrics beside the fold's outputs, for `spine-ray report`
+            write_epoch(fold_dir(job), metrics)
         clock["mark"] = time.perf_counter()
         clock["report_s"] = clock["mark"] - t
 
@@ -376,6 +381,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
     if pending:
         init_ray()
         pending = with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))
+        configs = {job_key(j): to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for j in pending}  # logged to MLflow
         first = pending[0]
         storage = join(first.run_dir, "ray")
         trainable = tune.with_parameters(
@@ -396,6 +402,7 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
                 storage_path=storage_root(join(storage, "tune")),
                 storage_filesystem=pyarrow_fs(storage),
                 verbose=1,
+                callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", lambda c: configs[c["fold"]]),
             ),
         )
         grid = tuner.fit()

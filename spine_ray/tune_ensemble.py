@@ -211,7 +211,7 @@ def _structure_trial(config: dict[str, Any], data: CrossData) -> None:
 
     c = config["candidate"]
     rows = [score_candidate(data, FitConfig(s, cap, c["per_level"], c["clip"])) for cap, s in c["grid"]]
-    tune.report({"candidates_json": json.dumps(rows), "held_out": sum(sum(r["held_out"]) for r in rows)})
+    tune.report({"candidates_json": json.dumps(rows), "held_out": min(sum(r["held_out"]) for r in rows)})  # its best candidate
 
 
 def _candidate_trial(config: dict[str, Any], data: CrossData) -> None:
@@ -222,9 +222,14 @@ def _candidate_trial(config: dict[str, Any], data: CrossData) -> None:
     tune.report({"candidates_json": json.dumps([row]), "held_out": sum(row["held_out"])})
 
 
-def run_candidates(data: CrossData, candidates: list[FitConfig], cfg: SearchConfig, storage: str) -> list[dict[str, Any]]:
-    """Score every candidate with Ray Tune (one trial per structure, or per candidate); rows in grid order."""
+def run_candidates(data: CrossData, candidates: list[FitConfig], cfg: SearchConfig, storage: str, run_dir: str | None = None) -> list[dict[str, Any]]:
+    """Score every candidate with Ray Tune (one trial per structure, or per candidate); rows in grid order.
+
+    With `run_dir`, every trial (its candidate and held-out score) is logged to the run's MLflow store.
+    """
     from ray import tune
+
+    from spine_ray.tracking import tune_callbacks
 
     if cfg.mode == "batched":
         # Few, larger trials: each Tune trial costs about a second of scheduling on a busy machine.
@@ -240,7 +245,8 @@ def run_candidates(data: CrossData, candidates: list[FitConfig], cfg: SearchConf
         tune.with_resources(trainable, {"cpu": 1}),
         param_space={"candidate": tune.grid_search(space)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"blend-{cfg.mode}", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name=f"blend-{cfg.mode}", storage_path=storage, verbose=0,
+                                  callbacks=tune_callbacks(run_dir, f"tune-ensemble-blend-{cfg.mode}") if run_dir else []),
     )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
@@ -310,7 +316,7 @@ def tune_ensemble(run_dir: str, trials: int = 1000, seed: int = 0, mode: str = "
     t0 = time.perf_counter()
     # Tune's own bookkeeping is throwaway here (blend.json is the output): a local temporary folder.
     with tempfile.TemporaryDirectory(prefix="spine-ray-blend-") as storage:
-        rows = run_candidates(data, candidates, cfg, storage)
+        rows = run_candidates(data, candidates, cfg, storage, run_dir)
     t_candidates = time.perf_counter() - t0
 
     singles = {m: score_arrays(y, run.matrix.probs[i]) for i, m in enumerate(members)}

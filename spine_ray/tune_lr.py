@@ -24,6 +24,7 @@ from spine_ray.localize import ViewConfig
 from spine_ray.pipeline import PipelineConfig, resolved
 from spine_ray.stage import FoldJob, Stage, collate, fit_fold, local_batches, numpy_batches, samples
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
+from spine_ray.tracking import tune_callbacks
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: St
             search_alg=OptunaSearch(seed=tcfg.seed, points_to_evaluate=[current]),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=stage.train_config(job).epochs, grace_period=tcfg.grace_period),
         ),
-        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=storage_root(join(out, "ray")), verbose=1),
+        run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=storage_root(join(out, "ray")), verbose=1, callbacks=tune_callbacks(pipeline.run_dir, f"tune-lr-{target}")),
     )
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_loss", mode="min", scope="all")

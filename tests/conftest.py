@@ -126,3 +126,17 @@ def prepared(synthetic, ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     prepare(str(synthetic), str(out), "train", workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_demo(ray_local, tmp_path_factory):
+    """A reduced `spine-ray demo` with the smoke config (6 + 3 studies at 64 px): (out dir, summary).
+
+    Session-scoped: the end-to-end checks and the report's checks share this one run.
+    """
+    from spine_ray.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    root = Path(__file__).resolve().parents[1]
+    summary = run_demo(str(out), str(root / "jobs" / "smoke.yaml"), DemoConfig(studies=6, test_studies=3, image_size=64, blend_trials=20), say=lambda _m: None)
+    return out, summary

@@ -12,21 +12,17 @@ import pandas as pd
 import pytest
 
 from spine_ray.config import load
-from spine_ray.demo import DemoConfig, run_demo
 from spine_ray.infer import infer
 from spine_ray.metric import score_frames
 from spine_ray.pipeline import PipelineConfig
 from spine_ray.schema import N_TARGETS, read_labels, read_series, read_submission
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(str(out), str(ROOT / "jobs" / "smoke.yaml"), DemoConfig(studies=6, test_studies=3, image_size=64, blend_trials=20), say=lambda _m: None)
-    return out, summary
+def demo(smoke_demo):
+    return smoke_demo
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +39,10 @@ def synthetic_data(demo):
 
 def test_demo_summary_is_consistent_with_its_files(demo):
     out, summary = demo
-    assert set(summary) >= {"prior", "members", "blend_cv", "test_score", "oracle", "gap_closed", "seconds"}
+    assert set(summary) >= {"prior", "members", "blend_cv", "test_score", "oracle", "gap_closed", "seconds", "report"}
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert set(summary["seconds"]) == {"synthesise", "prepare", "train", "tune-ensemble", "infer"}
+    assert set(summary["seconds"]) == {"synthesise", "prepare", "train", "tune-ensemble", "infer", "report"}
+    assert Path(summary["report"]).is_file()
     labels = read_labels(str(out / "data" / "test_labels.csv"))
     assert summary["test_score"] == pytest.approx(score_frames(labels, read_submission(str(out / "submission.csv"))).score)
     assert summary["gap_closed"] == pytest.approx((summary["prior"] - summary["test_score"]) / (summary["prior"] - summary["oracle"]))

@@ -1,0 +1,90 @@
+"""Experiment tracking and per-epoch metrics: MLflow through Ray's integration, and a metrics table per fold.
+
+Every Ray Tune run (the fold trials of `spine-ray train`, the trials of `tune-lr`, the blend
+searches of `tune-ensemble`) gets `tune_callbacks(...)` in its RunConfig: Ray's
+`MLflowLoggerCallback` logs each trial's config as parameters and each reported result as metrics,
+one MLflow run per trial, so runs can be compared side by side (`mlflow ui --backend-store-uri …`).
+
+Where it logs: `--tracking-uri` (or MLFLOW_TRACKING_URI) when given, else a local file store
+`{run_dir}/mlruns`. The file store needs no server and no database driver, which is why
+`mlflow-skinny` is enough; MLflow ≥ 3.7 refuses it unless MLFLOW_ALLOW_FILE_STORE is set, so we set
+it for the file store only.
+
+`write_epoch` keeps each fold's per-epoch metrics (as Ray Train reported them) in
+`{fold_dir}/metrics.jsonl`, which `spine-ray report` draws as training curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from spine_ray.storage import absolute, atomic_write_text, exists, is_local, join, read_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def tracking_uri(run_dir: str) -> str:
+    """MLFLOW_TRACKING_URI when set, else the file store `{run_dir}/mlruns` (local run dirs only)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    if not is_local(run_dir):
+        return ""  # an s3:// run dir has no file store beside it: set --tracking-uri to a server
+    return "file://" + join(absolute(run_dir), "mlruns")
+
+
+def tune_callbacks(run_dir: str, experiment: str, params: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> list[Any]:
+    """Callbacks for a Ray Tune RunConfig that log every trial to MLflow (none if tracking is off).
+
+    `params` maps a trial's config to more parameters to log with it (e.g. a fold trial's whole
+    model and training config, where the trial's own config only names the fold).
+    """
+    uri = tracking_uri(run_dir)
+    if not uri or os.environ.get("SPINE_RAY_TRACKING", "1") == "0":
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class _Logger(MLflowLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            super().log_trial_start(trial)
+            if params is not None:
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=flatten(params(trial.config)))
+
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [_Logger(tracking_uri=uri, experiment_name=f"spine-ray/{experiment}", tags={"run_dir": run_dir}, save_artifact=False)]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → flat `a/b/c` keys, so that MLflow shows (and compares) each value as its own parameter."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_tracking_uri(uri: str | None) -> None:
+    """Make `--tracking-uri` the tracking URI of this process (and of what it starts)."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def write_epoch(fold_dir: str, metrics: dict[str, Any]) -> None:
+    """Add one epoch's metrics to `{fold_dir}/metrics.jsonl`, replacing that epoch and later ones (a resumed fold)."""
+    path = join(fold_dir, METRICS_FILE)
+    epoch = int(metrics["epoch"])
+    kept = [line for line in (read_text(path).splitlines() if exists(path) else []) if line and json.loads(line)["epoch"] < epoch]
+    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}  # numpy scalars → JSON
+    atomic_write_text(path, "\n".join([*kept, json.dumps(row)]) + "\n")
+
+
+def read_epochs(fold_dir: str) -> list[dict[str, Any]]:
+    """A fold's per-epoch metrics, oldest first ([] when it has none)."""
+    path = join(fold_dir, METRICS_FILE)
+    return [json.loads(line) for line in read_text(path).splitlines() if line] if exists(path) else []

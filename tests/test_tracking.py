@@ -1,0 +1,35 @@
+"""Tracking: per-epoch metrics survive a resumed fold without duplicates; MLflow goes where it is told."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spine_ray.tracking import flatten, read_epochs, tracking_uri, tune_callbacks, write_epoch
+
+
+def test_a_resumed_fold_replaces_the_epochs_it_trains_again(tmp_path):
+    fold = str(tmp_path / "grade" / "a" / "fold0")
+    for e in range(3):
+        write_epoch(fold, {"epoch": e, "train_loss": np.float32(1.0 - e / 10), "phase": "first"})
+    write_epoch(fold, {"epoch": 1, "train_loss": 0.5, "phase": "resumed"})  # restarted from epoch 0's checkpoint
+    rows = read_epochs(fold)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[1] == {"epoch": 1, "train_loss": 0.5, "phase": "resumed"}
+    assert read_epochs(str(tmp_path / "nothing")) == []
+
+
+def test_tracking_goes_to_the_run_dir_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(str(tmp_path / "run")) == f"file://{tmp_path / 'run' / 'mlruns'}"
+    assert tracking_uri("s3://bucket/run") == ""  # no file store beside a remote run: off unless a server is given
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking_uri("s3://bucket/run") == "http://mlflow.internal:5000"
+    (cb,) = tune_callbacks(str(tmp_path / "run"), "train-grade")
+    assert cb.tracking_uri == "http://mlflow.internal:5000" and cb.experiment_name == "spine-ray/train-grade"
+    monkeypatch.setenv("SPINE_RAY_TRACKING", "0")
+    assert tune_callbacks(str(tmp_path / "run"), "x") == []
+
+
+def test_nested_configs_become_one_parameter_per_value():
+    assert flatten({"model": {"backbone": "resnet10t", "dims": [1, 2]}, "lr": 0.1}) == {"model/backbone": "resnet10t", "model/dims": [1, 2], "lr": 0.1}
+
