@@ -87,6 +87,7 @@ class ResourcesConfig:
     chunk_studies: int = 4  # studies per augmentation task
     prefetch_batches: int = 4  # batches collated ahead of the trainer
     shuffle_batches: int = 4  # local shuffle buffer, in batches (mixes samples across tasks)
+    stream_window_mb: int = 256  # object-store budget of one worker's stream (Ray Data backpressures beyond it)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
@@ -95,6 +96,8 @@ class ResourcesConfig:
             raise ValueError("poll_interval_s must be > 0")
         if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_batches < 0:
             raise ValueError("data_cpus must be ≥ 0; data_concurrency, chunk_studies and prefetch_batches ≥ 1; shuffle_batches ≥ 0")
+        if self.stream_window_mb < 16:
+            raise ValueError("stream_window_mb must be ≥ 16")
 
 
 def fold_dir(job: FoldJob) -> str:
@@ -139,9 +142,6 @@ def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs:
     """
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same seed gives the same batches
-    ctx.enable_progress_bars = False  # one pipeline per worker: bars would flood the driver's console
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     url = job.inputs[cache_input("train")]
     seed = stage.train_config(job).seed
@@ -150,11 +150,18 @@ def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs:
         for e in epochs for i, p in enumerate(epoch_parts(job, seed, e, resources.chunk_studies, rank, world))
     ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(
+    ds = ds.map_batches(
         augment_part, batch_size=1, batch_format="numpy",
         fn_kwargs={"stage": stage, "job": job, "url": url, "manifest": read_manifest(url), "rank": rank},
         num_cpus=resources.data_cpus, concurrency=resources.data_concurrency,
     )
+    ctx = ds.context  # this dataset's own copy of the DataContext
+    ctx.execution_options.preserve_order = True  # the same seed gives the same batches
+    ctx.enable_progress_bars = False  # one pipeline per worker: bars would flood the driver's console
+    # The object store holds a bounded window of this worker's stream, whatever the data's size.
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=resources.stream_window_mb * 2**20)
+    return ds
 
 
 class StreamedBatches:
