@@ -130,7 +130,7 @@ def test_streamed_batches_give_every_epoch_its_steps_the_same_way_twice(ray_loca
     assert [len(e) for e in longer] == [-(-n // 8) + 3] * 2 and all(len(b) for b in longer[1])
 
 
-@pytest.mark.parametrize("bad", [{"data_cpus": -1}, {"data_concurrency": 0}, {"chunk_studies": 0}])
+@pytest.mark.parametrize("bad", [{"data_cpus": -1}, {"data_concurrency": 0}, {"chunk_studies": 0}, {"stream_window_mb": 8}])
 def test_resources_config_rejects_a_bad_input_pipeline(bad):
     with pytest.raises(ValueError):
         dataclasses.replace(ResourcesConfig(), **bad)
