@@ -104,23 +104,17 @@ def stage2_attention(run_dir: str, member: str, fold: int, volumes: pd.DataFrame
 
     import torch
 
-    from spine_ray.grade import (
-        SAMPLE_COLUMNS,
-        GradeStage,
-        _cfg,
-        _forward,
-        collate_samples,
-        study_samples,
-    )
-    from spine_ray.stage import FoldJob
+    from spine_ray.config import load
+    from spine_ray.grade import SAMPLE_COLUMNS, _forward, collate_samples, study_samples
+    from spine_ray.models.grader import Grader
+    from spine_ray.pipeline import PipelineConfig
     from spine_ray.storage import read_bytes
+    from spine_ray.train_loop import load_state
 
-    ck = torch.load(io.BytesIO(read_bytes(join(run_dir, "grade", member, f"fold{fold}", "model.pt"))), map_location="cpu", weights_only=False)
-    stage = GradeStage()
-    job = FoldJob("grade", member, fold, fold + 1, ck["config"], "", run_dir, {})
-    model = stage.build_model(job)
-    model.load_state_dict(ck["model"])
-    gcfg = _cfg(job)
+    url = join(run_dir, "grade", member, f"fold{fold}", "model.pt")
+    gcfg = next(m for m in load(PipelineConfig, join(run_dir, "config.yaml")).grade if m.name == member)
+    model = Grader(gcfg.model)
+    model.load_state_dict(load_state(io.BytesIO(read_bytes(url)), what=url)["model"])
     samples = pd.DataFrame(study_samples(gcfg, volumes, points), columns=SAMPLE_COLUMNS)
     if not len(samples):
         return None
