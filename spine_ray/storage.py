@@ -7,13 +7,14 @@ and transient object-store errors are retried with exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
@@ -107,22 +108,28 @@ def makedirs(url: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _replaced_when_done(path: str) -> Iterator[str]:
+    """A temporary file beside local `path` that replaces it only if the block completes."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write a file so that readers see either the old file, nothing, or the whole new one."""
     fs, path = fs_for(url)
     if is_local(url):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _replaced_when_done(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         return
     # Object stores publish an object only when its upload completes.
     with_retries(lambda: fs.pipe_file(path, data), f"write {url}")
@@ -161,18 +168,11 @@ def atomic_write_parquet_stream(url: str, schema: pa.Schema, tables: Iterable[pa
 
     fs, path = fs_for(url)
     if is_local(url):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
+        with _replaced_when_done(path) as tmp:
             with pq.ParquetWriter(tmp, schema, **options) as w:
                 for t in tables:
                     w.write_table(t)
             size = os.path.getsize(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return size
     # Object stores: a multipart upload becomes visible only when the writer closes successfully.
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:
