@@ -5,8 +5,11 @@ searches of `tune-ensemble`) gets `tune_callbacks(...)` in its RunConfig: Ray's
 `MLflowLoggerCallback` logs each trial's config as parameters and each reported result as metrics,
 one MLflow run per trial, so runs can be compared side by side (`mlflow ui --backend-store-uri …`).
 
-Where it logs: `--tracking-uri` (or MLFLOW_TRACKING_URI) when given, else a local file store
-`{run_dir}/mlruns`. The file store needs no server and no database driver, which is why
+Where it logs: `--tracking-uri` (or MLFLOW_TRACKING_URI as this process found it) when given, else
+a local file store `{run_dir}/mlruns`. MLflow's own `set_tracking_uri` (which Ray's callback calls for
+every run) writes MLFLOW_TRACKING_URI into the environment, so that variable cannot say where the
+*next* run should log: the user's choice is kept in SPINE_RAY_TRACKING_URI instead (inherited by
+subprocesses and Ray jobs), and MLFLOW_TRACKING_URI is read once, when this module is imported. The file store needs no server and no database driver, which is why
 `mlflow-skinny` is enough; MLflow ≥ 3.7 refuses it unless MLFLOW_ALLOW_FILE_STORE is set, so we set
 it for the file store only.
 
@@ -26,9 +29,13 @@ from spine_ray.storage import absolute, atomic_write_text, exists, is_local, joi
 METRICS_FILE = "metrics.jsonl"
 
 
+# What the user's environment said before MLflow (which rewrites it for every run it sets up) ran here.
+_ENV_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
 def tracking_uri(run_dir: str) -> str:
-    """MLFLOW_TRACKING_URI when set, else the file store `{run_dir}/mlruns` (local run dirs only)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    """The user's tracking URI when one was given, else the file store `{run_dir}/mlruns` (local run dirs only)."""
+    uri = os.environ.get("SPINE_RAY_TRACKING_URI", "") or _ENV_URI
     if uri:
         return uri
     if not is_local(run_dir):
@@ -72,7 +79,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def set_tracking_uri(uri: str | None) -> None:
     """Make `--tracking-uri` the tracking URI of this process (and of what it starts)."""
     if uri:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ["SPINE_RAY_TRACKING_URI"] = uri
 
 
 def write_epoch(fold_dir: str, metrics: dict[str, Any]) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from spine_ray.tracking import flatten, read_epochs, tracking_uri, tune_callbacks, write_epoch
+from spine_ray.tracking import (
+    flatten,
+    read_epochs,
+    set_tracking_uri,
+    tracking_uri,
+    tune_callbacks,
+    write_epoch,
+)
 
 
 def test_a_resumed_fold_replaces_the_epochs_it_trains_again(tmp_path):
@@ -19,10 +26,18 @@ def test_a_resumed_fold_replaces_the_epochs_it_trains_again(tmp_path):
 
 
 def test_tracking_goes_to_the_run_dir_unless_told_otherwise(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    monkeypatch.setenv("SPINE_RAY_TRACKING_URI", "")  # unset; restored after the test, whatever --tracking-uri sets below
+    monkeypatch.setattr("spine_ray.tracking._ENV_URI", "")
     assert tracking_uri(str(tmp_path / "run")) == f"file://{tmp_path / 'run' / 'mlruns'}"
     assert tracking_uri("s3://bucket/run") == ""  # no file store beside a remote run: off unless a server is given
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    # Ray's callback sets MLflow's URI for a run, and MLflow writes it into MLFLOW_TRACKING_URI:
+    # the next run in this process must still log beside its own run dir.
+    mlflow.set_tracking_uri(f"file://{tmp_path / 'first' / 'mlruns'}")
+    assert tracking_uri(str(tmp_path / "second")) == f"file://{tmp_path / 'second' / 'mlruns'}"
+    mlflow.set_tracking_uri(None)
+    set_tracking_uri("http://mlflow.internal:5000")  # --tracking-uri
     assert tracking_uri("s3://bucket/run") == "http://mlflow.internal:5000"
     (cb,) = tune_callbacks(str(tmp_path / "run"), "train-grade")
     assert cb.tracking_uri == "http://mlflow.internal:5000" and cb.experiment_name == "spine-ray/train-grade"
