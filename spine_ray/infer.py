@@ -99,19 +99,9 @@ class StudyPredictor:
     @torch.no_grad()
     def predict(self, volumes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Volume rows of one study → (probabilities [25, 3], predicted mask [25]); prior where not predicted."""
-        from spine_ray.grade import predict_study
-        from spine_ray.localize import locate_study
-
         if volumes.empty:
             return self.prior.copy(), np.zeros(N_TARGETS, bool)
-        members, masks = {}, {}
-        for variant, (localizers, configs) in self.localizers.items():
-            points = locate_study(localizers, configs, volumes)
-            for name, (models, cfg) in self.graders.items():  # cross-ensembling: every grader on every stage-1 member's points
-                probs, mask = predict_study(models, cfg, volumes, points)
-                member = variant_member(name, variant)
-                members[member] = np.where(mask[:, None], probs, self.prior)
-                masks[member] = mask
+        members, masks = self.member_probs(volumes)
         if self.blend is not None:
             from spine_ray.blend import apply_blend
 
@@ -120,6 +110,22 @@ class StudyPredictor:
             blended = np.mean(list(members.values()), axis=0)
         mask = np.any(list(masks.values()), axis=0)
         return np.where(mask[:, None], blended, self.prior), mask
+
+    @torch.no_grad()
+    def member_probs(self, volumes: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Volume rows of one study → every member's probabilities [25, 3] (prior where it predicted nothing) and mask [25]."""
+        from spine_ray.grade import predict_study
+        from spine_ray.localize import locate_study
+
+        members, masks = {}, {}
+        for variant, (localizers, configs) in self.localizers.items():
+            points = locate_study(localizers, configs, volumes)
+            for name, (models, cfg) in self.graders.items():  # cross-ensembling: every grader on every stage-1 member's points
+                probs, mask = predict_study(models, cfg, volumes, points)
+                member = variant_member(name, variant)
+                members[member] = np.where(mask[:, None], probs, self.prior)
+                masks[member] = mask
+        return members, masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry: a batch of decoded studies → their probabilities and fallback notes."""
