@@ -33,6 +33,7 @@ from spine_ray.config import save
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
+from spine_ray.label_clean import excluded_targets
 from spine_ray.localize import LocalizeConfig, LocalizeStage, error_summary
 from spine_ray.metric import score_arrays
 from spine_ray.prior import fit_prior, oof_prior
@@ -75,6 +76,7 @@ class PipelineConfig:
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
     samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
+    exclude_labels: str | None = None  # a `spine-ray clean-labels` flags table: its flagged labels are unlabelled in training
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -98,6 +100,7 @@ def resolved(cfg: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(
         cfg, prepared=absolute(cfg.prepared), run_dir=absolute(cfg.run_dir), oracle=absolute(cfg.oracle) if cfg.oracle else None,
         samples_dir=absolute(cfg.samples_dir) if cfg.samples_dir else None,
+        exclude_labels=absolute(cfg.exclude_labels) if cfg.exclude_labels else None,
     )
 
 
@@ -156,6 +159,9 @@ def stage_for(cfg: PipelineConfig, stage: str):
         case "grade":
             if not exists(points_url(cfg)):
                 raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
+            if cfg.exclude_labels:
+                excluded_targets(cfg.exclude_labels)  # a bad table fails here, in one line, before any worker starts
+                return GradeStage(), {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
             return GradeStage(), {"points": points_url(cfg)}
     raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
 
