@@ -60,7 +60,7 @@ def main() -> None:
         setup_s = time.perf_counter() - t0
 
         print(f"{args.studies} synthetic studies, seed {args.seed} (set-up {setup_s:.1f} s)")
-        print(f"{'OOF':<9} {'threshold':>9} {'flagged':>8} {'precision':>9} {'recall':>7} {'base rate':>9} {'lift':>6}")
+        print(f"{'OOF':<9} {'threshold':>9} {'flagged':>8} {'precision':>9} {'recall':>7} {'base rate':>9} {'lift':>6} {'judged':>7} {'flipped':>7}")
         for thr in THRESHOLDS:
             rows = {
                 "oracle": noise_recovery(flag_labels(oracle, labels, studies, thr), lat),
@@ -70,7 +70,7 @@ def main() -> None:
             }
             for name, r in rows.items():
                 lift = r.precision / r.base_rate if r.flagged else float("nan")
-                print(f"{name:<9} {thr:>9.2f} {r.flagged:>8d} {r.precision:>9.1%} {r.recall:>7.1%} {r.base_rate:>9.1%} {lift:>5.1f}x")
+                print(f"{name:<9} {thr:>9.2f} {r.flagged:>8d} {r.precision:>9.1%} {r.recall:>7.1%} {r.base_rate:>9.1%} {lift:>5.1f}x {r.judged:>7d} {r.flipped:>7d}")
 
 
 if __name__ == "__main__":

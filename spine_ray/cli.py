@@ -11,6 +11,7 @@ from rich.table import Table
 
 from spine_ray.config import ConfigError
 from spine_ray.demo import DemoConfig
+from spine_ray.label_clean import DEFAULT_THRESHOLD
 from spine_ray.report import ReportConfig
 from spine_ray.schema import SchemaError
 from spine_ray.storage import StorageError
@@ -246,7 +247,7 @@ def tune_ensemble_cmd(
 @app.command("clean-labels")
 def clean_labels_cmd(
     run_dir: str = typer.Argument(..., help="A training run directory (oof.parquet, train_labels.csv); path or URL."),
-    threshold: float = typer.Option(0.1, "--threshold", help="Flag a label when the OOF ensemble gives its grade a probability below this."),
+    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="Flag a label when the OOF ensemble gives its grade a probability below this."),
     out_path: str = typer.Option("", "--out", help="Where to write the flags table (default: RUN_DIR/label_flags.parquet)."),
     synthetic: str = typer.Option("", "--synthetic", help="The `spine-ray synth` dataset behind the run (default: found through the run's prepared manifest)."),
 ) -> None:

@@ -38,8 +38,9 @@ from spine_ray.schema import (
 from spine_ray.storage import atomic_write_parquet, exists, join, read_bytes, read_text
 
 FLAGS_FILE = "label_flags.parquet"
-# Below the rate at which a calibrated model disbelieves a correct label: on the synthetic ideal
-# OOF (docs/BENCHMARKS.md) 0.1 keeps precision well above the base rate at useful recall.
+# Conservative: a calibrated ensemble keeps ~100% precision up to 0.3 on synthetic data, but a noisy
+# model's flags are half correct labels already at 0.1 (docs/BENCHMARKS.md), and a wrongly dropped
+# label is usually a rare, informative grade.
 DEFAULT_THRESHOLD = 0.1
 FLAG_COLUMNS: tuple[str, ...] = (
     "study_id", "target", "label", "p_label", "p_normal_mild", "p_moderate", "p_severe", "flagged",

@@ -12,6 +12,7 @@ A run directory holds everything a run produced (paths or URLs):
     grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
+    label_flags.parquet   `spine-ray clean-labels`: labels the OOF ensemble disbelieves (`exclude_labels` of a rerun)
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
     ray/                  Ray Train checkpoints and Ray Tune experiment state
 """

@@ -15,6 +15,7 @@ from spine_ray.label_clean import (
     clean_labels,
     ensemble_probs,
     excluded_targets,
+    find_latent,
     flag_counts,
     flag_labels,
     noise_recovery,
@@ -150,7 +151,7 @@ def prepared(tmp_path_factory):
     for group in plan["groups"]:
         decode_group(group, data, prep)
     finalise(plan, data, prep, {}, 0.0)
-    return prep
+    return root / "prep"
 
 
 def test_exclusion_masks_training_labels_only_and_changes_the_train_cache_key(prepared, tmp_path):
@@ -199,3 +200,24 @@ def test_exclusion_masks_training_labels_only_and_changes_the_train_cache_key(pr
     write_flags(flags.assign(flagged=~flags["flagged"]), str(tmp_path / "flags.parquet"))
     assert len({k_plain, k_masked, cache_key(stage, masked, "train")[0]}) == 3
     assert cache_key(stage, plain, "val")[0] == cache_key(stage, masked, "val")[0]
+    # clean-labels finds the synthetic latents through the run's config and the prepared manifest.
+    (tmp_path / "config.yaml").write_text(f"prepared: {prep}\n")
+    assert find_latent(str(tmp_path)) == str(prepared.parent / "data" / "latent.csv")
+    assert find_latent(str(tmp_path / "elsewhere")) is None
+
+
+def test_pipeline_passes_a_valid_exclusion_to_grade_and_refuses_a_bad_one(tmp_path):
+    from spine_ray.config import load
+    from spine_ray.pipeline import PipelineConfig, resolved, stage_for
+
+    (tmp_path / "run" / "localize").mkdir(parents=True)
+    pd.DataFrame({"study_id": [1]}).to_parquet(tmp_path / "run" / "localize" / "points.parquet")
+    write_flags(pd.DataFrame({"study_id": [1], "target": [T0], "label": [2], "p_label": [0.01], "p_normal_mild": [0.9],
+                              "p_moderate": [0.09], "p_severe": [0.01], "flagged": [True]}), str(tmp_path / "flags.parquet"))
+    base = [f"run_dir={tmp_path / 'run'}"]
+    assert "exclude_labels" not in stage_for(resolved(load(PipelineConfig, None, base)), "grade")[1]
+    cfg = resolved(load(PipelineConfig, None, [*base, f"exclude_labels={tmp_path / 'flags.parquet'}"]))
+    assert stage_for(cfg, "grade")[1]["exclude_labels"] == str(tmp_path / "flags.parquet")
+    cfg = resolved(load(PipelineConfig, None, [*base, f"exclude_labels={tmp_path / 'gone.parquet'}"]))
+    with pytest.raises(SchemaError, match="gone.parquet: file not found"):
+        stage_for(cfg, "grade")
