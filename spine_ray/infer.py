@@ -28,6 +28,7 @@ import torch
 
 from spine_ray.baseline import read_prior
 from spine_ray.config import load
+from spine_ray.localize import variant_member
 from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
 from spine_ray.storage import atomic_write_text, exists, join, read_bytes
 
@@ -76,11 +77,15 @@ class StudyPredictor:
         self.device = torch.device(device)
         cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
         self.prior = read_prior(join(run_dir, "prior.csv"))
-        self.localizers, self.loc_configs = {}, {}
-        for view in ("sag_t2", "sag_t1", "axial"):
-            vc = getattr(cfg.localize, view)
-            self.localizers[view] = _load_models(run_dir, "localize", view, cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
-            self.loc_configs[view] = vc
+        # Stage-1 members: the main localisers ("") and each variant's, every view's folds.
+        self.localizers: dict[str, tuple[dict, dict]] = {}
+        for variant, loc in cfg.stage1_members():
+            models, configs = {}, {}
+            for view in ("sag_t2", "sag_t1", "axial"):
+                vc = getattr(loc, view)
+                models[view] = _load_models(run_dir, "localize", variant_member(view, variant), cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
+                configs[view] = vc
+            self.localizers[variant] = (models, configs)
         self.graders = {}
         for member in cfg.grade:
             models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
@@ -99,12 +104,14 @@ class StudyPredictor:
 
         if volumes.empty:
             return self.prior.copy(), np.zeros(N_TARGETS, bool)
-        points = locate_study(self.localizers, self.loc_configs, volumes)
         members, masks = {}, {}
-        for name, (models, cfg) in self.graders.items():
-            probs, mask = predict_study(models, cfg, volumes, points)
-            members[name] = np.where(mask[:, None], probs, self.prior)
-            masks[name] = mask
+        for variant, (localizers, configs) in self.localizers.items():
+            points = locate_study(localizers, configs, volumes)
+            for name, (models, cfg) in self.graders.items():  # cross-ensembling: every grader on every stage-1 member's points
+                probs, mask = predict_study(models, cfg, volumes, points)
+                member = variant_member(name, variant)
+                members[member] = np.where(mask[:, None], probs, self.prior)
+                masks[member] = mask
         if self.blend is not None:
             from spine_ray.blend import apply_blend
 
@@ -179,7 +186,8 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
         for s, g in series.groupby("study_id")
     ]
     cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
-    for stage, member in [("localize", v) for v in ("sag_t2", "sag_t1", "axial")] + [("grade", m.name) for m in cfg.grade]:
+    views = [("localize", variant_member(view, v)) for v, _ in cfg.stage1_members() for view in ("sag_t2", "sag_t1", "axial")]
+    for stage, member in views + [("grade", m.name) for m in cfg.grade]:
         for k in range(cfg.folds):
             check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
     init_ray()
