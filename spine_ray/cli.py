@@ -11,6 +11,7 @@ from rich.table import Table
 
 from spine_ray.config import ConfigError
 from spine_ray.demo import DemoConfig
+from spine_ray.label_clean import DEFAULT_THRESHOLD
 from spine_ray.report import ReportConfig
 from spine_ray.schema import SchemaError
 from spine_ray.storage import StorageError
@@ -241,6 +242,35 @@ def tune_ensemble_cmd(
     if filled:
         out.print(f"rows filled from the prior: {filled}")
     out.print(f"wrote {join(run_dir, 'blend.json')}")
+
+
+@app.command("clean-labels")
+def clean_labels_cmd(
+    run_dir: str = typer.Argument(..., help="A training run directory (oof.parquet, train_labels.csv); path or URL."),
+    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="Flag a label when the OOF ensemble gives its grade a probability below this."),
+    out_path: str = typer.Option("", "--out", help="Where to write the flags table (default: RUN_DIR/label_flags.parquet)."),
+    synthetic: str = typer.Option("", "--synthetic", help="The `spine-ray synth` dataset behind the run (default: found through the run's prepared manifest)."),
+) -> None:
+    """Flag labels the out-of-fold ensemble disbelieves (p(label) < threshold); on synthetic data, score them against the known flips."""
+    from spine_ray.label_clean import clean_labels
+    from spine_ray.storage import join
+
+    if not 0.0 < threshold < 1.0:
+        raise typer.BadParameter("--threshold must be in (0, 1)")
+    r = clean_labels(run_dir, threshold, out_path or None, synthetic or None)
+    table = Table(title=f"labels with OOF p(label) < {threshold:g} ({r.flags_url})")
+    for col in ("condition", "judged", "flagged", "share"):
+        table.add_column(col, justify="right" if col != "condition" else "left")
+    for cond, row in r.counts.iterrows():
+        table.add_row(str(cond), str(int(row["judged"])), str(int(row["flagged"])), f"{row['share']:.1%}")
+    out.print(table)
+    if r.recovery is not None:
+        rc = r.recovery
+        out.print(
+            f"against the synthetic flips ({r.latent_url}): {rc.flipped} of {rc.judged} labels flipped (base rate {rc.base_rate:.1%}); "
+            f"flagged precision {rc.precision:.1%}, recall {rc.recall:.1%} ({rc.hits} of {rc.flagged} flags are flips)"
+        )
+    out.print(f"retrain without them: spine-ray train --config {join(run_dir, 'config.yaml')} --set exclude_labels={r.flags_url}")
 
 
 @app.command()

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from spine_ray.crops import crop_stack
+from spine_ray.label_clean import excluded_targets
 from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
 from spine_ray.schema import (
@@ -174,10 +175,16 @@ def _points_for(job: FoldJob, split: str) -> pd.DataFrame:
 
 
 def _severity(job: FoldJob, split: str) -> pd.DataFrame:
+    """Labels per (study, target); in `train`, those of `job.inputs["exclude_labels"]` become −1 (val keeps all, so CV stays comparable)."""
     if split == "test":
         return pd.DataFrame(columns=["study_id", "target", "severity"])
     lab = _labels(job.prepared)
-    return lab.drop_duplicates(["study_id", "target"])[["study_id", "target", "severity"]]
+    sev = lab.drop_duplicates(["study_id", "target"])[["study_id", "target", "severity"]]
+    if split == "train" and "exclude_labels" in job.inputs:
+        out = excluded_targets(job.inputs["exclude_labels"]).assign(out=True)
+        drop = sev.merge(out, on=["study_id", "target"], how="left")["out"].fillna(False).to_numpy(bool)
+        sev = sev.assign(severity=np.where(drop, -1, sev["severity"].to_numpy()))
+    return sev
 
 
 def study_samples(
@@ -466,7 +473,9 @@ class GradeStage:
         c: GradeConfig = job.config
         return {
             "sagittal_mm": c.sagittal_mm, "axial_mm": c.axial_mm, "out_px": c.out_px, "k": c.k, "max_shift": c.max_shift,
-            "context": c.context, "multiview_spinal": c.multiview_spinal, "inputs": ["points"] if split != "train" else [],
+            "context": c.context, "multiview_spinal": c.multiview_spinal,
+            # Train samples store labels, so an exclusion table's content is part of their key.
+            "inputs": ["points"] if split != "train" else [n for n in ("exclude_labels",) if n in job.inputs],
         }
 
     def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:

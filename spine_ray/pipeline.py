@@ -16,6 +16,7 @@ A run directory holds everything a run produced (paths or URLs):
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe; a member run on
                           a variant's points is named `{member}@{variant}`
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
+    label_flags.parquet   `spine-ray clean-labels`: labels the OOF ensemble disbelieves (`exclude_labels` of a rerun)
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
     ray/                  Ray Train checkpoints and Ray Tune experiment state
 """
@@ -37,6 +38,7 @@ from spine_ray.config import save
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
+from spine_ray.label_clean import excluded_targets
 from spine_ray.localize import (
     LocalizeConfig,
     LocalizeStage,
@@ -87,6 +89,7 @@ class PipelineConfig:
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
     samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
+    exclude_labels: str | None = None  # a `spine-ray clean-labels` flags table: its flagged labels are unlabelled in training
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -121,6 +124,7 @@ def resolved(cfg: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(
         cfg, prepared=absolute(cfg.prepared), run_dir=absolute(cfg.run_dir), oracle=absolute(cfg.oracle) if cfg.oracle else None,
         samples_dir=absolute(cfg.samples_dir) if cfg.samples_dir else None,
+        exclude_labels=absolute(cfg.exclude_labels) if cfg.exclude_labels else None,
     )
 
 
@@ -201,6 +205,9 @@ def stage_for(cfg: PipelineConfig, stage: str):
         case "grade":
             if not exists(points_url(cfg)):
                 raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
+            if cfg.exclude_labels:
+                excluded_targets(cfg.exclude_labels)  # a bad table fails here, in one line, before any worker starts
+                return GradeStage(), {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
             return GradeStage(), {"points": points_url(cfg)}
     raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
 
