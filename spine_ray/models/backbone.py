@@ -48,14 +48,26 @@ def model_class(name: str) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
+def _init_params(cls: type | None) -> set[str]:
+    """Keyword names a model class's constructor takes, following **kwargs up to its bases (DeiT-distilled)."""
+    names: set[str] = set()
+    for klass in cls.__mro__ if cls is not None else ():
+        if klass is nn.Module:
+            break
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 def size_kwargs(name: str, img_size: int | None) -> dict[str, Any]:
     """`img_size` (and `dynamic_img_size=True`) for families whose constructor takes them; {} for the rest.
 
     ViT/BEiT/EVA position embeddings and Swin attention masks are sized at construction; CNNs,
     PVTv2 and MetaFormer (CAFormer, ConvFormer) take any size and get nothing.
     """
-    cls = model_class(name)
-    params = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    params = _init_params(model_class(name))
     out: dict[str, Any] = {}
     if img_size is not None and "img_size" in params:
         out["img_size"] = img_size
