@@ -22,8 +22,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-# What timm raises for a model it cannot build with the given kwargs, or an input it cannot take.
-_TIMM_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError)
+# What timm raises for kwargs a family does not take (TypeError) or cannot honour (assertions).
+# Not RuntimeError: weights that do not fit keep torch's own message.
+_BUILD_ERRORS = (TypeError, ValueError, AssertionError)
+# What a forward raises for an input side the backbone cannot take (conv kernels are RuntimeErrors).
+_INPUT_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError)
 
 
 def check_weights(pretrained: bool, weights: str | None) -> None:
@@ -33,8 +36,7 @@ def check_weights(pretrained: bool, weights: str | None) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def model_class(name: str) -> type | None:
@@ -102,7 +104,7 @@ def create_backbone(
         return timm.create_model(
             name, pretrained=pretrained, in_chans=in_chans, pretrained_cfg_overlay=overlay, **kwargs
         )
-    except _TIMM_ERRORS as e:
+    except _BUILD_ERRORS as e:
         # A kwarg the family does not take, or too few blocks for timm's default feature taps.
         raise ValueError(f"timm cannot build backbone {name!r} with {kwargs}: {_one_line(e)}") from None
 
@@ -137,7 +139,7 @@ def check_input_size(encoder: nn.Module, name: str, in_chans: int, img_size: int
         with torch.no_grad():
             x = torch.zeros(1, in_chans, img_size, img_size, device=next(encoder.parameters(), torch.empty(0)).device)
             out = feature_maps(encoder, x) if maps else [encoder(x)]
-    except _TIMM_ERRORS as e:
+    except _INPUT_ERRORS as e:
         raise ValueError(f"backbone {name!r} cannot take {img_size}×{img_size} inputs: {_one_line(e)}") from None
     finally:
         encoder.train(was_training)
