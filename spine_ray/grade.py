@@ -513,7 +513,7 @@ class GradeStage:
 
     def build_model(self, job: FoldJob) -> nn.Module:
         """A fresh Grader."""
-        return Grader(job.config.model)
+        return Grader(job.config.model, img_size=job.config.out_px)
 
     def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Metric-weighted CE (1/2/4) + any-severe-spinal + auxiliary slice CE."""

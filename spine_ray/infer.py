@@ -88,7 +88,7 @@ class StudyPredictor:
             self.localizers[variant] = (models, configs)
         self.graders = {}
         for member in cfg.grade:
-            models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
+            models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model, img_size=m.out_px), self.device)
             self.graders[member.name] = (models, member)
         self.blend = None
         if exists(join(run_dir, "blend.json")):

@@ -113,7 +113,7 @@ def _points_table(url: str) -> pd.DataFrame:
 
 def view_model(view: str, cfg: ViewConfig) -> Localizer:
     """A fresh Localizer for a view: one heatmap per point of that view."""
-    return Localizer(dataclasses.replace(cfg.model, n_points=len(VIEWS[view][1])))
+    return Localizer(dataclasses.replace(cfg.model, n_points=len(VIEWS[view][1])), img_size=cfg.size)
 
 
 def _sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, cfg: ViewConfig) -> dict:

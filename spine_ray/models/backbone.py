@@ -1,13 +1,32 @@
-"""One place that turns (name, pretrained, weights) into a timm model, for both stages."""
+"""One place that turns a timm name into an encoder for both stages, CNN or transformer.
+
+The grader wants pooled features [N, D]; the localizer wants NCHW feature maps at known strides.
+`create_backbone` builds either from any timm name: `num_classes=0` gives pooled features for every
+family (ViT's class token or mean, Swin's NHWC average, CNN global pooling); `features_only=True`
+gives maps, which `feature_maps` returns as NCHW whatever the family (Swin's come as NHWC;
+ViT/BEiT/EVA patch tokens come back as a grid at the patch stride, prefix tokens dropped, through
+timm's `forward_intermediates`). Families built for one input size (ViT, DeiT, BEiT, EVA, Swin)
+are built for the stage's crop or volume size, and with `dynamic_img_size=True` where the family
+supports it; `check_input_size` runs one probe so an impossible name/size pair fails with a
+one-line ValueError when the model is built, not in the middle of training.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Any
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch import nn
+from torch import Tensor, nn
+
+# What timm raises for kwargs a family does not take (TypeError) or cannot honour (assertions).
+# Not RuntimeError: weights that do not fit keep torch's own message.
+_BUILD_ERRORS = (TypeError, ValueError, AssertionError)
+# What a forward raises for an input side the backbone cannot take (conv kernels are RuntimeErrors).
+_INPUT_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError)
 
 
 def check_weights(pretrained: bool, weights: str | None) -> None:
@@ -16,16 +35,62 @@ def check_weights(pretrained: bool, weights: str | None) -> None:
         raise ValueError(f"weights={weights!r} given but pretrained=False; set pretrained=True to load them")
 
 
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def model_class(name: str) -> type | None:
+    """The class timm builds for `name` (its entrypoint's return annotation), None when timm does not say."""
+    try:
+        cls = typing.get_type_hints(timm.models.model_entrypoint(name)).get("return")
+    except (KeyError, RuntimeError, NameError, TypeError):
+        # A hub or local-dir name, or an annotation that does not resolve: timm builds it as is,
+        # and reports an unknown name itself.
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _init_params(cls: type | None) -> set[str]:
+    """Keyword names a model class's constructor takes, following **kwargs up to its bases (DeiT-distilled)."""
+    names: set[str] = set()
+    for klass in cls.__mro__ if cls is not None else ():
+        if klass is nn.Module:
+            break
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def size_kwargs(name: str, img_size: int | None) -> dict[str, Any]:
+    """`img_size` (and `dynamic_img_size=True`) for families whose constructor takes them; {} for the rest.
+
+    ViT/BEiT/EVA position embeddings and Swin attention masks are sized at construction; CNNs,
+    PVTv2 and MetaFormer (CAFormer, ConvFormer) take any size and get nothing.
+    """
+    params = _init_params(model_class(name))
+    out: dict[str, Any] = {}
+    if img_size is not None and "img_size" in params:
+        out["img_size"] = img_size
+    if "dynamic_img_size" in params:
+        # Inputs at another size still run (position embeddings resampled, Swin masks rebuilt).
+        out["dynamic_img_size"] = True
+    return out
+
+
 def create_backbone(
-    name: str, pretrained: bool, weights: str | None, in_chans: int, **kwargs: Any
+    name: str, pretrained: bool, weights: str | None, in_chans: int, img_size: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    """`timm.create_model` with optional weights from a local file or a Hugging Face hub id.
+    """`timm.create_model` for any timm name, with optional weights from a local file or a Hugging Face hub id.
 
     weights=None: timm's own weights for `name` (a tag such as `convnext_small.fb_in22k_ft_in1k`
     picks them); "hf-hub:org/repo": that hub repo; anything else: a local checkpoint file
     (state dict, as saved by timm or torch.save) — the way to run without network access.
     timm adapts the stem to `in_chans` (summing RGB filters for 1 channel) and drops the
-    classifier. kwargs go to timm (num_classes=0, features_only=True, drop_path_rate, …).
+    classifier. `img_size` is the stage's input side, given to the families that need it
+    (`size_kwargs`). kwargs go to timm (num_classes=0, features_only=True, drop_path_rate, a
+    config's backbone_kwargs such as depth=2, …) and win over the size defaults.
     """
     check_weights(pretrained, weights)
     overlay = None
@@ -34,9 +99,52 @@ def create_backbone(
             overlay = {"hf_hub_id": weights.removeprefix("hf-hub:"), "source": "hf-hub"}
         else:
             overlay = {"file": weights, "source": "file"}
-    return timm.create_model(
-        name, pretrained=pretrained, in_chans=in_chans, pretrained_cfg_overlay=overlay, **kwargs
-    )
+    kwargs = {**size_kwargs(name, img_size), **kwargs}
+    try:
+        return timm.create_model(
+            name, pretrained=pretrained, in_chans=in_chans, pretrained_cfg_overlay=overlay, **kwargs
+        )
+    except _BUILD_ERRORS as e:
+        # A kwarg the family does not take, or too few blocks for timm's default feature taps.
+        raise ValueError(f"timm cannot build backbone {name!r} with {kwargs}: {_one_line(e)}") from None
+
+
+def feature_maps(encoder: nn.Module, x: Tensor) -> list[Tensor]:
+    """A `features_only` encoder's maps for x [N, C, H, W], each NCHW [N, C_i, H/r_i, W/r_i]."""
+    maps = encoder(x)
+    if getattr(encoder, "output_fmt", "NCHW") == "NHWC":  # Swin-style stages keep channels last
+        maps = [m.permute(0, 3, 1, 2) for m in maps]
+    return list(maps)
+
+
+def _inner(encoder: nn.Module) -> nn.Module:
+    """The timm model itself: getter-style feature nets (ViT, BEiT, EVA) wrap it as `.model`."""
+    return encoder if hasattr(encoder, "set_grad_checkpointing") else getattr(encoder, "model", encoder)
+
+
+def set_grad_checkpointing(encoder: nn.Module, enable: bool) -> None:
+    """Turn timm's activation checkpointing on or off, for plain models and feature nets alike."""
+    _inner(encoder).set_grad_checkpointing(enable)
+
+
+def check_input_size(encoder: nn.Module, name: str, in_chans: int, img_size: int, maps: bool) -> None:
+    """One probe at [1, in_chans, img_size, img_size]; ValueError naming the backbone and size if it cannot run.
+
+    Catches what only shows at run time: a side that is not a multiple of the patch size (ViT,
+    Swin), or one too small for a spatial-reduction kernel (PVTv2) or a downsampling stage (ConvNeXt).
+    """
+    was_training = encoder.training
+    encoder.eval()  # batch of one: BatchNorm must not use batch statistics
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, in_chans, img_size, img_size, device=next(encoder.parameters(), torch.empty(0)).device)
+            out = feature_maps(encoder, x) if maps else [encoder(x)]
+    except _INPUT_ERRORS as e:
+        raise ValueError(f"backbone {name!r} cannot take {img_size}×{img_size} inputs: {_one_line(e)}") from None
+    finally:
+        encoder.train(was_training)
+    if any(o.numel() == 0 for o in out):
+        raise ValueError(f"backbone {name!r} cannot take {img_size}×{img_size} inputs: a feature map is empty")
 
 
 def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +153,7 @@ def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Te
     Both stages take [0, 1] inputs (see `spine_ray.crops.normalise_intensity`) and standardise
     them with these, so pretrained filters see the statistics they were trained on.
     """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(_inner(model), "pretrained_cfg", None) or {}
     mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)
     std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32)
     if len(mean) != in_chans:

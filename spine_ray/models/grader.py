@@ -13,12 +13,18 @@ mixer across the T targets of a sample (transformer or GRU, fifth place) before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import check_weights, create_backbone, input_stats
+from spine_ray.models.backbone import (
+    check_input_size,
+    check_weights,
+    create_backbone,
+    input_stats,
+    set_grad_checkpointing,
+)
 from spine_ray.schema import CONDITIONS, LEVELS
 
 
@@ -30,6 +36,8 @@ class GraderConfig:
     in_chans: int = 1
     pretrained: bool = False
     weights: str | None = None
+    # Extra timm constructor kwargs, e.g. {depth: 2} or {window_size: 8}; see README "Backbones".
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     n_classes: int = 3
     dim: int = 256  # slice feature width fed to the LSTM
     lstm_hidden: int = 128  # per direction; pooled features are 2× this
@@ -81,16 +89,22 @@ class _TransformerMixer(nn.Module):
 
 
 class Grader(nn.Module):
-    """Crop stacks [B, T, S, C, H, W] → {'logits' [B, T, 3], 'slice_logits'/'slice_attention' [B, T, S]}."""
+    """Crop stacks [B, T, S, C, H, W] → {'logits' [B, T, 3], 'slice_logits'/'slice_attention' [B, T, S]}.
 
-    def __init__(self, cfg: GraderConfig) -> None:
+    img_size: the crop side (the stage's out_px); transformer families are built for it, and a
+    backbone that cannot take it fails here with a ValueError.
+    """
+
+    def __init__(self, cfg: GraderConfig, img_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = create_backbone(
-            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans,
-            num_classes=0, drop_path_rate=cfg.drop_path_rate,
+            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, img_size,
+            num_classes=0, drop_path_rate=cfg.drop_path_rate, **cfg.backbone_kwargs,
         )
-        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+        if img_size is not None:
+            check_input_size(self.encoder, cfg.backbone, cfg.in_chans, img_size, maps=False)
+        set_grad_checkpointing(self.encoder, cfg.grad_checkpointing)
         mean, std = input_stats(self.encoder, cfg.in_chans)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)

@@ -19,13 +19,20 @@ Heatmap voxel (s, i, j) is centred on input voxel (s, (i + 0.5)·stride − 0.5,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import check_weights, create_backbone, input_stats
+from spine_ray.models.backbone import (
+    check_input_size,
+    check_weights,
+    create_backbone,
+    feature_maps,
+    input_stats,
+    set_grad_checkpointing,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class LocalizerConfig:
     in_chans: int = 1
     pretrained: bool = False
     weights: str | None = None
+    # Extra timm constructor kwargs, e.g. {depth: 2} or {out_indices: 1}; see README "Backbones".
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     n_points: int = 5
     hidden: int = 64  # decoder / context channels
     out_stride: int = 4  # in-plane heatmap stride w.r.t. the input
@@ -85,21 +94,29 @@ class _SliceGRU(nn.Module):
 
 
 class Localizer(nn.Module):
-    """Volume [B, S, C, H, W] → heatmap logits [B, P, S, H/stride, W/stride]."""
+    """Volume [B, S, C, H, W] → heatmap logits [B, P, S, H/stride, W/stride].
 
-    def __init__(self, cfg: LocalizerConfig) -> None:
+    img_size: the in-plane side (the view's `size`); transformer families are built for it, and a
+    backbone that cannot take it fails here with a ValueError.
+    """
+
+    def __init__(self, cfg: LocalizerConfig, img_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = create_backbone(
-            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, features_only=True
+            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, img_size,
+            features_only=True, **cfg.backbone_kwargs,
         )
-        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+        if img_size is not None:
+            check_input_size(self.encoder, cfg.backbone, cfg.in_chans, img_size, maps=True)
+        set_grad_checkpointing(self.encoder, cfg.grad_checkpointing)
         mean, std = input_stats(self.encoder, cfg.in_chans)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         reductions = self.encoder.feature_info.reduction()
         # Use the maps from the finest at or below out_stride's resolution down to the deepest
-        # (finer ones are computed on the way anyway).
+        # (finer ones are computed on the way anyway). Plain ViTs give every map at the patch
+        # stride: all of them go through the decoder, which upsamples to out_stride.
         self.first = max([i for i, r in enumerate(reductions) if r <= cfg.out_stride], default=0)
         channels = self.encoder.feature_info.channels()[self.first :]
         self.lateral = nn.ModuleList(nn.Conv2d(c, cfg.hidden, 1) for c in channels)
@@ -125,7 +142,7 @@ class Localizer(nn.Module):
         x = x.reshape(b * s, c, h, w)
         if self.cfg.normalise_input:
             x = (x - self.mean) / self.std
-        feats = self.encoder(x)[self.first :]  # each [B·S, C_i, H/r_i, W/r_i]
+        feats = feature_maps(self.encoder, x)[self.first :]  # each [B·S, C_i, H/r_i, W/r_i]
         y = self.lateral[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):  # top-down: upsample, add the lateral, smooth
             lat = self.lateral[i](feats[i])
