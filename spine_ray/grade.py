@@ -458,7 +458,7 @@ def mix_batch(mix: MixConfig, a: dict[str, np.ndarray], rng: np.random.Generator
     Returns the same arrays with labels as soft targets [B, T, 3] and slice_target [B, T, S]
     (float32, unnormalised: all-zero = unlabelled); a mixed slot's slice_mask is the union of both.
     """
-    x = np.asarray(a["x"], np.float32)
+    x = np.asarray(a["x"])  # float16 stays float16: CutMix copies pixels, mixup blends one slot at a time
     b, t, s, h, w = x.shape
     tm, sm = a["target_mask"], a["slice_mask"]
     q, st = _one_hot(a["labels"], 3), _one_hot(a["slice_target"], s)
@@ -476,11 +476,11 @@ def mix_batch(mix: MixConfig, a: dict[str, np.ndarray], rng: np.random.Generator
                 nx[j, i, :, y0:y1, x0:x1] = x[k, i, :, y0:y1, x0:x1]
                 lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually left its own
             else:
-                nx[j, i] = lam * x[j, i] + (1.0 - lam) * x[k, i]
+                nx[j, i] = lam * x[j, i].astype(np.float32) + (1.0 - lam) * x[k, i].astype(np.float32)
             nq[j, i] = lam * q[j, i] + (1.0 - lam) * q[k, i]
             nst[j, i] = lam * st[j, i] + (1.0 - lam) * st[k, i]
             nsm[j, i] = sm[j, i] | sm[k, i]
-    return {**a, "x": nx.astype(np.asarray(a["x"]).dtype), "labels": nq, "slice_target": nst, "slice_mask": nsm}
+    return {**a, "x": nx, "labels": nq, "slice_target": nst, "slice_mask": nsm}
 
 
 def batch_tensors(cfg: GradeConfig, a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ CutMix / mixup of batches, two-step training (freezing, resumption) and tiny fol
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -323,3 +325,22 @@ def test_run_fold_two_step_selects_step_1_by_auc_and_writes_oof(prepared):
     best = step1[-1]["best"]["model"]
     assert all(torch.equal(model.state_dict()[k], best[k]) for k in best if k.startswith("encoder."))
     assert len(oof) and np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_train_fold_with_two_step_and_cutmix_writes_its_oof(prepared, tmp_path):
+    from spine_ray.distributed import ResourcesConfig, fold_dir, read_oof, run_folds
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "folds.parquet").write_bytes(open(f"{prepared['run']}/folds.parquet", "rb").read())
+    cfg = dataclasses.replace(CFG, name="two_step_cutmix", two_step=TwoStepConfig(epochs=1, lr=1e-3), mix=MixConfig(cutmix_p=1.0))
+    job = dataclasses.replace(_job(prepared, cfg), run_dir=str(run), inputs={"points": f"{prepared['run']}/points.parquet"})
+    (oof,) = run_folds(GradeStage(), [job], ResourcesConfig(num_workers=1, cpus_per_worker=1))
+    assert len(oof) and (oof["member"] == "two_step_cutmix").all()
+    pd.testing.assert_frame_equal(read_oof(job), oof)
+    # The worker's batch stream ran through both steps: one epoch each, tagged with its step.
+    results = sorted((run / "ray").rglob("result.json"))
+    rows = [json.loads(line) for p in results for line in p.read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(0, 0), (1, 0)]
+    assert (Path(fold_dir(job)) / "model.pt").exists()
