@@ -46,6 +46,7 @@ from spine_ray.stage import (
     columns,
     epoch_rng,
     fit_fold,
+    fold_epochs,
     samples,
     split_studies,
     steps_per_epoch,
@@ -186,7 +187,7 @@ class StreamedBatches:
 
     def _epoch_blocks(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         if self.blocks is None:
-            ds = epoch_stream(self.stage, self.job, self.res, range(epoch, self.cfg.epochs), self.rank, self.world)
+            ds = epoch_stream(self.stage, self.job, self.res, range(epoch, fold_epochs(self.stage, self.job)), self.rank, self.world)
             self.blocks = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.res.prefetch_batches))
         while (block := self._next_block()) is not None:
             tags = block[EPOCH]

@@ -21,13 +21,31 @@ given (the first-place team called this crucial), else from round(N(0, slice_sig
 The left–right flip mirrors every crop (axial: columns; sagittal: slice order) and swaps the
 left and right slots with their labels, so slot i always means condition `SLOTS[i]`.
 
+CutMix and mixup (`MixConfig`, fifth place used CutMix with p = 1) act on an augmented batch,
+after the sample cache: each sample draws one partner from the batch and, per slot, either pastes
+the partner's crop inside a box of H × W (through all slices of that slot's stack; λ = the area
+left its own) or blends the two crops (λ ~ Beta(α, α)). The slot's severity target becomes
+λ·onehot(own) + (1−λ)·onehot(partner's) and its slice target λ·onehot(own slice) +
+(1−λ)·onehot(partner's slice), an unlabelled side adding no mass (see `spine_ray.losses`). A slot
+is mixed only when both its own and the partner's slot are real (`target_mask`): a masked slot
+never takes a partner's crop or label, and a real one never takes a partner's zero padding.
+
+Two-step training (`TwoStepConfig`, fifth place): step 1 trains every weight with plain,
+unweighted CE (and the slice term); step 2 freezes the backbone (its batch-norm statistics too)
+and trains the rest with the metric-weighted CE and the any-severe term. Step 1 keeps its epoch
+of best validation AUC where the fold driver validates (the in-process `run_fold`), else its
+last epoch (Ray Train workers do not validate). `FreezeConfig` alone freezes the backbone but
+its last N blocks (`spine_ray.models.freezing`) for the whole training.
+
 OOF table (`grade/<member>/oof.parquet`): row_id, study_id, fold, member, normal_mild, moderate, severe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -37,12 +55,14 @@ from torch import nn
 from spine_ray.crops import crop_stack
 from spine_ray.label_clean import excluded_targets
 from spine_ray.losses import grader_loss
+from spine_ray.models.freezing import freeze_backbone, unfreeze
 from spine_ray.models.grader import Grader, GraderConfig
 from spine_ray.schema import (
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
     PROB_COLUMNS,
+    SEVERITY_WEIGHTS,
     row_id,
     target_index,
     with_target,
@@ -65,6 +85,54 @@ AXIAL_SPINAL = ("spinal_canal_stenosis", 2, "axial")  # the sixth slot with mult
 SAGITTAL_VIEWS = (0, 1)
 OOF_COLUMNS = ["row_id", "study_id", "fold", "member", *PROB_COLUMNS]
 SAMPLE_COLUMNS = ["study_id", "level", "x", "shape", "inside", "target_mask", "labels", "gt_offset"]
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Partial freezing (level-embedding repo): the backbone frozen but its last `unfreeze_last` blocks."""
+
+    backbone: bool = False
+    unfreeze_last: int = 0  # blocks as timm's group_matcher counts them (spine_ray.models.freezing)
+
+    def __post_init__(self) -> None:
+        if self.unfreeze_last < 0:
+            raise ValueError("freeze.unfreeze_last must be ≥ 0")
+        if self.unfreeze_last and not self.backbone:
+            raise ValueError("freeze.unfreeze_last needs freeze.backbone: true")
+
+
+@dataclass(frozen=True)
+class TwoStepConfig:
+    """Two-step training (fifth place): after `train` (all weights, plain CE), a step on the head alone."""
+
+    epochs: int = 5  # step 2; step 1 runs GradeConfig.train
+    lr: float = 1e-4  # step 2 (same batch size and weight decay as step 1)
+    warmup_frac: float = 0.0
+    select: Literal["auc", "last"] = "auc"  # step 1's weights: best validation AUC where validated, else the last epoch
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or not self.lr > 0 or not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError("two_step needs epochs ≥ 1, lr > 0 and warmup_frac in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """CutMix / mixup of training batches, slot by slot (see the module docstring); off by default."""
+
+    cutmix_p: float = 0.0  # share of samples CutMix-ed (fifth place: 1.0)
+    mixup_p: float = 0.0  # share of samples mixed up (drawn after CutMix: cutmix_p + mixup_p ≤ 1)
+    alpha: float = 1.0  # λ ~ Beta(alpha, alpha)
+
+    def __post_init__(self) -> None:
+        if min(self.cutmix_p, self.mixup_p) < 0 or self.cutmix_p + self.mixup_p > 1:
+            raise ValueError("mix.cutmix_p and mix.mixup_p must be ≥ 0 with a sum ≤ 1")
+        if not self.alpha > 0:
+            raise ValueError("mix.alpha must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether batches are mixed at all (training batches then carry soft targets)."""
+        return self.cutmix_p + self.mixup_p > 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +162,10 @@ class GradeConfig:
     w_any: float = 1.0  # any-severe-spinal term
     multiview_spinal: bool = False
     tta_flip: bool = True  # predict as the mean of the sample and its left–right mirror
+    class_weights: tuple[float, float, float] = SEVERITY_WEIGHTS  # severity CE weights; (1, 1, 1) is plain CE
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    two_step: TwoStepConfig | None = None
+    mix: MixConfig = field(default_factory=MixConfig)
 
     def __post_init__(self) -> None:
         if self.out_px < 8 or self.k < 0 or self.max_shift < 0:
@@ -108,6 +180,23 @@ class GradeConfig:
             raise ValueError("the grader needs n_views ≥ 3 (sagittal T2, sagittal T1, axial)")
         if not (self.model.level_embedding and self.model.condition_embedding):
             raise ValueError("GradeStage feeds level and condition ids: turn both embeddings on")
+        if min(self.class_weights) <= 0:
+            raise ValueError("class_weights must be positive")
+        if self.two_step is not None and self.freeze.backbone:
+            raise ValueError("two_step trains every weight in step 1 and freezes the backbone in step 2: drop freeze")
+
+    def steps(self) -> list[GradeConfig]:
+        """The configs of the training steps: [self], or two-step's step 1 (plain CE) and step 2 (frozen backbone)."""
+        if self.two_step is None:
+            return [self]
+        ts = self.two_step
+        # Step 1 keeps `two_step` set: it says "select by AUC" (GradeStage.select).
+        step1 = dataclasses.replace(self, class_weights=(1.0, 1.0, 1.0), w_any=0.0)
+        step2 = dataclasses.replace(
+            self, two_step=None, freeze=FreezeConfig(backbone=True),
+            train=dataclasses.replace(self.train, epochs=ts.epochs, lr=ts.lr, warmup_frac=ts.warmup_frac),
+        )
+        return [step1, step2]
 
     @property
     def slots(self) -> tuple[tuple[str, int, str], ...]:
@@ -345,7 +434,7 @@ def augment_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.rando
         levels.append(LEVELS.index(rows["level"][j]))
     b = len(xs)
     empty = (0, t)
-    return {
+    out = {
         "x": np.stack(xs) if b else np.zeros((*empty, 2 * cfg.k + 1, cfg.out_px, cfg.out_px), np.float16),
         "slice_mask": np.stack(smasks) if b else np.zeros((*empty, 2 * cfg.k + 1), bool),
         "target_mask": np.stack(tmasks) if b else np.zeros(empty, bool),
@@ -354,6 +443,51 @@ def augment_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.rando
         "level": np.asarray(levels, np.int64),
         "study_id": np.asarray(studies, np.int64),
     }
+    return mix_batch(cfg.mix, out, rng) if rng is not None and cfg.mix.enabled else out
+
+
+def _one_hot(idx: np.ndarray, n: int) -> np.ndarray:
+    """Indices [...] (−1 = unknown) → float32 one-hot [..., n], all-zero where unknown."""
+    return (idx[..., None] == np.arange(n)).astype(np.float32)
+
+
+def _box(rng: np.random.Generator, lam: float, h: int, w: int) -> tuple[int, int, int, int]:
+    """A CutMix box (y0, y1, x0, x1) of about (1 − λ)·H·W, centred uniformly and clipped to the crop."""
+    r = np.sqrt(1.0 - lam)
+    ch, cw = int(round(h * r)), int(round(w * r))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    return max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h), max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
+
+
+def mix_batch(mix: MixConfig, a: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """CutMix / mixup across an augmented batch, slot by slot (pure; rules in the module docstring).
+
+    Returns the same arrays with labels as soft targets [B, T, 3] and slice_target [B, T, S]
+    (float32, unnormalised: all-zero = unlabelled); a mixed slot's slice_mask is the union of both.
+    """
+    x = np.asarray(a["x"])  # float16 stays float16: CutMix copies pixels, mixup blends one slot at a time
+    b, t, s, h, w = x.shape
+    tm, sm = a["target_mask"], a["slice_mask"]
+    q, st = _one_hot(a["labels"], 3), _one_hot(a["slice_target"], s)
+    nx, nq, nst, nsm = x.copy(), q.copy(), st.copy(), sm.copy()
+    partner = rng.permutation(b)
+    for j in range(b):
+        k, r = int(partner[j]), rng.random()
+        op = "cutmix" if r < mix.cutmix_p else "mixup" if r < mix.cutmix_p + mix.mixup_p else None
+        if op is None or k == j:
+            continue
+        for i in np.flatnonzero(tm[j] & tm[k]):
+            lam = float(rng.beta(mix.alpha, mix.alpha))
+            if op == "cutmix":
+                y0, y1, x0, x1 = _box(rng, lam, h, w)
+                nx[j, i, :, y0:y1, x0:x1] = x[k, i, :, y0:y1, x0:x1]
+                lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually left its own
+            else:
+                nx[j, i] = lam * x[j, i].astype(np.float32) + (1.0 - lam) * x[k, i].astype(np.float32)
+            nq[j, i] = lam * q[j, i] + (1.0 - lam) * q[k, i]
+            nst[j, i] = lam * st[j, i] + (1.0 - lam) * st[k, i]
+            nsm[j, i] = sm[j, i] | sm[k, i]
+    return {**a, "x": nx, "labels": nq, "slice_target": nst, "slice_mask": nsm}
 
 
 def batch_tensors(cfg: GradeConfig, a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -367,14 +501,34 @@ def batch_tensors(cfg: GradeConfig, a: dict[str, np.ndarray]) -> dict[str, torch
         "x": torch.from_numpy(np.asarray(a["x"], np.float32)[:, :, :, None]),  # [B, T, S, 1, H, W]
         "slice_mask": torch.from_numpy(np.asarray(a["slice_mask"], bool)),
         "target_mask": torch.from_numpy(np.asarray(a["target_mask"], bool)),
-        "labels": torch.from_numpy(np.asarray(a["labels"], np.int64)),
-        "slice_target": torch.from_numpy(np.asarray(a["slice_target"], np.int64)),
+        # Hard ids [B, T], or soft targets [B, T, 3] / [B, T, S] from mix_batch.
+        "labels": torch.from_numpy(_target_array(a["labels"], 2)),
+        "slice_target": torch.from_numpy(_target_array(a["slice_target"], 2)),
         "level": torch.from_numpy(np.repeat(np.asarray(a["level"], np.int64)[:, None], t, 1)),
         "condition": torch.from_numpy(np.broadcast_to(cond_idx, (b, t)).copy()),
         "view": torch.from_numpy(np.broadcast_to(views, (b, t)).copy()),
         # The study id's rank in the batch keeps ids small and exact in int64.
         "spinal_study": torch.from_numpy(np.where(spinal[None], np.unique(np.asarray(a["study_id"]), return_inverse=True)[1].reshape(-1)[:, None], -1)),
     }
+
+
+def _target_array(a: np.ndarray, hard_ndim: int) -> np.ndarray:
+    a = np.asarray(a)
+    return a.astype(np.int64) if a.ndim == hard_ndim else a.astype(np.float32)
+
+
+def severity_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean one-vs-rest ROC AUC over the severity classes present: probs [N, 3], labels [N] (−1 dropped); NaN if none."""
+    keep = labels >= 0
+    p, y = probs[keep], labels[keep]
+    aucs = []
+    for c in range(probs.shape[-1]):
+        pos = y == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            ranks = pd.Series(p[:, c]).rank().to_numpy()  # ties share their mean rank
+            aucs.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None, errors: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
@@ -515,11 +669,35 @@ class GradeStage:
         """A fresh Grader."""
         return Grader(job.config.model, img_size=job.config.out_px)
 
+    def phases(self, job: FoldJob) -> list[FoldJob]:
+        """One job per training step (two with `two_step`)."""
+        return [dataclasses.replace(job, config=c) for c in job.config.steps()]
+
+    def set_trainable(self, job: FoldJob, model: nn.Module) -> None:
+        """Everything trains, but the backbone (and its last N blocks) as `freeze` says."""
+        unfreeze(model)
+        if job.config.freeze.backbone:
+            freeze_backbone(model.encoder, job.config.freeze.unfreeze_last)
+
+    def select(self, job: FoldJob) -> str | None:
+        """Two-step's step 1 keeps its best-AUC epoch."""
+        ts = job.config.two_step
+        return "val_auc" if ts is not None and ts.select == "auc" else None
+
+    def validate(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> dict[str, float]:
+        """Held-out severity AUC (only for members that select by it; others skip the cost)."""
+        if self.select(job) is None:
+            return {}
+        probs, masks = sample_probs([model], job.config, samples)
+        labels = np.stack([np.frombuffer(b, np.int8) for b in samples["labels"]]) if len(samples) else np.zeros(masks.shape, np.int8)
+        auc = severity_auc(probs[masks], labels[masks].astype(np.int64))
+        return {"auc": auc} if np.isfinite(auc) else {}  # a split without both classes selects nothing
+
     def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Metric-weighted CE (1/2/4) + any-severe-spinal + auxiliary slice CE."""
+        """Severity CE weighted by class_weights (the metric's 1/2/4) + any-severe-spinal + auxiliary slice CE."""
         cfg: GradeConfig = job.config
         out = _forward(model, batch)
-        parts = grader_loss(out, batch["labels"], batch["slice_target"], batch["spinal_study"], cfg.w_slice, cfg.w_any)
+        parts = grader_loss(out, batch["labels"], batch["slice_target"], batch["spinal_study"], cfg.w_slice, cfg.w_any, cfg.class_weights)
         return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
@@ -537,6 +715,6 @@ class GradeStage:
 
 
 __all__ = [
-    "GradeConfig", "GradeStage", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples", "augment_samples", "batch_tensors",
+    "GradeConfig", "FreezeConfig", "TwoStepConfig", "MixConfig", "GradeStage", "mix_batch", "severity_auc", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples", "augment_samples", "batch_tensors",
     "flip_sample", "flip_batch", "sample_probs", "predict_study", "fake_points",
 ]

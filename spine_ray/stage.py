@@ -9,6 +9,12 @@ held-out samples.
 `fit_fold` is the only place a fold's model is built and trained: the plain in-process path
 (`run_fold`, used by tests, GPU checks and `spine-ray tune-lr` trials) and the Ray Train workers
 (`spine_ray.distributed`) differ only in where their batches come from.
+
+A stage may train a fold in steps (two-step training: all weights, then the head on a frozen
+backbone): its optional `phases(job)` returns one job per step, each with its own config (loss,
+schedule, frozen parameters), and `set_trainable(job, model)` freezes what that step leaves
+alone. The steps share one model and one epoch count (`fold_epochs`) for the batch stream; a
+checkpoint records its step (`phase`), so a resumed fold picks up inside the right one.
 """
 
 from __future__ import annotations
@@ -74,6 +80,20 @@ class Stage(Protocol):
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Predictions for held-out samples: the stage's out-of-fold table."""
 
+    # Optional, for stages that train in steps or freeze parameters (see the module docstring):
+    #   phases(job) -> list[FoldJob]; set_trainable(job, model) -> None;
+    #   select(job) -> str | None (the validation metric a step keeps its best epoch by).
+
+
+def phases(stage: Stage, job: FoldJob) -> list[FoldJob]:
+    """The fold's training steps, one job each (a stage without `phases` trains in one)."""
+    return list(stage.phases(job)) if hasattr(stage, "phases") else [job]
+
+
+def fold_epochs(stage: Stage, job: FoldJob) -> int:
+    """Epochs of all the fold's steps together: the length of its batch stream."""
+    return sum(stage.train_config(p).epochs for p in phases(stage, job))
+
 
 def collate(stage: Stage, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> Batch:
     """Sample rows → tensors in one go (augmented when rng is given)."""
@@ -123,18 +143,40 @@ def fit_fold(
 ) -> tuple[nn.Module, dict[str, float]]:
     """The one fold driver: a seeded fresh model trained on `batches(epoch)`; returns (bare model, last metrics).
 
-    `prepare` wraps the model for distributed training (Ray Train's `prepare_model`); the returned
-    model is the bare one, in eval mode.
+    Steps (`phases`) run in order on one model; step i sees epochs numbered after the earlier
+    steps' (`batches(offset + e)`), and its checkpoints carry `phase` = i. `prepare` wraps the
+    model for distributed training (Ray Train's `prepare_model`), once per step because DDP fixes
+    the trainable parameters when it wraps; the returned model is the bare one, in eval mode.
     """
-    cfg = stage.train_config(job)
+    steps = phases(stage, job)
     model = new_model(stage, job)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    wrapped = prepare(model) if prepare is not None else model
-    metrics = fit(
-        wrapped, lambda m, b: stage.loss(job, m, b), batches, steps_per_epoch(n_train, cfg.batch_size, world), cfg,
-        validate=validate, on_epoch_end=on_epoch_end, resume=resume, device=device,
-    )
+    first = int(resume.get("phase", 0)) if resume is not None else 0
+    if not 0 <= first < len(steps):
+        raise ValueError(f"checkpoint of step {first}, but {job.member} trains in {len(steps)} step(s)")
+    metrics: dict[str, float] = {}
+    offset = sum(stage.train_config(p).epochs for p in steps[:first])
+    for i in range(first, len(steps)):
+        step = steps[i]
+        cfg = stage.train_config(step)
+        if hasattr(stage, "set_trainable"):
+            stage.set_trainable(step, model)
+        wrapped = prepare(model) if prepare is not None else model
+
+        def tagged(result: EpochResult, i: int = i) -> None:
+            result.state["phase"] = i
+            result.metrics["phase"] = i
+            on_epoch_end(result)
+
+        metrics = fit(
+            wrapped, lambda m, b, step=step: stage.loss(step, m, b), lambda e, o=offset: batches(o + e),
+            steps_per_epoch(n_train, cfg.batch_size, world), cfg,
+            validate=validate, on_epoch_end=tagged if on_epoch_end is not None else None,
+            resume=resume if i == first else None, device=device,
+            select=stage.select(step) if hasattr(stage, "select") else None,
+        )
+        offset += cfg.epochs
     model.eval()
     return model, metrics
 
@@ -187,7 +229,14 @@ def run_fold(
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
 ) -> tuple[nn.Module, dict[str, float], pd.DataFrame]:
-    """Train one fold in-process and predict its held-out split: (model, metrics, oof table)."""
-    train = samples(stage, job, "train")
-    model, metrics = fit_fold(stage, job, local_batches(stage, job, train), len(train), device=device, resume=resume, on_epoch_end=on_epoch_end)
-    return model, metrics, stage.predict(job, model, samples(stage, job, "val"))
+    """Train one fold in-process and predict its held-out split: (model, metrics, oof table).
+
+    A stage with `validate(job, model, samples)` is validated on the held-out split after every
+    epoch (steps that `select` a metric keep their best epoch by it).
+    """
+    train, val = samples(stage, job, "train"), samples(stage, job, "val")
+    validate = (lambda m: stage.validate(job, m, val)) if hasattr(stage, "validate") else None
+    model, metrics = fit_fold(
+        stage, job, local_batches(stage, job, train), len(train), device=device, resume=resume, on_epoch_end=on_epoch_end, validate=validate,
+    )
+    return model, metrics, stage.predict(job, model, val)

@@ -1,8 +1,10 @@
 """The per-fold training loop: plain PyTorch, no Ray.
 
-`fit` trains one model on one fold: AdamW, warm-up then cosine schedule, mixed precision on CUDA
+`fit` trains one model on one fold: AdamW over the parameters that require grad (frozen ones,
+and their batch-norm statistics, stay put), warm-up then cosine schedule, mixed precision on CUDA
 (bf16, or fp16 with a grad scaler), gradient clipping, a checkpoint after every epoch through a
-callback, and resumption from a checkpoint state. Ray Train calls it from its workers
+callback, resumption from a checkpoint state, and optionally the best epoch's weights by a
+validation metric (`select`). Ray Train calls it from its workers
 (`spine_ray.distributed`); tests and GPU checks call it directly.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spine_ray.models.freezing import eval_frozen_norms
 from spine_ray.schema import SchemaError
 
 Batch = Mapping[str, Any]
@@ -80,16 +83,22 @@ def fit(
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     resume: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    select: str | None = None,
 ) -> dict[str, float]:
     """Train for cfg.epochs; returns the last epoch's metrics.
 
     train_batches(epoch) yields batches (dicts of tensors) for that epoch; `steps_per_epoch` sizes
-    the schedule. `resume` is a state previously passed to on_epoch_end.
+    the schedule. `resume` is a state previously passed to on_epoch_end. `select` (e.g. "val_auc"):
+    when `validate` reports it, the model ends with the weights of the epoch where it was highest
+    (kept in the checkpoint state, so a resumed run selects the same); otherwise the last epoch's.
     """
     device = device or next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fit: every parameter is frozen, nothing to train")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * max(1, steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
     use_amp = cfg.amp and device.type == "cuda"
@@ -104,8 +113,10 @@ def fit(
         scaler.load_state_dict(resume["scaler"])
         start = int(resume["epoch"]) + 1
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
+    best: dict[str, Any] | None = resume.get("best") if resume else None  # {"value", "epoch", "model"}
     for epoch in range(start, cfg.epochs):
         model.train()
+        eval_frozen_norms(model)
         t0, n, seen, sums, wait = time.perf_counter(), 0, 0, {}, 0.0
         stream = iter(train_batches(epoch))
         while True:
@@ -124,7 +135,7 @@ def fit(
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -141,6 +152,8 @@ def fit(
                 metrics.update({f"val_{k}": v for k, v in validate(model).items()})
         if not all(np.isfinite(v) for v in metrics.values() if isinstance(v, float)):
             raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
+        if select is not None and select in metrics and (best is None or metrics[select] > best["value"]):
+            best = {"value": float(metrics[select]), "epoch": epoch, "model": _snapshot(raw.state_dict())}
         if on_epoch_end is not None:
             state = _snapshot(
                 {
@@ -150,9 +163,13 @@ def fit(
                     "scaler": scaler.state_dict(),
                     "epoch": epoch,
                     "metrics": metrics,
+                    **({"best": best} if best is not None else {}),
                 }
             )
             on_epoch_end(EpochResult(epoch, metrics, state))
+    if best is not None:
+        raw.load_state_dict(best["model"])
+        metrics = {**metrics, "selected_epoch": best["epoch"], f"selected_{select}": best["value"]}
     return metrics
 
 

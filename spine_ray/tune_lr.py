@@ -22,7 +22,16 @@ from spine_ray.config import ConfigError, from_dict, save, to_dict
 from spine_ray.grade import GradeConfig
 from spine_ray.localize import ViewConfig
 from spine_ray.pipeline import PipelineConfig, resolved
-from spine_ray.stage import FoldJob, Stage, collate, fit_fold, local_batches, numpy_batches, samples
+from spine_ray.stage import (
+    FoldJob,
+    Stage,
+    collate,
+    fit_fold,
+    fold_epochs,
+    local_batches,
+    numpy_batches,
+    samples,
+)
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
 from spine_ray.tracking import tune_callbacks
 
@@ -125,7 +134,7 @@ def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: St
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tcfg.trials, max_concurrent_trials=tcfg.max_concurrent,
             search_alg=OptunaSearch(seed=tcfg.seed, points_to_evaluate=[current]),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=stage.train_config(job).epochs, grace_period=tcfg.grace_period),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=fold_epochs(stage, job), grace_period=tcfg.grace_period),
         ),
         run_config=tune.RunConfig(name=f"tune_lr-{target}", storage_path=storage_root(join(out, "ray")), verbose=1, callbacks=tune_callbacks(pipeline.run_dir, f"tune-lr-{target}")),
     )
