@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install -q uv
-	$(UV) pip sync -q requirements-dev.lock
+	$(UV) pip sync -q --compile-bytecode requirements-dev.lock
 	$(UV) pip install -q --no-deps -e .
 	touch $(STAMP)
 
