@@ -10,6 +10,7 @@ A run directory holds everything a run produced (paths or URLs):
     localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.localize)
     localize/summary.json      out-of-fold localisation error per view
     grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
+    onestage/{member}/fold{k}/ model.pt, oof.parquet, done.json (one-stage members, spinal + foraminal rows)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
@@ -35,6 +36,7 @@ from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
 from spine_ray.localize import LocalizeConfig, LocalizeStage, error_summary
 from spine_ray.metric import score_arrays
+from spine_ray.onestage import OneStageConfig, OneStageStage
 from spine_ray.prior import fit_prior, oof_prior
 from spine_ray.schema import (
     LABEL_COLUMNS,
@@ -73,15 +75,16 @@ class PipelineConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
+    onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained after stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
     samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError("folds must be ≥ 2")
-        names = [m.name for m in self.grade]
+        names = [m.name for m in self.grade] + [m.name for m in self.onestage]
         if len(set(names)) != len(names):
-            raise ValueError(f"grade member names must be unique, got {names}")
+            raise ValueError(f"grade and onestage member names must be unique, got {names}")
 
 
 def training_labels(prepared: str) -> pd.DataFrame:
@@ -165,6 +168,8 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     stage, inputs = stage_for(cfg, "grade")
     jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
     oof = pd.concat(run_folds(stage, jobs, cfg.resources, cfg.samples_dir), ignore_index=True)
+    one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
+    oof = pd.concat([oof, *(run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir) if one else [])], ignore_index=True)
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof)
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
     lm = label_matrix(labels)
@@ -172,7 +177,7 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     fold_of = folds.set_index("study_id").loc[studies, "fold"].to_numpy()
     prior_oof = oof_prior(lm, fold_of)
     report: dict = {"prior": score_arrays(lm, prior_oof).as_dict(), "members": {}, "filled_from_prior": {}}
-    mm = member_matrix(oof, studies, [m.name for m in cfg.grade], prior_oof)
+    mm = member_matrix(oof, studies, [m.name for m in (*cfg.grade, *cfg.onestage)], prior_oof)
     for m, probs in zip(mm.members, mm.probs, strict=True):
         report["members"][m] = score_arrays(lm, probs).as_dict()
         report["filled_from_prior"][m] = mm.filled[m]
