@@ -32,7 +32,15 @@ from torch import nn
 
 from spine_ray.grade import OOF_COLUMNS
 from spine_ray.heatmap import gaussian_heatmap, keypoint_loss, scale_coords
-from spine_ray.localize import FORAMINAL, SPINAL, VIEWS, ViewConfig, _sagittal_sample, view_arrays, view_tensors
+from spine_ray.localize import (
+    FORAMINAL,
+    SPINAL,
+    VIEWS,
+    ViewConfig,
+    _sagittal_sample,
+    view_arrays,
+    view_tensors,
+)
 from spine_ray.losses import IGNORE, any_severe_spinal_loss, severity_loss
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig
 from spine_ray.schema import LABEL_COLUMNS, PROB_COLUMNS, row_id, target_index, with_target
