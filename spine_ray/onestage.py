@@ -182,7 +182,7 @@ def batch_tensors(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for v in VIEW_NAMES:
         t = view_tensors({"x": a[f"x_{v}"], "coords": a[f"coords_{v}"], "visible": a[f"visible_{v}"]})
-        out |= {f"x_{v}": t["x"], f"coords_{v}": t["coords"], f"visible_{v}": t["visible"], f"has_{v}": torch.from_numpy(np.asarray(a[f"has_{v}"], bool))}
+        out |= {f"x_{v}": t["x"], f"coords_{v}": t["coords"], f"visible_{v}": t["visible"], f"has_{v}": torch.from_numpy(np.array(a[f"has_{v}"], bool))}
     labels = np.asarray(a["labels"], np.int64)
     b = len(labels)
     spinal = np.array([t in SPINAL for t in TARGETS])

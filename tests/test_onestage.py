@@ -146,7 +146,7 @@ def test_loss_has_every_term_and_the_switch_changes_only_the_grades(prepared, ru
 def test_one_fold_through_the_fold_driver_gives_spinal_and_foraminal_oof_rows(prepared, run_dir):
     job = _job(prepared, run_dir)
     model, metrics, oof = run_fold(OneStageStage(), job)
-    assert np.isfinite(metrics["loss"])
+    assert np.isfinite(metrics["train_loss"])
     assert list(oof.columns) == OOF_COLUMNS
     val = samples(OneStageStage(), job, "val")
     assert set(oof["study_id"]) == set(val["study_id"]) and (oof["member"] == "onestage").all() and (oof["fold"] == 0).all()
