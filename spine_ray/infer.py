@@ -71,6 +71,7 @@ class StudyPredictor:
     def __init__(self, run_dir: str, device: str = "cpu") -> None:
         from spine_ray.grade import Grader
         from spine_ray.localize import view_model
+        from spine_ray.models.onestage import OneStageNet
         from spine_ray.pipeline import PipelineConfig
 
         self.device = torch.device(device)
@@ -85,6 +86,9 @@ class StudyPredictor:
         for member in cfg.grade:
             models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
             self.graders[member.name] = (models, member)
+        self.onestage = {}  # one-stage members: no stage-1 points needed
+        for member in cfg.onestage:
+            self.onestage[member.name] = (_load_models(run_dir, "onestage", member.name, cfg.folds, lambda m=member: OneStageNet(m.model), self.device), member)
         self.blend = None
         if exists(join(run_dir, "blend.json")):
             from spine_ray.blend import load_blend
@@ -96,6 +100,7 @@ class StudyPredictor:
         """Volume rows of one study → (probabilities [25, 3], predicted mask [25]); prior where not predicted."""
         from spine_ray.grade import predict_study
         from spine_ray.localize import locate_study
+        from spine_ray.onestage import predict_study as onestage_study
 
         if volumes.empty:
             return self.prior.copy(), np.zeros(N_TARGETS, bool)
@@ -105,6 +110,9 @@ class StudyPredictor:
             probs, mask = predict_study(models, cfg, volumes, points)
             members[name] = np.where(mask[:, None], probs, self.prior)
             masks[name] = mask
+        for name, (models, cfg) in self.onestage.items():
+            probs, mask = onestage_study(models, cfg, volumes)
+            members[name], masks[name] = np.where(mask[:, None], probs, self.prior), mask
         if self.blend is not None:
             from spine_ray.blend import apply_blend
 
@@ -179,7 +187,7 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
         for s, g in series.groupby("study_id")
     ]
     cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
-    for stage, member in [("localize", v) for v in ("sag_t2", "sag_t1", "axial")] + [("grade", m.name) for m in cfg.grade]:
+    for stage, member in [("localize", v) for v in ("sag_t2", "sag_t1", "axial")] + [("grade", m.name) for m in cfg.grade] + [("onestage", m.name) for m in cfg.onestage]:
         for k in range(cfg.folds):
             check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
     init_ray()
