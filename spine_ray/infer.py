@@ -87,7 +87,7 @@ class StudyPredictor:
             models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
             self.graders[member.name] = (models, member)
         self.onestage = {}  # one-stage members: no stage-1 points needed
-        for member in cfg.onestage:
+        for member in (m for m in cfg.onestage if not m.gt_heatmap):  # a diagnostic is never submitted
             self.onestage[member.name] = (_load_models(run_dir, "onestage", member.name, cfg.folds, lambda m=member: OneStageNet(m.model), self.device), member)
         self.blend = None
         if exists(join(run_dir, "blend.json")):

@@ -6,7 +6,8 @@ label points; this module reuses them). `OneStageNet` predicts, per view, one he
 point and a per-voxel grade map; the heatmap-pooled grade map gives [levels, 3] logits per point.
 Loss: JS + DSNT on the heatmaps (as stage 1), metric-weighted CE 1/2/4 + any-severe-spinal on the
 pooled grades. With `gt_heatmap` the grades are pooled by the labelled point's Gaussian instead,
-in training and in validation: an upper bound for the grade branch, not a member to submit.
+in training and in validation: an upper bound for the grade branch, scored in cv.json but never
+blended or submitted (the pipeline keeps it out of oof.parquet, `infer` skips it).
 
 Targets: the 5 spinal and 10 foraminal label columns (`TARGETS` order). Subarticular targets are
 not predicted (the blend fills them from the prior). A study missing a view is a zero volume for

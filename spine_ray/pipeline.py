@@ -170,7 +170,8 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     oof = pd.concat(run_folds(stage, jobs, cfg.resources, cfg.samples_dir), ignore_index=True)
     one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
     oof = pd.concat([oof, *(run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir) if one else [])], ignore_index=True)
-    atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof)
+    # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
+    atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
     lm = label_matrix(labels)
     studies = labels["study_id"].astype(int).tolist()
