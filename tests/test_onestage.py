@@ -197,3 +197,19 @@ def test_onestage_member_joins_oof_and_cv_after_train(prepared, ray_local, tmp_p
     assert (one["fold"].to_numpy() == folds.loc[one["study_id"]].to_numpy()).all()
     assert set(report["grade"]["members"]) == {"g", "one"}
     assert report["grade"]["filled_from_prior"]["one"] >= 10 * len(folds)  # subarticular rows come from the prior
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_on_cuda_under_autocast():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = OneStageNet(NET).to(dev)
+    rng = np.random.default_rng(0)
+    a = _arrays(rng, b=2, s=8)
+    a = {k: (np.repeat(np.repeat(v, 8, -1), 8, -2) if k.startswith("x_") else v) for k, v in a.items()}  # 4 → 32 px
+    batch = {k: t.to(dev) for k, t in batch_tensors(a).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        parts = onestage_loss(TINY, _forward(TINY, model, batch), batch)
+    parts["loss"].backward()
+    assert all(torch.isfinite(v) for v in parts.values())
