@@ -312,8 +312,11 @@ def _objective(theta: np.ndarray, pr: _Problem, cfg: FitConfig) -> tuple[float, 
     z = a[:, None, None] * base
     if pr.spinal:
         z[..., 2] += b
-    z -= z.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    # Log-softmax over the 3 grades with the class axis unrolled: numpy's reductions over a length-3
+    # axis cost several times the arithmetic (measured: 2.6 of 9.8 s of a blend search in `max`).
+    top = np.maximum(np.maximum(z[..., 0], z[..., 1]), z[..., 2])[..., None]
+    e = np.exp(z - top)
+    lse = top + np.log(e[..., 0] + e[..., 1] + e[..., 2])[..., None]
     logp = z - lse
     p = np.exp(logp)
     f = -float((pr.onehot_w * logp).sum())
@@ -373,8 +376,14 @@ def _solve(pr: _Problem, cfg: FitConfig) -> tuple[np.ndarray, int]:
     return res.x, int(res.nfev)
 
 
-def fit_group(logp: np.ndarray, labels: np.ndarray, g: int, eligible: np.ndarray, cfg: FitConfig = FitConfig()) -> GroupFit:
-    """Fit group g's pool exactly on log_members output [25, M, n, 3] and labels [n, 25], over the eligible members [M]."""
+def fit_group(
+    logp: np.ndarray, labels: np.ndarray, g: int, eligible: np.ndarray, cfg: FitConfig = FitConfig(), uncapped: GroupFit | None = None
+) -> GroupFit:
+    """Fit group g's pool exactly on log_members output [25, M, n, 3] and labels [n, 25], over the eligible members [M].
+
+    With a cap, the members kept are the largest weights of the uncapped fit of the same shrink,
+    per_level and clip; pass that fit as `uncapped` when it is already known, to skip solving it again.
+    """
     m_all = logp.shape[1]
     enter = np.flatnonzero(eligible)
     if enter.size == 0:
@@ -385,8 +394,12 @@ def fit_group(logp: np.ndarray, labels: np.ndarray, g: int, eligible: np.ndarray
         w = np.zeros(m_all)
         w[enter] = 1.0 / enter.size
         return GroupFit(w, 1.0, np.ones(t), 1.0, cfg.clip, float("nan"), 0)
-    theta, n_eval = _solve(pr, cfg)
-    if 0 < cfg.cap < enter.size:
+    capped = 0 < cfg.cap < enter.size
+    if capped and uncapped is not None:
+        theta, n_eval = uncapped.weights[enter], 0  # the ranking is all a cap needs: w ∝ v
+    else:
+        theta, n_eval = _solve(pr, cfg)
+    if capped:
         keep = np.sort(np.argsort(-theta[:enter.size], kind="stable")[: cfg.cap])
         enter = enter[keep]
         pr = _problem(logp, labels, g, enter, cfg.clip)

@@ -28,6 +28,7 @@ import torch
 
 from spine_ray.baseline import read_prior
 from spine_ray.config import load
+from spine_ray.localize import variant_member
 from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
 from spine_ray.storage import atomic_write_text, exists, join, read_bytes
 
@@ -77,11 +78,15 @@ class StudyPredictor:
         self.device = torch.device(device)
         cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
         self.prior = read_prior(join(run_dir, "prior.csv"))
-        self.localizers, self.loc_configs = {}, {}
-        for view in ("sag_t2", "sag_t1", "axial"):
-            vc = getattr(cfg.localize, view)
-            self.localizers[view] = _load_models(run_dir, "localize", view, cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
-            self.loc_configs[view] = vc
+        # Stage-1 members: the main localisers ("") and each variant's, every view's folds.
+        self.localizers: dict[str, tuple[dict, dict]] = {}
+        for variant, loc in cfg.stage1_members():
+            models, configs = {}, {}
+            for view in ("sag_t2", "sag_t1", "axial"):
+                vc = getattr(loc, view)
+                models[view] = _load_models(run_dir, "localize", variant_member(view, variant), cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
+                configs[view] = vc
+            self.localizers[variant] = (models, configs)
         self.graders = {}
         for member in cfg.grade:
             models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model), self.device)
@@ -98,21 +103,9 @@ class StudyPredictor:
     @torch.no_grad()
     def predict(self, volumes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Volume rows of one study → (probabilities [25, 3], predicted mask [25]); prior where not predicted."""
-        from spine_ray.grade import predict_study
-        from spine_ray.localize import locate_study
-        from spine_ray.onestage import predict_study as onestage_study
-
         if volumes.empty:
             return self.prior.copy(), np.zeros(N_TARGETS, bool)
-        points = locate_study(self.localizers, self.loc_configs, volumes)
-        members, masks = {}, {}
-        for name, (models, cfg) in self.graders.items():
-            probs, mask = predict_study(models, cfg, volumes, points)
-            members[name] = np.where(mask[:, None], probs, self.prior)
-            masks[name] = mask
-        for name, (models, cfg) in self.onestage.items():
-            probs, mask = onestage_study(models, cfg, volumes)
-            members[name], masks[name] = np.where(mask[:, None], probs, self.prior), mask
+        members, masks = self.member_probs(volumes)
         if self.blend is not None:
             from spine_ray.blend import apply_blend
 
@@ -121,6 +114,26 @@ class StudyPredictor:
             blended = np.mean(list(members.values()), axis=0)
         mask = np.any(list(masks.values()), axis=0)
         return np.where(mask[:, None], blended, self.prior), mask
+
+    @torch.no_grad()
+    def member_probs(self, volumes: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Volume rows of one study → every member's probabilities [25, 3] (prior where it predicted nothing) and mask [25]."""
+        from spine_ray.grade import predict_study
+        from spine_ray.localize import locate_study
+        from spine_ray.onestage import predict_study as onestage_study
+
+        members, masks = {}, {}
+        for variant, (localizers, configs) in self.localizers.items():
+            points = locate_study(localizers, configs, volumes)
+            for name, (models, cfg) in self.graders.items():  # cross-ensembling: every grader on every stage-1 member's points
+                probs, mask = predict_study(models, cfg, volumes, points)
+                member = variant_member(name, variant)
+                members[member] = np.where(mask[:, None], probs, self.prior)
+                masks[member] = mask
+        for name, (models, cfg) in self.onestage.items():  # no stage-1 points: runs even where stage 1 found none
+            probs, mask = onestage_study(models, cfg, volumes)
+            members[name], masks[name] = np.where(mask[:, None], probs, self.prior), mask
+        return members, masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry: a batch of decoded studies → their probabilities and fallback notes."""
@@ -187,7 +200,8 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
         for s, g in series.groupby("study_id")
     ]
     cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
-    for stage, member in [("localize", v) for v in ("sag_t2", "sag_t1", "axial")] + [("grade", m.name) for m in cfg.grade] + [("onestage", m.name) for m in cfg.onestage]:
+    views = [("localize", variant_member(view, v)) for v, _ in cfg.stage1_members() for view in ("sag_t2", "sag_t1", "axial")]
+    for stage, member in views + [("grade", m.name) for m in cfg.grade] + [("onestage", m.name) for m in cfg.onestage if not m.gt_heatmap]:
         for k in range(cfg.folds):
             check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
     init_ray()

@@ -74,6 +74,32 @@ class LocalizeConfig:
     axial: ViewConfig = field(default_factory=lambda: ViewConfig(slices=5))
 
 
+@dataclass(frozen=True)
+class LocalizeVariant:
+    """Another stage-1 ensemble member (e.g. another seed or backbone) for cross-ensembling.
+
+    Its localisers train as members `{view}@{name}` and write `localize/points@{name}.parquet`;
+    every stage-2 member then also predicts on these points, as member `{grader}@{name}`.
+    """
+
+    name: str
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"a localize variant needs a name of letters, digits, '-' or '_', got {self.name!r}")
+
+
+def variant_member(name: str, variant: str) -> str:
+    """The member name of a view (stage 1) or grader (stage 2) run on a stage-1 variant: `name@variant` ("" → name)."""
+    return f"{name}@{variant}" if variant else name
+
+
+def view_of(member: str) -> str:
+    """The view a stage-1 member localises: `sag_t2@seed1` → `sag_t2`."""
+    return member.split("@", 1)[0]
+
+
 @functools.lru_cache(maxsize=4)
 def _labels(prepared: str) -> pd.DataFrame:
     df = with_target(read_parquet(join(prepared, LABELS_FILE)))
@@ -165,17 +191,17 @@ class LocalizeStage:
     def sample_key(self, job: FoldJob, split: str) -> dict:
         """The view and its resampled size; axial validation slabs sit on stage-1 spinal points."""
         cfg: ViewConfig = job.config
-        uses = ["spinal_points"] if job.member == "axial" and split != "train" else []
-        return {"view": job.member, "slices": cfg.slices, "size": cfg.size, "inputs": uses}
+        uses = ["spinal_points"] if view_of(job.member) == "axial" and split != "train" else []
+        return {"view": view_of(job.member), "slices": cfg.slices, "size": cfg.size, "inputs": uses}
 
     def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → samples of this view (label points attached where they exist)."""
         cfg: ViewConfig = job.config
-        description, targets = VIEWS[job.member]
+        description, targets = VIEWS[view_of(job.member)]
         rows = rows[rows["series_description"] == description]
         gt = _labels(job.prepared) if split != "test" else _NO_LABELS
         samples: list[dict] = []
-        if job.member == "axial":
+        if view_of(job.member) == "axial":
             spinal = _spinal_points(job, split)
             for study, group in rows.groupby("study_id"):
                 samples += _axial_samples(group.reset_index(drop=True), int(study), spinal[spinal["study_id"] == study], gt[gt["study_id"] == study], cfg)
@@ -188,7 +214,7 @@ class LocalizeStage:
 
     def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """Intensity augmentation of the stored stacks (see `view_arrays`)."""
-        return view_arrays(job.member, job.config, rows, rng)
+        return view_arrays(view_of(job.member), job.config, rows, rng)
 
     def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """See `view_tensors`."""
@@ -196,7 +222,7 @@ class LocalizeStage:
 
     def build_model(self, job: FoldJob) -> nn.Module:
         """A Localizer with one heatmap per point of this view."""
-        return view_model(job.member, job.config)
+        return view_model(view_of(job.member), job.config)
 
     def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Jensen–Shannon heatmap loss plus DSNT coordinate loss, on heatmap-voxel coordinates."""
@@ -209,7 +235,7 @@ class LocalizeStage:
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Samples → one point per (sample, point), best per study × target, with errors vs labels."""
-        return predict_points(job.member, job.config, model, samples, fold=job.fold)
+        return predict_points(view_of(job.member), job.config, model, samples, fold=job.fold)
 
 
 def view_arrays(view: str, cfg: ViewConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:

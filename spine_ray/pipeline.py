@@ -9,9 +9,13 @@ A run directory holds everything a run produced (paths or URLs):
     localize/{view}/fold{k}/   model.pt, oof.parquet, done.json (stage 1, per view and fold)
     localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.localize)
     localize/summary.json      out-of-fold localisation error per view
-    grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
+    localize/{view}@{variant}/fold{k}/, localize/points@{variant}.parquet, localize/summary@{variant}.json
+                          the same for each stage-1 variant (`localize_variants`, cross-ensembling)
+    grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold);
+                          oof@{variant}.parquet: the fold's model on a variant's points (spine_ray.cross)
+    oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe; a member run on
+                          a variant's points is named `{member}@{variant}`
     onestage/{member}/fold{k}/ model.pt, oof.parquet, done.json (one-stage members, spinal + foraminal rows)
-    oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
     ray/                  Ray Train checkpoints and Ray Tune experiment state
@@ -34,7 +38,13 @@ from spine_ray.config import save
 from spine_ray.distributed import ResourcesConfig, run_folds
 from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
-from spine_ray.localize import LocalizeConfig, LocalizeStage, error_summary
+from spine_ray.localize import (
+    LocalizeConfig,
+    LocalizeStage,
+    LocalizeVariant,
+    error_summary,
+    variant_member,
+)
 from spine_ray.metric import score_arrays
 from spine_ray.onestage import OneStageConfig, OneStageStage
 from spine_ray.prior import fit_prior, oof_prior
@@ -74,6 +84,8 @@ class PipelineConfig:
     seed: int = 0
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    # More stage-1 members (cross-ensembling): every grade member also predicts on each one's points.
+    localize_variants: tuple[LocalizeVariant, ...] = ()
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
     onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained after stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
@@ -85,6 +97,17 @@ class PipelineConfig:
         names = [m.name for m in self.grade] + [m.name for m in self.onestage]
         if len(set(names)) != len(names):
             raise ValueError(f"grade and onestage member names must be unique, got {names}")
+        variants = [v.name for v in self.localize_variants]
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"localize variant names must be unique, got {variants}")
+
+    def stage1_members(self) -> list[tuple[str, LocalizeConfig]]:
+        """(variant, its localisers): the main ones ("") first, then every `localize_variants` entry."""
+        return [("", self.localize)] + [(v.name, v.localize) for v in self.localize_variants]
+
+    def grade_members(self) -> list[str]:
+        """Every stage-2 member name in oof.parquet: each grader, then each grader × variant."""
+        return [m.name for m in self.grade] + [variant_member(m.name, v.name) for v in self.localize_variants for m in self.grade]
 
 
 def training_labels(prepared: str) -> pd.DataFrame:
@@ -131,24 +154,46 @@ def fold_jobs(cfg: PipelineConfig, stage: str, member: str, config: Any, inputs:
 
 
 def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
-    """Stage 1: sagittal views in parallel, then the axial view placed by the sagittal T2 points."""
+    """Stage 1: sagittal views in parallel, then the axial view placed by the sagittal T2 points.
+
+    Every stage-1 variant trains alongside the main localisers (one Tune run per step) and writes
+    its own points table; returns the main localisers' error summary.
+    """
     stage = LocalizeStage()
-    loc = cfg.localize
-    sagittal = fold_jobs(cfg, "localize", "sag_t2", loc.sag_t2, {}) + fold_jobs(cfg, "localize", "sag_t1", loc.sag_t1, {})
-    sag = pd.concat(run_folds(stage, sagittal, cfg.resources, cfg.samples_dir), ignore_index=True)
-    spinal_url = join(cfg.run_dir, "localize", "spinal_points.parquet")
-    atomic_write_parquet(spinal_url, sag[sag["view"] == "sag_t2"])
-    axial = pd.concat(run_folds(stage, fold_jobs(cfg, "localize", "axial", loc.axial, {"spinal_points": spinal_url}), cfg.resources, cfg.samples_dir), ignore_index=True)
-    points = pd.concat([sag, axial], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
-    atomic_write_parquet(join(cfg.run_dir, "localize", "points.parquet"), points)
-    summary = error_summary(points)
-    atomic_write_text(join(cfg.run_dir, "localize", "summary.json"), json.dumps(summary.reset_index().to_dict(orient="records"), indent=2))
-    return summary
+    members = cfg.stage1_members()
+    sagittal = [j for v, loc in members for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
+    sag = _by_variant(sagittal, run_folds(stage, sagittal, cfg.resources, cfg.samples_dir))
+    axial_jobs = []
+    for v, loc in members:
+        spinal_url = join(cfg.run_dir, "localize", _suffixed("spinal_points", v) + ".parquet")
+        atomic_write_parquet(spinal_url, sag[v][sag[v]["view"] == "sag_t2"])
+        axial_jobs += fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {"spinal_points": spinal_url})
+    axial = _by_variant(axial_jobs, run_folds(stage, axial_jobs, cfg.resources, cfg.samples_dir))
+    summaries = {}
+    for v, _ in members:
+        points = pd.concat([sag[v], axial[v]], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
+        atomic_write_parquet(points_url(cfg, v), points)
+        summaries[v] = error_summary(points)
+        summary_url = join(cfg.run_dir, "localize", _suffixed("summary", v) + ".json")
+        atomic_write_text(summary_url, json.dumps(summaries[v].reset_index().to_dict(orient="records"), indent=2))
+    return summaries[""]
 
 
-def points_url(cfg: PipelineConfig) -> str:
-    """Stage 1's out-of-fold points table of a run."""
-    return join(cfg.run_dir, "localize", "points.parquet")
+def _suffixed(name: str, variant: str) -> str:
+    return f"{name}@{variant}" if variant else name
+
+
+def _by_variant(jobs: list[FoldJob], tables: list[pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Fold tables of stage-1 jobs concatenated per variant (the part of the member after '@')."""
+    out: dict[str, list[pd.DataFrame]] = {}
+    for job, table in zip(jobs, tables, strict=True):
+        out.setdefault(job.member.partition("@")[2], []).append(table)
+    return {v: pd.concat(ts, ignore_index=True) for v, ts in out.items()}
+
+
+def points_url(cfg: PipelineConfig, variant: str = "") -> str:
+    """Stage 1's out-of-fold points table of a run (of a stage-1 variant when named)."""
+    return join(cfg.run_dir, "localize", _suffixed("points", variant) + ".parquet")
 
 
 def stage_for(cfg: PipelineConfig, stage: str):
@@ -167,9 +212,19 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
     stage, inputs = stage_for(cfg, "grade")
     jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
-    oof = pd.concat(run_folds(stage, jobs, cfg.resources, cfg.samples_dir), ignore_index=True)
+    tables = run_folds(stage, jobs, cfg.resources, cfg.samples_dir)
+    if cfg.localize_variants:
+        from spine_ray.cross import run_cross
+
+        variants = {v.name: points_url(cfg, v.name) for v in cfg.localize_variants}
+        missing = [u for u in variants.values() if not exists(u)]
+        if missing:
+            raise SchemaError(missing[0], "no points for this stage-1 variant: train the localize stage first")
+        tables += run_cross(stage, jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
     one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
-    oof = pd.concat([oof, *(run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir) if one else [])], ignore_index=True)
+    if one:
+        tables += run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir)
+    oof = pd.concat(tables, ignore_index=True)
     # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
@@ -178,7 +233,7 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     fold_of = folds.set_index("study_id").loc[studies, "fold"].to_numpy()
     prior_oof = oof_prior(lm, fold_of)
     report: dict = {"prior": score_arrays(lm, prior_oof).as_dict(), "members": {}, "filled_from_prior": {}}
-    mm = member_matrix(oof, studies, [m.name for m in (*cfg.grade, *cfg.onestage)], prior_oof)
+    mm = member_matrix(oof, studies, cfg.grade_members() + [m.name for m in cfg.onestage], prior_oof)
     for m, probs in zip(mm.members, mm.probs, strict=True):
         report["members"][m] = score_arrays(lm, probs).as_dict()
         report["filled_from_prior"][m] = mm.filled[m]

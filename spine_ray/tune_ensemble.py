@@ -169,16 +169,28 @@ def cross_data(logp: np.ndarray, labels: np.ndarray, folds: np.ndarray, eligible
     )
 
 
-def score_candidate(data: CrossData, cfg: FitConfig) -> dict[str, Any]:
+def score_candidate(data: CrossData, cfg: FitConfig, uncapped: dict[tuple, GroupFit] | None = None) -> dict[str, Any]:
     """Fit one candidate on each half, score it on the other: held-out and in-sample group parts, both half blends.
 
     A group where the cap keeps every member that enters is the cap-0 candidate again: it is not
-    refitted, and its parts are NaN (never chosen).
+    refitted, and its parts are NaN (never chosen). `uncapped` (a dict kept across candidates)
+    remembers the cap-0 fits, so that a capped candidate scored after its cap-0 twin skips one solve.
     """
     n_enter = data.eligible.sum(axis=1)
     same = [0 < cfg.cap >= n for n in n_enter]
-    fits = {k: [_placeholder(data, g) if same[g] else fit_group(data.logp[k], data.labels[k], g, data.eligible[g], cfg)
-                for g in range(len(GROUPS))] for k in ("A", "B")}
+    memo = {} if uncapped is None else uncapped
+    twin = (cfg.shrink, cfg.per_level, cfg.clip)
+    fits: dict[str, list[GroupFit]] = {}
+    for k in ("A", "B"):
+        fits[k] = []
+        for g in range(len(GROUPS)):
+            if same[g]:
+                fits[k].append(_placeholder(data, g))
+                continue
+            fit = fit_group(data.logp[k], data.labels[k], g, data.eligible[g], cfg, memo.get((k, g, *twin)))
+            if cfg.cap == 0:
+                memo[(k, g, *twin)] = fit
+            fits[k].append(fit)
     blends = {k: blend_of(data.members, f) for k, f in fits.items()}
     held = group_objectives(_stitched(data, blends["A"], blends["B"], held_out=True))
     own = group_objectives(_stitched(data, blends["A"], blends["B"], held_out=False))
@@ -210,7 +222,8 @@ def _structure_trial(config: dict[str, Any], data: CrossData) -> None:
     from ray import tune
 
     c = config["candidate"]
-    rows = [score_candidate(data, FitConfig(s, cap, c["per_level"], c["clip"])) for cap, s in c["grid"]]
+    uncapped: dict[tuple, GroupFit] = {}  # cap 0 comes first in the grid: the capped candidates reuse its fits
+    rows = [score_candidate(data, FitConfig(s, cap, c["per_level"], c["clip"]), uncapped) for cap, s in c["grid"]]
     tune.report({"candidates_json": json.dumps(rows), "held_out": min(sum(r["held_out"]) for r in rows)})  # its best candidate
 
 

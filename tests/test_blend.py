@@ -32,7 +32,14 @@ from spine_ray.blend import (
 from spine_ray.metric import EPS, normalise, score_arrays
 from spine_ray.schema import PROB_COLUMNS, row_ids
 from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
-from spine_ray.tune_ensemble import SearchConfig, choose, eligibility, load_run
+from spine_ray.tune_ensemble import (
+    SearchConfig,
+    choose,
+    cross_data,
+    eligibility,
+    load_run,
+    score_candidate,
+)
 
 MEMBERS = ("a", "b", "c")
 
@@ -204,6 +211,20 @@ def test_members_without_rows_do_not_enter_and_cap_and_shrink_act(stress_dir):
     loose, tight = (fit_group(logp, run.labels, 1, ok[1], FitConfig(shrink=s)) for s in (0.0, 100.0))
     entered = ok[1]
     assert np.ptp(tight.weights[entered]) < 0.02 < np.ptp(loose.weights[entered])
+
+
+def test_capped_candidates_reuse_their_uncapped_twin_and_score_the_same(stress_dir):
+    run = load_run(stress_dir)
+    ok = eligibility(run.matrix, 0.5)
+    data = cross_data(log_members(run.matrix.probs), run.labels, run.folds, ok, run.matrix.members)
+    grid = [FitConfig(shrink=s, cap=c) for c in (0, 1) for s in (0.0, 0.1)]
+    alone = [score_candidate(data, c) for c in grid]
+    memo: dict = {}
+    shared = [score_candidate(data, c, memo) for c in grid]
+    for a, b in zip(alone, shared, strict=True):
+        assert np.allclose(a["held_out"], b["held_out"], equal_nan=True) and a["half_blends"] == b["half_blends"]
+    assert [b["evaluations"] for b in shared[:2]] == [a["evaluations"] for a in alone[:2]]
+    assert all(b["evaluations"] < a["evaluations"] for a, b in zip(alone[2:], shared[2:], strict=True))
 
 
 def test_choose_falls_back_to_the_best_member_when_no_fit_beats_it():

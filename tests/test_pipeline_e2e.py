@@ -71,14 +71,33 @@ def test_train_writes_oof_for_every_member_and_cv(smoke_run):
     run, cfg, report = smoke_run
     oof = pd.read_parquet(run / "oof.parquet")
     folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
-    assert set(oof["member"]) == {m.name for m in cfg.grade}
+    assert set(oof["member"]) == set(cfg.grade_members()) == {"a", "b", "a@s1", "b@s1"}
     assert not oof.duplicated(["member", "row_id"]).any()  # every row_id at most once per member
     assert (oof["fold"].to_numpy() == folds.loc[oof["study_id"]].to_numpy()).all()  # out-of-fold
     assert np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1, atol=1e-5)
     cv = json.loads((run / "cv.json").read_text())
-    assert set(cv["members"]) == {"a", "b"} and "prior" in cv and "oracle" in cv
+    assert set(cv["members"]) == {"a", "b", "a@s1", "b@s1"} and "prior" in cv and "oracle" in cv
     assert cv["oracle"]["score"] < cv["prior"]["score"]
     assert report == cv
+
+
+def test_cross_members_are_the_trained_graders_on_the_variant_points(smoke_run):
+    run, cfg, _ = smoke_run
+    oof = pd.read_parquet(run / "oof.parquet").set_index(["member", "row_id"]).sort_index()
+    main, variant = (pd.read_parquet(run / "localize" / f) for f in ("points.parquet", "points@s1.parquet"))
+    # The variant's localisers are their own models (another seed), so their points differ ...
+    both = main.merge(variant, on=["study_id", "target"], suffixes=("", "_v"))
+    assert len(both) and not np.allclose(both[["row", "col"]].to_numpy(), both[["row_v", "col_v"]].to_numpy())
+    assert (run / "localize" / "summary@s1.json").exists() and (run / "localize" / "sag_t2@s1" / "fold1" / "model.pt").exists()
+    # ... and the cross member is the same grader (no training of its own) predicting out-of-fold on them.
+    assert not (run / "grade" / "a@s1").exists()
+    for m in ("a", "b"):
+        own, cross = oof.loc[m], oof.loc[f"{m}@s1"]
+        shared = own.index.intersection(cross.index)
+        assert len(shared) and (own.loc[shared, "fold"] == cross.loc[shared, "fold"]).all()
+        assert not np.allclose(own.loc[shared, ["normal_mild", "moderate", "severe"]], cross.loc[shared, ["normal_mild", "moderate", "severe"]])
+    blend = json.loads((run / "blend.json").read_text())
+    assert set(blend["blend"]["members"]) == {"a", "b", "a@s1", "b@s1"}  # tune-ensemble weighs every pair
 
 
 def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic_data, tmp_path):

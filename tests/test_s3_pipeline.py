@@ -36,9 +36,10 @@ def test_pipeline_runs_entirely_on_s3(ray_local, s3_bucket, synthetic, tmp_path,
     assert len(read_submission(sub, study_ids=studies)) == 25 * len(studies)
     for key in ("manifest.json", "labels.parquet"):
         assert fs.exists(f"{prepared[5:]}/{key}")
-    for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "oof.parquet", "cv.json", "grade/a/fold0/model.pt"):
+    for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "localize/points@s1.parquet", "oof.parquet", "cv.json",
+                "grade/a/fold0/model.pt", "grade/a/fold0/oof@s1.parquet"):
         assert fs.exists(f"{run[5:]}/{key}"), key
     # Ray Train checkpoints went to the bucket too.
     assert fs.glob(f"{run[5:]}/ray/train/**/state.pt")
-    assert set(report["grade"]["members"]) == {"a", "b"}
+    assert set(report["grade"]["members"]) == {"a", "b", "a@s1", "b@s1"}  # cross-ensembling: every grader on both stage-1 members
     assert list(cwd.iterdir()) == [], "something was written to the local working directory"
