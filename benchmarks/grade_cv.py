@@ -5,7 +5,8 @@ fold by fold with the plain loop, fills targets the graders did not predict with
 prior, and reports the pooled OOF score of each member and of their mean next to the OOF prior
 and the synth oracle, as the fraction of the prior → oracle gap closed, (prior − cv) / (prior − oracle).
 Crop centres at validation come from `--points` (a stage-1 points table) or, by default, from
-the label points plus noise (`grade.fake_points`).
+the label points plus noise (`grade.fake_points`). One-stage members (an `onestage:` list) need no
+points; they predict spinal and foraminal targets only, the rest come from the prior.
 
     python benchmarks/grade_cv.py DATA PREPARED RUN --members members.yaml --folds 3
 """
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("data", help="synth output (train.csv, oracle_train.csv)")
     ap.add_argument("prepared", help="its `spine-ray prepare` output")
     ap.add_argument("run", help="a folder for folds, points and OOF tables")
-    ap.add_argument("--members", required=True, help="YAML: a list of GradeConfig mappings, or a mapping with a `grade:` list")
+    ap.add_argument("--members", required=True, help="YAML: a list of GradeConfig mappings, or a mapping with `grade:` and/or `onestage:` lists")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--points", help="stage-1 points table; default: label points plus noise")
     ap.add_argument("--threads", type=int, default=2)
@@ -41,6 +42,7 @@ def main() -> None:
     from spine_ray.folds import assign_folds
     from spine_ray.grade import GradeConfig, GradeStage, fake_points
     from spine_ray.metric import score_arrays, score_frames
+    from spine_ray.onestage import OneStageConfig, OneStageStage
     from spine_ray.prior import oof_prior
     from spine_ray.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, read_labels
     from spine_ray.stage import FoldJob, run_fold
@@ -56,7 +58,8 @@ def main() -> None:
         points = str(run / "points.parquet")
         fake_points(pd.read_parquet(f"{args.prepared}/labels.parquet"), np.random.default_rng(1)).to_parquet(points)
     spec = yaml.safe_load(Path(args.members).read_text())
-    members = [from_dict(GradeConfig, m) for m in (spec["grade"] if isinstance(spec, dict) else spec)]
+    members = [("grade", GradeStage(), from_dict(GradeConfig, m)) for m in (spec.get("grade", []) if isinstance(spec, dict) else spec)]
+    members += [("onestage", OneStageStage(), from_dict(OneStageConfig, m)) for m in (spec.get("onestage", []) if isinstance(spec, dict) else [])]
 
     lm = label_matrix(labels)
     fold_of = folds.set_index("study_id").loc[labels["study_id"], "fold"].to_numpy()
@@ -65,29 +68,31 @@ def main() -> None:
     oracle = score_frames(labels, pd.read_csv(f"{args.data}/oracle_train.csv")).score
     base = score_arrays(lm, prior).score
 
-    def score(oof: pd.DataFrame) -> float:
+    def score(oof: pd.DataFrame):
         probs = prior.copy()
         mean = oof.groupby("row_id")[list(PROB_COLUMNS)].mean()
         for rid, p in zip(mean.index, mean.to_numpy(), strict=True):
             study, target = rid.split("_", 1)
             probs[index[int(study)], LABEL_COLUMNS.index(target)] = p
-        return score_arrays(lm, probs).score
+        return score_arrays(lm, probs)
 
     oofs = []
-    print(f"{len(labels)} studies, {args.folds} folds; prior {base:.4f}, oracle {oracle:.4f}")
-    for cfg in members:
+    pb = score_arrays(lm, prior)
+    print(f"{len(labels)} studies, {args.folds} folds; prior {base:.4f} (spinal {pb.spinal:.4f}, foraminal {pb.foraminal:.4f}), oracle {oracle:.4f}")
+    for kind, stage, cfg in members:
         t = time.perf_counter()
         parts = []
         for fold in range(args.folds):
-            job = FoldJob("grade", cfg.name, fold, args.folds, cfg, args.prepared, str(run), {"points": points})
-            parts.append(run_fold(GradeStage(), job, device=torch.device("cpu"))[2])
+            job = FoldJob(kind, cfg.name, fold, args.folds, cfg, args.prepared, str(run), {"points": points} if kind == "grade" else {})
+            parts.append(run_fold(stage, job, device=torch.device("cpu"))[2])
         oof = pd.concat(parts, ignore_index=True)
         oof.to_parquet(run / f"oof_{cfg.name}.parquet")
         oofs.append(oof)
         cv = score(oof)
-        print(f"  {cfg.name:20s} cv {cv:.4f}  gap closed {(base - cv) / (base - oracle):.3f}  {time.perf_counter() - t:.0f} s")
+        print(f"  {cfg.name:20s} cv {cv.score:.4f}  gap closed {(base - cv.score) / (base - oracle):.3f}  {time.perf_counter() - t:.0f} s"
+              f"  (spinal {cv.spinal:.4f}, foraminal {cv.foraminal:.4f}, any-severe {cv.any_severe_spinal:.4f})")
     if len(oofs) > 1:
-        cv = score(pd.concat(oofs))
+        cv = score(pd.concat(oofs)).score
         print(f"  {'mean of members':20s} cv {cv:.4f}  gap closed {(base - cv) / (base - oracle):.3f}")
 
 

@@ -72,6 +72,7 @@ class StudyPredictor:
     def __init__(self, run_dir: str, device: str = "cpu") -> None:
         from spine_ray.grade import Grader
         from spine_ray.localize import view_model
+        from spine_ray.models.onestage import OneStageNet
         from spine_ray.pipeline import PipelineConfig
 
         self.device = torch.device(device)
@@ -90,6 +91,9 @@ class StudyPredictor:
         for member in cfg.grade:
             models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model, img_size=m.out_px), self.device)
             self.graders[member.name] = (models, member)
+        self.onestage = {}  # one-stage members: no stage-1 points needed
+        for member in (m for m in cfg.onestage if not m.gt_heatmap):  # a diagnostic is never submitted
+            self.onestage[member.name] = (_load_models(run_dir, "onestage", member.name, cfg.folds, lambda m=member: OneStageNet(m.model, img_size=m.size), self.device), member)
         self.blend = None
         if exists(join(run_dir, "blend.json")):
             from spine_ray.blend import load_blend
@@ -116,6 +120,7 @@ class StudyPredictor:
         """Volume rows of one study → every member's probabilities [25, 3] (prior where it predicted nothing) and mask [25]."""
         from spine_ray.grade import predict_study
         from spine_ray.localize import locate_study
+        from spine_ray.onestage import predict_study as onestage_study
 
         members, masks = {}, {}
         for variant, (localizers, configs) in self.localizers.items():
@@ -125,6 +130,9 @@ class StudyPredictor:
                 member = variant_member(name, variant)
                 members[member] = np.where(mask[:, None], probs, self.prior)
                 masks[member] = mask
+        for name, (models, cfg) in self.onestage.items():  # no stage-1 points: runs even where stage 1 found none
+            probs, mask = onestage_study(models, cfg, volumes)
+            members[name], masks[name] = np.where(mask[:, None], probs, self.prior), mask
         return members, masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -193,7 +201,7 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
     ]
     cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
     views = [("localize", variant_member(view, v)) for v, _ in cfg.stage1_members() for view in ("sag_t2", "sag_t1", "axial")]
-    for stage, member in views + [("grade", m.name) for m in cfg.grade]:
+    for stage, member in views + [("grade", m.name) for m in cfg.grade] + [("onestage", m.name) for m in cfg.onestage if not m.gt_heatmap]:
         for k in range(cfg.folds):
             check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
     init_ray()

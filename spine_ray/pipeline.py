@@ -15,6 +15,7 @@ A run directory holds everything a run produced (paths or URLs):
                           oof@{variant}.parquet: the fold's model on a variant's points (spine_ray.cross)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe; a member run on
                           a variant's points is named `{member}@{variant}`
+    onestage/{member}/fold{k}/ model.pt, oof.parquet, done.json (one-stage members, spinal + foraminal rows)
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
     label_flags.parquet   `spine-ray clean-labels`: labels the OOF ensemble disbelieves (`exclude_labels` of a rerun)
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
@@ -47,6 +48,7 @@ from spine_ray.localize import (
     variant_member,
 )
 from spine_ray.metric import score_arrays
+from spine_ray.onestage import OneStageConfig, OneStageStage
 from spine_ray.prior import fit_prior, oof_prior
 from spine_ray.schema import (
     LABEL_COLUMNS,
@@ -87,6 +89,7 @@ class PipelineConfig:
     # More stage-1 members (cross-ensembling): every grade member also predicts on each one's points.
     localize_variants: tuple[LocalizeVariant, ...] = ()
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
+    onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained after stage 2
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
     samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
     exclude_labels: str | None = None  # a `spine-ray clean-labels` flags table: its flagged labels are unlabelled in training
@@ -94,9 +97,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ValueError("folds must be ≥ 2")
-        names = [m.name for m in self.grade]
+        names = [m.name for m in self.grade] + [m.name for m in self.onestage]
         if len(set(names)) != len(names):
-            raise ValueError(f"grade member names must be unique, got {names}")
+            raise ValueError(f"grade and onestage member names must be unique, got {names}")
         variants = [v.name for v in self.localize_variants]
         if len(set(variants)) != len(variants):
             raise ValueError(f"localize variant names must be unique, got {variants}")
@@ -225,15 +228,19 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
         if missing:
             raise SchemaError(missing[0], "no points for this stage-1 variant: train the localize stage first")
         tables += run_cross(stage, jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
+    one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
+    if one:
+        tables += run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir)
     oof = pd.concat(tables, ignore_index=True)
-    atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof)
+    # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
+    atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])
     labels = read_labels(join(cfg.run_dir, "train_labels.csv"))
     lm = label_matrix(labels)
     studies = labels["study_id"].astype(int).tolist()
     fold_of = folds.set_index("study_id").loc[studies, "fold"].to_numpy()
     prior_oof = oof_prior(lm, fold_of)
     report: dict = {"prior": score_arrays(lm, prior_oof).as_dict(), "members": {}, "filled_from_prior": {}}
-    mm = member_matrix(oof, studies, cfg.grade_members(), prior_oof)
+    mm = member_matrix(oof, studies, cfg.grade_members() + [m.name for m in cfg.onestage], prior_oof)
     for m, probs in zip(mm.members, mm.probs, strict=True):
         report["members"][m] = score_arrays(lm, probs).as_dict()
         report["filled_from_prior"][m] = mm.filled[m]

@@ -157,7 +157,7 @@ def training_epochs(run_dir: str) -> pd.DataFrame:
     """Every fold's metrics.jsonl as one table: stage, member, fold, then the reported metrics."""
     fs, root = fs_for(run_dir)
     rows = []
-    for stage in ("localize", "grade"):
+    for stage in ("localize", "grade", "onestage"):
         for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/{METRICS_FILE}")):
             member, fold = path.split("/")[-3], path.split("/")[-2]
             with fs.open(path, "rt") as f:

@@ -112,7 +112,9 @@ def stage2_attention(run_dir: str, member: str, fold: int, volumes: pd.DataFrame
     from spine_ray.train_loop import load_state
 
     url = join(run_dir, "grade", member, f"fold{fold}", "model.pt")
-    gcfg = next(m for m in load(PipelineConfig, join(run_dir, "config.yaml")).grade if m.name == member)
+    gcfg = next((m for m in load(PipelineConfig, join(run_dir, "config.yaml")).grade if m.name == member), None)
+    if gcfg is None:  # a one-stage member has no crops to show
+        return None
     model = Grader(gcfg.model, img_size=gcfg.out_px)
     model.load_state_dict(load_state(io.BytesIO(read_bytes(url)), what=url)["model"])
     samples = pd.DataFrame(study_samples(gcfg, volumes, points), columns=SAMPLE_COLUMNS)

@@ -11,6 +11,7 @@ import torch
 from spine_ray.config import load
 from spine_ray.grade import GradeStage
 from spine_ray.localize import VIEWS, LocalizeStage
+from spine_ray.models.onestage import OneStageNet
 from spine_ray.pipeline import PipelineConfig
 from spine_ray.stage import FoldJob
 
@@ -51,3 +52,9 @@ def test_config_builds_its_models_and_runs_one_batch(name):
                 view=torch.tensor([[v for _, v, _ in member.slots]]),
             )
         assert out["logits"].shape == (1, t, 3)
+    for member in cfg.onestage:
+        net = dataclasses.replace(member.model, net=offline(member.model.net))
+        model = OneStageNet(net).eval()
+        with torch.no_grad():
+            out = model({v: torch.rand(1, member.slices, 1, member.size, member.size) for v in net.views})
+        assert [out[v]["logits"].shape for v in net.views] == [(1, 5, 3), (1, 10, 3)]
