@@ -36,8 +36,15 @@ BASE = "base"
 # arm → overrides of the base grade member (keys under grade.N.…), or a special arm.
 ARMS: dict[str, list[str]] = {
     BASE: [],
+    "two_step": ["two_step={epochs: 2, lr: 0.001, warmup_frac: 0.0, select: last}"],  # step 2 on the frozen backbone
+    "freeze": ["freeze={backbone: true, unfreeze_last: 2}"],
+    "cutmix": ["mix={cutmix_p: 1.0, mixup_p: 0.0, alpha: 1.0}"],
+    "mixup": ["mix={cutmix_p: 0.0, mixup_p: 1.0, alpha: 0.4}"],
 }
-SPECIAL = ("cross", "label_clean")
+# cross: a second stage-1 member (another seed) and every grader on its points; onestage: the
+# one-stage member (stage-1-sized stacks of the base recipe); label_clean: a rerun of the base member
+# without the labels the first run's OOF flags.
+SPECIAL = ("cross", "onestage", "label_clean")
 
 
 def arm_members(base: dict, arms: list[str]) -> list[dict]:
@@ -151,6 +158,11 @@ def main() -> None:
             for view in loc.values():
                 view["train"]["seed"] = seed + 100
             over.append(f"localize_variants={json.dumps([{'name': 'cross', 'localize': loc}])}")
+        if "onestage" in args.arms:
+            sag = base_cfg.localize.sag_t2
+            net = {**to_dict(sag.model), "n_points": 15}
+            over.append("onestage=" + json.dumps([{"name": "onestage", "model": {"net": net}, "slices": sag.slices, "size": sag.size,
+                                                   "train": {**to_dict(sag.train), "seed": seed}}]))
         cfg = load(PipelineConfig, args.config, [*args.overrides, *over])
         report = train(cfg)
         cv = {m: s["score"] for m, s in report["grade"]["members"].items()}

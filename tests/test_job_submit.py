@@ -20,7 +20,7 @@ def pipeline_entrypoint(tmp: Path, prepared: Path) -> tuple[list[str], list[Path
     """The command the job runs (`spine-ray train` on the smoke config) and the files it must leave."""
     run = tmp / "run"
     cmd = ["spine-ray", "train", "--config", "jobs/smoke.yaml", "--set", f"prepared={prepared}", "--set", f"run_dir={run}",
-           "--set", "localize_variants=[]"]  # cross-ensembling is covered by the demo and S3 runs
+           "--set", "localize_variants=[]", "--set", "onestage=[]"]  # cross and one-stage members: covered by the demo and S3 runs
     return cmd, [run / "config.yaml", run / "localize" / "points.parquet", run / "oof.parquet", run / "cv.json"]
 
 

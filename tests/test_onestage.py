@@ -6,14 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from spine_ray.grade import OOF_COLUMNS, GradeConfig, fake_points
+from spine_ray.grade import OOF_COLUMNS
 from spine_ray.heatmap import gaussian_heatmap
 from spine_ray.localize import FORAMINAL, SPINAL
-from spine_ray.models.grader import GraderConfig
 from spine_ray.models.localizer import LocalizerConfig
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig, PointGrader, pool_grades
 from spine_ray.onestage import (
@@ -175,28 +173,6 @@ def test_config_is_validated():
         OneStageConfig(model=NET, size=33)
     with pytest.raises(ValueError, match="views"):
         OneStageConfig(model=OneStageNetConfig(net=NET.net, views=("sag_t2",), points=(5,)))
-
-
-@pytest.mark.slow
-def test_onestage_member_joins_oof_and_cv_after_train(prepared, ray_local, tmp_path):
-    from spine_ray.pipeline import points_url, train
-    from spine_ray.storage import atomic_write_parquet
-
-    grade = GradeConfig(name="g", model=GraderConfig(backbone="test_resnet", dim=16, lstm_hidden=8, level_embedding=True, condition_embedding=True, n_views=3),
-                        train=TrainConfig(epochs=1, batch_size=4), out_px=16)
-    cfg = PipelineConfig(prepared=str(prepared), run_dir=str(tmp_path / "run"), folds=2, grade=(grade,), onestage=(dataclasses.replace(TINY, name="one"),))
-    setup_run(cfg)
-    # Stage 1 stands in as label points plus noise: this test is about the one-stage member joining.
-    atomic_write_parquet(points_url(cfg), fake_points(pd.read_parquet(prepared / "labels.parquet"), np.random.default_rng(0)))
-    report = train(cfg, stage="grade")
-    oof = pd.read_parquet(tmp_path / "run" / "oof.parquet")
-    assert set(oof["member"]) == {"g", "one"}
-    one = oof[oof["member"] == "one"]
-    assert set(one["row_id"].str.split("_", n=1).str[1]) <= set(SPINAL) | set(FORAMINAL)
-    folds = pd.read_parquet(tmp_path / "run" / "folds.parquet").set_index("study_id")["fold"]
-    assert (one["fold"].to_numpy() == folds.loc[one["study_id"]].to_numpy()).all()
-    assert set(report["grade"]["members"]) == {"g", "one"}
-    assert report["grade"]["filled_from_prior"]["one"] >= 10 * len(folds)  # subarticular rows come from the prior
 
 
 @pytest.mark.gpu

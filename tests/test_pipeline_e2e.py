@@ -71,12 +71,12 @@ def test_train_writes_oof_for_every_member_and_cv(smoke_run):
     run, cfg, report = smoke_run
     oof = pd.read_parquet(run / "oof.parquet")
     folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
-    assert set(oof["member"]) == set(cfg.grade_members()) == {"a", "b", "a@s1", "b@s1"}
+    assert set(oof["member"]) == {"a", "b", "a@s1", "b@s1", "one"}
     assert not oof.duplicated(["member", "row_id"]).any()  # every row_id at most once per member
     assert (oof["fold"].to_numpy() == folds.loc[oof["study_id"]].to_numpy()).all()  # out-of-fold
     assert np.allclose(oof[["normal_mild", "moderate", "severe"]].sum(axis=1), 1, atol=1e-5)
     cv = json.loads((run / "cv.json").read_text())
-    assert set(cv["members"]) == {"a", "b", "a@s1", "b@s1"} and "prior" in cv and "oracle" in cv
+    assert set(cv["members"]) == {"a", "b", "a@s1", "b@s1", "one"} and "prior" in cv and "oracle" in cv
     assert cv["oracle"]["score"] < cv["prior"]["score"]
     assert report == cv
 
@@ -97,7 +97,22 @@ def test_cross_members_are_the_trained_graders_on_the_variant_points(smoke_run):
         assert len(shared) and (own.loc[shared, "fold"] == cross.loc[shared, "fold"]).all()
         assert not np.allclose(own.loc[shared, ["normal_mild", "moderate", "severe"]], cross.loc[shared, ["normal_mild", "moderate", "severe"]])
     blend = json.loads((run / "blend.json").read_text())
-    assert set(blend["blend"]["members"]) == {"a", "b", "a@s1", "b@s1"}  # tune-ensemble weighs every pair
+    assert set(blend["blend"]["members"]) == {"a", "b", "a@s1", "b@s1", "one"}  # tune-ensemble weighs every pair
+
+
+def test_the_one_stage_member_predicts_the_sagittal_targets_out_of_fold(smoke_run):
+    from spine_ray.localize import FORAMINAL, SPINAL
+
+    run, _, report = smoke_run
+    oof = pd.read_parquet(run / "oof.parquet")
+    one = oof[oof["member"] == "one"]
+    assert len(one) and set(one["row_id"].str.split("_", n=1).str[1]) <= set(SPINAL) | set(FORAMINAL)
+    folds = pd.read_parquet(run / "folds.parquet").set_index("study_id")["fold"]
+    assert (one["fold"].to_numpy() == folds.loc[one["study_id"]].to_numpy()).all()
+    assert report["filled_from_prior"]["one"] >= 10 * len(folds)  # subarticular rows come from the prior
+    assert (run / "onestage" / "one" / "fold1" / "model.pt").exists()
+    blend = json.loads((run / "blend.json").read_text())
+    assert "one" not in blend["eligible"]["subarticular"]  # it does not enter a group it does not predict
 
 
 def test_infer_writes_a_complete_valid_submission(smoke_run, synthetic_data, tmp_path):

@@ -41,5 +41,6 @@ def test_pipeline_runs_entirely_on_s3(ray_local, s3_bucket, synthetic, tmp_path,
         assert fs.exists(f"{run[5:]}/{key}"), key
     # Ray Train checkpoints went to the bucket too.
     assert fs.glob(f"{run[5:]}/ray/train/**/state.pt")
-    assert set(report["grade"]["members"]) == {"a", "b", "a@s1", "b@s1"}  # cross-ensembling: every grader on both stage-1 members
+    # Cross-ensembling: every grader on both stage-1 members; and the one-stage member.
+    assert set(report["grade"]["members"]) == {"a", "b", "a@s1", "b@s1", "one"}
     assert list(cwd.iterdir()) == [], "something was written to the local working directory"
