@@ -170,10 +170,17 @@ def main() -> None:
         seed_res = {"cv": cv, "test": test, "prior_cv": report["grade"]["prior"]["score"],
                     "prior_test": score_frames_prior(prior, y)}
         if "label_clean" in args.arms:
-            clean_labels(run)
+            flags = clean_labels(run, synthetic=data)
+            seed_res["label_flags"] = {"flagged": int(flags.counts["flagged"].sum()), "judged": int(flags.counts["judged"].sum()),
+                                       **({k: float(getattr(flags.recovery, k)) for k in ("flipped", "hits", "precision", "recall")} if flags.recovery else {})}
             run2 = os.path.join(out, f"seed{seed}", "run_cleaned")
+            # The same folds and stage-1 models: their finished folds are kept, only the grader retrains.
+            if not os.path.exists(os.path.join(run2, "localize")):
+                shutil.copytree(os.path.join(run, "localize"), os.path.join(run2, "localize"))
+                shutil.copy(os.path.join(run, "folds.parquet"), os.path.join(run2, "folds.parquet"))
             members2 = [dict(members[0], name="label_clean")]
             cfg2 = load(PipelineConfig, args.config, [*args.overrides, f"prepared={prepared}", f"run_dir={run2}", f"seed={seed}",
+                                                      "localize_variants=[]", "onestage=[]",
                                                       f"grade={json.dumps(members2)}", f"exclude_labels={os.path.join(run, 'label_flags.parquet')}"])
             rep2 = train(cfg2)
             cv["label_clean"] = rep2["grade"]["members"]["label_clean"]["score"]
@@ -215,6 +222,11 @@ def table(results: dict) -> str:
     for k in seeds[0]["blends"]:
         name = "blend, all members" if k == "(none)" else f"blend without {k}"
         lines.append(f"{name:28}{stat([s['blends'][k]['cv_held_out'] for s in seeds]):>20}{stat([s['blends'][k]['test'] for s in seeds]):>20}")
+    for i, s in enumerate(seeds):
+        if "label_flags" in s:
+            f = s["label_flags"]
+            lines.append(f"label cleaning, seed {i}: flagged {f['flagged']} of {f['judged']}"
+                         + (f"; precision {f['precision']:.2f}, recall {f['recall']:.2f} against the {f['flipped']:.0f} flipped" if "precision" in f else ""))
     return "\n".join(lines)
 
 
