@@ -123,7 +123,7 @@ def main() -> None:
     from spine_ray.config import from_dict, load, to_dict
     from spine_ray.ingest import prepare
     from spine_ray.label_clean import clean_labels
-    from spine_ray.metric import score_frames
+    from spine_ray.metric import score_arrays, score_frames
     from spine_ray.pipeline import PipelineConfig, train
     from spine_ray.schema import label_matrix, read_labels, read_submission
     from spine_ray.synth.generate import generate
@@ -168,7 +168,7 @@ def main() -> None:
         cv = {m: s["score"] for m, s in report["grade"]["members"].items()}
         test, probs, prior = score_test(run, prepared_test, labels)
         seed_res = {"cv": cv, "test": test, "prior_cv": report["grade"]["prior"]["score"],
-                    "prior_test": score_frames_prior(prior, y)}
+                    "prior_test": score_arrays(y, np.ascontiguousarray(prior)).score}
         if "label_clean" in args.arms:
             flags = clean_labels(run, synthetic=data)
             seed_res["label_flags"] = {"flagged": int(flags.counts["flagged"].sum()), "judged": int(flags.counts["judged"].sum()),
@@ -196,13 +196,6 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - t0
     Path(out, "ablation.json").write_text(json.dumps(results, indent=2))
     print(table(results))
-
-
-def score_frames_prior(prior: np.ndarray, y: np.ndarray) -> float:
-    """The prior's test score."""
-    from spine_ray.metric import score_arrays
-
-    return score_arrays(y, np.ascontiguousarray(prior)).score
 
 
 def table(results: dict) -> str:

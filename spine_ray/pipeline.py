@@ -169,7 +169,7 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     sag = _by_variant(sagittal, run_folds(stage, sagittal, cfg.resources, cfg.samples_dir))
     axial_jobs = []
     for v, loc in members:
-        spinal_url = join(cfg.run_dir, "localize", _suffixed("spinal_points", v) + ".parquet")
+        spinal_url = join(cfg.run_dir, "localize", variant_member("spinal_points", v) + ".parquet")
         atomic_write_parquet(spinal_url, sag[v][sag[v]["view"] == "sag_t2"])
         axial_jobs += fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {"spinal_points": spinal_url})
     axial = _by_variant(axial_jobs, run_folds(stage, axial_jobs, cfg.resources, cfg.samples_dir))
@@ -178,13 +178,9 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
         points = pd.concat([sag[v], axial[v]], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
         atomic_write_parquet(points_url(cfg, v), points)
         summaries[v] = error_summary(points)
-        summary_url = join(cfg.run_dir, "localize", _suffixed("summary", v) + ".json")
+        summary_url = join(cfg.run_dir, "localize", variant_member("summary", v) + ".json")
         atomic_write_text(summary_url, json.dumps(summaries[v].reset_index().to_dict(orient="records"), indent=2))
     return summaries[""]
-
-
-def _suffixed(name: str, variant: str) -> str:
-    return f"{name}@{variant}" if variant else name
 
 
 def _by_variant(jobs: list[FoldJob], tables: list[pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -197,7 +193,7 @@ def _by_variant(jobs: list[FoldJob], tables: list[pd.DataFrame]) -> dict[str, pd
 
 def points_url(cfg: PipelineConfig, variant: str = "") -> str:
     """Stage 1's out-of-fold points table of a run (of a stage-1 variant when named)."""
-    return join(cfg.run_dir, "localize", _suffixed("points", variant) + ".parquet")
+    return join(cfg.run_dir, "localize", variant_member("points", variant) + ".parquet")
 
 
 def stage_for(cfg: PipelineConfig, stage: str):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tinyruns import prepared_run
 
-from spine_ray.folds import assign_folds
 from spine_ray.grade import (
     OOF_COLUMNS,
     SAMPLE_COLUMNS,
@@ -17,7 +17,6 @@ from spine_ray.grade import (
     GradeStage,
     _forward,
     collate_samples,
-    fake_points,
     flip_batch,
     flip_sample,
     predict_study,
@@ -26,7 +25,7 @@ from spine_ray.grade import (
 )
 from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
-from spine_ray.schema import LABEL_COLUMNS, read_labels
+from spine_ray.schema import LABEL_COLUMNS
 from spine_ray.stage import FoldJob, collate, run_fold, samples
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import mirror_name
@@ -39,22 +38,7 @@ CFG = GradeConfig(model=TINY, train=TrainConfig(epochs=1, batch_size=4, lr=1e-3)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """Five synthetic studies at 64 px, prepared; folds and a fake stage-1 points table in a run dir."""
-    from spine_ray.ingest import prepare
-    from spine_ray.synth.acquisition import AcquisitionConfig
-    from spine_ray.synth.generate import generate
-    from spine_ray.synth.study import SynthConfig
-
-    root = tmp_path_factory.mktemp("grade")
-    data, prep, run = str(root / "data"), str(root / "prep"), root / "run"
-    generate(data, SynthConfig(studies=5, seed=3, acquisition=AcquisitionConfig(image_sizes=(64,), sagittal_slices=(15, 16))), workers=1)
-    prepare(data, prep, "train", workers=2)
-    run.mkdir()
-    labels = read_labels(f"{data}/train.csv")
-    assign_folds(labels, 2, 0).to_parquet(run / "folds.parquet")
-    lab = pd.read_parquet(f"{prep}/labels.parquet")
-    points = fake_points(lab, np.random.default_rng(0))
-    points.to_parquet(run / "points.parquet")
-    return {"data": data, "prep": prep, "run": str(run), "labels": labels, "lab": lab, "points": points}
+    return prepared_run(tmp_path_factory.mktemp("grade"), studies=5, seed=3)
 
 
 def _job(p: dict, cfg: GradeConfig = CFG, fold: int = 0) -> FoldJob:

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from tinyruns import prepared_run
 
 from spine_ray.config import ConfigError, from_dict
-from spine_ray.folds import assign_folds
 from spine_ray.grade import (
     FreezeConfig,
     GradeConfig,
@@ -22,7 +22,6 @@ from spine_ray.grade import (
     MixConfig,
     TwoStepConfig,
     collate_samples,
-    fake_points,
     mix_batch,
     severity_auc,
 )
@@ -35,7 +34,6 @@ from spine_ray.losses import (
 )
 from spine_ray.models.freezing import backbone_blocks, eval_frozen_norms, freeze_backbone
 from spine_ray.models.grader import GraderConfig
-from spine_ray.schema import read_labels
 from spine_ray.stage import (
     FoldJob,
     fit_fold,
@@ -235,19 +233,7 @@ def test_switch_configs_validate_and_leave_the_sample_key():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """Four synthetic studies at 64 px, prepared; two folds and a fake stage-1 points table."""
-    from spine_ray.ingest import prepare
-    from spine_ray.synth.acquisition import AcquisitionConfig
-    from spine_ray.synth.generate import generate
-    from spine_ray.synth.study import SynthConfig
-
-    root = tmp_path_factory.mktemp("switches")
-    data, prep, run = str(root / "data"), str(root / "prep"), root / "run"
-    generate(data, SynthConfig(studies=4, seed=5, acquisition=AcquisitionConfig(image_sizes=(64,), sagittal_slices=(15, 16))), workers=1)
-    prepare(data, prep, "train", workers=2)
-    run.mkdir()
-    assign_folds(read_labels(f"{data}/train.csv"), 2, 0).to_parquet(run / "folds.parquet")
-    fake_points(pd.read_parquet(f"{prep}/labels.parquet"), np.random.default_rng(0)).to_parquet(run / "points.parquet")
-    return {"prep": prep, "run": str(run)}
+    return prepared_run(tmp_path_factory.mktemp("switches"), studies=4, seed=5)
 
 
 def _job(p: dict, cfg: GradeConfig = CFG, fold: int = 0) -> FoldJob:
