@@ -216,7 +216,7 @@ def main() -> None:
     # studies, so that epochs last long enough to reach a steady state.
     g = figures[("grade", cfg.grade[0].name)]
     stage, job = g["stage"], _replicated(g, args.replicas, tmp)
-    res = ResourcesConfig(data_cpus=0, data_concurrency=args.cores, chunk_studies=2, prefetch_batches=4, shuffle_batches=1, stream_window_mb=args.window_mb)
+    res = ResourcesConfig(data_cpus=0, data_concurrency=args.cores, chunk_studies=2, prefetch_batches=4, shuffle_mb=0, input_pipeline="ray", stream_window_mb=args.window_mb)
     bs = job.config.train.batch_size
     n = count_samples(job.inputs[cache_input("train")], split_studies(job, "train"))
     steps = steps_per_epoch(n, bs)

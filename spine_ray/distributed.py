@@ -3,10 +3,12 @@
 Before any fold trains, each distinct sample set of the stage is built once into a Parquet cache
 (`spine_ray.sample_cache`) that every fold reads by filter. All K folds of a stage are then
 submitted at once; each trial launches a `TorchTrainer` whose workers run the one fold driver
-(`spine_ray.stage.fit_fold`). A worker's batches stream from a per-epoch Ray Data pipeline: its
-share of the fold's training studies, in an order fixed by the seed and epoch, read from the cache
-by CPU tasks that re-crop and augment them (seeded per part), prefetched while the trainer steps.
-The object store holds that streaming window, never a fold's whole training set.
+(`spine_ray.stage.fit_fold`). A worker's batches stream from a per-epoch pipeline: its share of
+the fold's training studies, in an order fixed by the seed and epoch, read from the cache in parts
+that are re-cropped and augmented (seeded per part) while the trainer steps, then mixed in a
+shuffle buffer. On a GPU cluster the parts run as Ray Data CPU tasks and the object store holds
+that streaming window, never a fold's whole training set; on a CPU-only box, where every CPU is a
+trainer, the same parts run on a background thread of the worker (`ResourcesConfig.input_pipeline`).
 
 Ray shares out the cluster's GPUs (or CPUs): folds that do not fit queue. Each fold's checkpoints
 live under `{run_dir}/ray/train/{stage}-{member}-fold{k}`; re-running the same command skips
@@ -21,7 +23,9 @@ import io
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,9 +89,17 @@ class ResourcesConfig:
     # them real CPUs: data_concurrency tasks per worker, each data_cpus.
     data_cpus: float = 0.0
     data_concurrency: int = 1
+    # Where augmentation runs: "ray" (Ray Data tasks, the GPU cluster's path), "thread" (a
+    # background thread of the training worker, for CPU-only boxes where every CPU is a trainer
+    # and worker processes would only add start-up and copies), "auto" (thread when data_cpus is 0
+    # and there is no GPU, else ray). Both augment the same parts with the same generators.
+    input_pipeline: str = "auto"
     chunk_studies: int = 4  # studies per augmentation task
-    prefetch_batches: int = 4  # batches collated ahead of the trainer
-    shuffle_batches: int = 4  # local shuffle buffer, in batches (mixes samples across tasks)
+    prefetch_batches: int = 4  # augmented parts ready ahead of the trainer
+    # Shuffle buffer of augmented samples, in MB (at least two batches): samples of one part share
+    # a few studies, so batches drawn from a small buffer hold several levels of the same study.
+    # A whole epoch when it fits (the CPU demo); on real data a few hundred samples.
+    shuffle_mb: float = 512.0
     stream_window_mb: int = 256  # object-store budget of one worker's stream (Ray Data backpressures beyond it)
 
     def __post_init__(self) -> None:
@@ -95,10 +107,19 @@ class ResourcesConfig:
             raise ValueError("num_workers must be ≥ 1 and cpus_per_worker > 0")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
-        if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_batches < 0:
-            raise ValueError("data_cpus must be ≥ 0; data_concurrency, chunk_studies and prefetch_batches ≥ 1; shuffle_batches ≥ 0")
+        if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_mb < 0:
+            raise ValueError("data_cpus must be ≥ 0; data_concurrency, chunk_studies and prefetch_batches ≥ 1; shuffle_mb ≥ 0")
+        if self.input_pipeline not in ("auto", "ray", "thread"):
+            raise ValueError(f"input_pipeline must be auto, ray or thread, not {self.input_pipeline!r}")
         if self.stream_window_mb < 16:
             raise ValueError("stream_window_mb must be ≥ 16")
+
+
+    def pipeline(self) -> str:
+        """The input pipeline that `auto` resolves to: "ray" or "thread"."""
+        if self.input_pipeline != "auto":
+            return self.input_pipeline
+        return "thread" if self.data_cpus == 0 and not self.use_gpu else "ray"
 
 
 def fold_dir(job: FoldJob) -> str:
@@ -115,7 +136,7 @@ EPOCH = "_epoch"  # the column that tags each augmented sample with its epoch in
 
 
 def augment_part(batch: dict[str, np.ndarray], stage: Stage, job: FoldJob, url: str, manifest: dict, rank: int) -> dict[str, np.ndarray]:
-    """A Ray Data task: one part of a worker's epoch (a few studies) → augmented sample arrays.
+    """A Ray Data task (or a step of the thread pipeline): one part of a worker's epoch (a few studies) → augmented sample arrays.
 
     Its generator is fixed by (seed, fold, epoch, rank, part), so runs repeat whatever task ran where.
     """
@@ -135,6 +156,15 @@ def epoch_parts(job: FoldJob, seed: int, epoch: int, chunk: int, rank: int = 0, 
     return chunks([int(s) for s in order[rank::world]], chunk)
 
 
+def stream_parts(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs: range, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+    """Every part of a worker's epochs, in stream order: {"epoch", "part", "studies"}."""
+    seed = stage.train_config(job).seed
+    return [
+        {"epoch": e, "part": i, "studies": p}
+        for e in epochs for i, p in enumerate(epoch_parts(job, seed, e, resources.chunk_studies, rank, world))
+    ]
+
+
 def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs: range, rank: int = 0, world: int = 1):
     """A worker's epochs, one after another, as one streaming Ray Dataset of augmented arrays.
 
@@ -145,11 +175,7 @@ def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     url = job.inputs[cache_input("train")]
-    seed = stage.train_config(job).seed
-    items = [
-        {"epoch": e, "part": i, "studies": p}
-        for e in epochs for i, p in enumerate(epoch_parts(job, seed, e, resources.chunk_studies, rank, world))
-    ]
+    items = stream_parts(stage, job, resources, epochs, rank, world)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         augment_part, batch_size=1, batch_format="numpy",
@@ -165,8 +191,89 @@ def epoch_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs:
     return ds
 
 
+def thread_stream(stage: Stage, job: FoldJob, resources: ResourcesConfig, epochs: range, rank: int = 0, world: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The same parts as `epoch_stream`, augmented by the same function on a background thread, `prefetch_batches` parts ahead.
+
+    For a box where every CPU is a trainer: no worker processes to start, no object-store copies.
+    The thread stops when the stream is closed; an augmentation error is raised in the trainer.
+    """
+    url = job.inputs[cache_input("train")]
+    manifest = read_manifest(url)
+    items = stream_parts(stage, job, resources, epochs, rank, world)
+    ready: queue.Queue = queue.Queue(maxsize=resources.prefetch_batches)
+    stop = threading.Event()
+
+    def put(x: Any) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(x, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for it in items:
+                if stop.is_set():
+                    return
+                one = {"epoch": np.array([it["epoch"]]), "part": np.array([it["part"]]), "studies": [it["studies"]]}
+                put(augment_part(one, stage, job, url, manifest, rank))
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer, which raises it
+            put(e)
+
+    threading.Thread(target=work, name=f"augment-{job_key(job)}-r{rank}", daemon=True).start()
+    try:
+        while (block := ready.get()) is not None:
+            if isinstance(block, BaseException):
+                raise block
+            yield block
+    finally:
+        stop.set()
+
+
+class ShufflePool:
+    """A shuffle buffer of sample rows, held as (block, row) references: a draw copies only the rows it takes."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[str, np.ndarray]] = {}
+        self.left: dict[int, int] = {}
+        self.refs = np.empty((0, 2), np.int64)
+        self.added = 0
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def add(self, block: dict[str, np.ndarray]) -> None:
+        n = len(block[EPOCH])
+        if n == 0:
+            return
+        bid, self.added = self.added, self.added + 1
+        self.blocks[bid], self.left[bid] = block, n
+        self.refs = np.concatenate([self.refs, np.stack([np.full(n, bid), np.arange(n)], 1)])
+
+    def take(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """n rows (or what is left) drawn at random without replacement."""
+        pick = rng.choice(len(self.refs), size=min(n, len(self.refs)), replace=False)
+        chosen, self.refs = self.refs[pick], np.delete(self.refs, pick, axis=0)
+        keys = next(iter(self.blocks.values())).keys()
+        out = {k: np.stack([self.blocks[b][k][r] for b, r in chosen]) for k in keys}
+        for b in chosen[:, 0].tolist():
+            self.left[b] -= 1
+            if not self.left[b]:
+                del self.blocks[b], self.left[b]
+        return out
+
+
+def buffer_samples(block: dict[str, np.ndarray], batch_size: int, shuffle_mb: float) -> int:
+    """How many augmented samples the shuffle buffer holds: shuffle_mb's worth at this block's bytes per sample, ≥ 2 batches."""
+    n = max(1, len(block[EPOCH]))
+    per_sample = sum(v.nbytes for v in block.values()) / n
+    return max(2 * batch_size, int(shuffle_mb * 2**20 / max(per_sample, 1.0)))
+
+
 class StreamedBatches:
-    """`batches(epoch)` for the fold driver, fed by `epoch_stream`: exactly `steps` batches per epoch.
+    """`batches(epoch)` for the fold driver, fed by `epoch_stream` or `thread_stream`: exactly `steps` batches per epoch.
 
     Samples of an epoch go through a seeded shuffle buffer (mixing parts) into batches; a worker
     whose share runs short repeats its epoch's first samples, so every DDP worker steps equally often.
@@ -185,10 +292,16 @@ class StreamedBatches:
             return block
         return next(self.blocks, None)
 
+    def _open(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        epochs = range(epoch, fold_epochs(self.stage, self.job))
+        if self.res.pipeline() == "thread":
+            return thread_stream(self.stage, self.job, self.res, epochs, self.rank, self.world)
+        ds = epoch_stream(self.stage, self.job, self.res, epochs, self.rank, self.world)
+        return iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.res.prefetch_batches))
+
     def _epoch_blocks(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         if self.blocks is None:
-            ds = epoch_stream(self.stage, self.job, self.res, range(epoch, fold_epochs(self.stage, self.job)), self.rank, self.world)
-            self.blocks = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.res.prefetch_batches))
+            self.blocks = self._open(epoch)
         while (block := self._next_block()) is not None:
             tags = block[EPOCH]
             mine = tags == epoch
@@ -206,33 +319,28 @@ class StreamedBatches:
 
     def __call__(self, epoch: int) -> Iterator[dict]:
         rng = epoch_rng(self.cfg.seed, self.job.fold, epoch, self.rank)
-        bs, buffer_size = self.cfg.batch_size, max(self.cfg.batch_size, self.res.shuffle_batches * self.cfg.batch_size)
-        pool: list[dict[str, np.ndarray]] = []
+        bs, size = self.cfg.batch_size, 0
+        pool = ShufflePool()
         seen: list[dict[str, np.ndarray]] = []  # what to repeat if this worker's share runs short
         done = 0
-
-        def take(n: int) -> dict[str, np.ndarray]:
-            merged = {k: np.concatenate([p[k] for p in pool]) for k in pool[0]}
-            pick = rng.permutation(len(merged[EPOCH]))
-            out = {k: v[pick[:n]] for k, v in merged.items()}
-            pool[:] = [{k: v[pick[n:]] for k, v in merged.items()}] if len(pick) > n else []
-            return out
-
         for block in self._epoch_blocks(epoch):
-            pool.append(block)
+            size = size or buffer_samples(block, bs, self.res.shuffle_mb)
+            pool.add(block)
             if len(seen) < 4:
                 seen.append(block)
-            while done < self.steps and sum(len(p[EPOCH]) for p in pool) >= buffer_size + bs:
-                yield self._tensors(take(bs))
+            while done < self.steps and len(pool) >= size + bs:
+                yield self._tensors(pool.take(bs, rng))
                 done += 1
-        while done < self.steps and pool and sum(len(p[EPOCH]) for p in pool):
-            yield self._tensors(take(bs))
+        while done < self.steps and len(pool):
+            yield self._tensors(pool.take(bs, rng))
             done += 1
         if done < self.steps and not seen:
             raise RuntimeError(f"{self.job.stage}/{self.job.member} fold {self.job.fold}: worker {self.rank} has no training samples")
         while done < self.steps:
-            pool[:] = list(seen)
-            yield self._tensors(take(bs))
+            if not len(pool):
+                for block in seen:
+                    pool.add(block)
+            yield self._tensors(pool.take(bs, rng))
             done += 1
 
 
