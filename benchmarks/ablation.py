@@ -8,7 +8,10 @@ seed, ONE training run whose stage-2 members are the arms (the base member with 
 named after its switch), so every arm shares the folds and the stage-1 points; stage-1 variants
 (cross-ensembling) and the one-stage model enter the same run when their arms are on. Label
 cleaning is a second run per seed (the base member retrained without the labels that
-`spine-ray clean-labels` flags on the first run's OOF). Every member is then scored:
+`spine-ray clean-labels` flags on the first run's OOF). By default (`--share-stage1`) the seeds are
+paired: every seed's run keeps the first seed's folds and stage-1 models (copied, so not
+retrained) and only the stage-2 and one-stage members train with their own seed, which halves
+the CPU and leaves the arms' differences free of fold-split noise. Every member is then scored:
 
 - out-of-fold CV (the run's cv.json, exact metric);
 - on the held-out test studies: each member's own probabilities (`StudyPredictor.member_probs`,
@@ -117,6 +120,9 @@ def main() -> None:
     ap.add_argument("--preset", default="realistic")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--arms", nargs="+", default=[*ARMS, *SPECIAL])
+    ap.add_argument("--share-stage1", action=argparse.BooleanOptionalAction, default=True,
+                    help="every seed reuses the first seed's folds, stage-1 models (main and cross) and sample caches; "
+                         "only the stage-2 and one-stage members' seeds change (paired arms, half the CPU)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run, e.g. grade.0.train.epochs=2")
     args = ap.parse_args()
 
@@ -144,19 +150,27 @@ def main() -> None:
     switch_arms = [a for a in args.arms if a in ARMS and a != BASE]
     results: dict = {"arms": args.arms, "seeds": {}, "oracle_test": oracle, "preset": args.preset, "studies": args.studies,
                      "test_studies": args.test_studies}
+    first = args.seeds[0]
     for seed in args.seeds:
+        pipe_seed = first if args.share_stage1 else seed  # folds and stage-1 models
         base_cfg = load(PipelineConfig, args.config, args.overrides)
         base_member = to_dict(base_cfg.grade[0])
         members = arm_members(base_member, [BASE, *switch_arms])
         for m in members:
             m["train"]["seed"] = seed
         run = os.path.join(out, f"seed{seed}", "run")
-        over = [f"prepared={prepared}", f"run_dir={run}", f"seed={seed}", f"oracle={os.path.join(data, 'oracle_train.csv')}",
+        over = [f"prepared={prepared}", f"run_dir={run}", f"seed={pipe_seed}", f"oracle={os.path.join(data, 'oracle_train.csv')}",
                 f"grade={json.dumps(members)}"]
+        if pipe_seed != seed:
+            run0 = os.path.join(out, f"seed{pipe_seed}", "run")
+            if not os.path.exists(os.path.join(run, "localize")):  # the finished stage-1 folds are kept: stage 1 is not retrained
+                shutil.copytree(os.path.join(run0, "localize"), os.path.join(run, "localize"))
+                shutil.copy(os.path.join(run0, "folds.parquet"), os.path.join(run, "folds.parquet"))
+            over.append(f"samples_dir={os.path.join(run0, 'samples')}")
         if "cross" in args.arms:
             loc = to_dict(base_cfg.localize)
             for view in loc.values():
-                view["train"]["seed"] = seed + 100
+                view["train"]["seed"] = pipe_seed + 100
             over.append(f"localize_variants={json.dumps([{'name': 'cross', 'localize': loc}])}")
         if "onestage" in args.arms:
             sag = base_cfg.localize.sag_t2
@@ -179,7 +193,7 @@ def main() -> None:
                 shutil.copytree(os.path.join(run, "localize"), os.path.join(run2, "localize"))
                 shutil.copy(os.path.join(run, "folds.parquet"), os.path.join(run2, "folds.parquet"))
             members2 = [dict(members[0], name="label_clean")]
-            cfg2 = load(PipelineConfig, args.config, [*args.overrides, f"prepared={prepared}", f"run_dir={run2}", f"seed={seed}",
+            cfg2 = load(PipelineConfig, args.config, [*args.overrides, f"prepared={prepared}", f"run_dir={run2}", f"seed={pipe_seed}",
                                                       "localize_variants=[]", "onestage=[]",
                                                       f"grade={json.dumps(members2)}", f"exclude_labels={os.path.join(run, 'label_flags.parquet')}"])
             rep2 = train(cfg2)

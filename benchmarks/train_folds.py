@@ -103,12 +103,14 @@ def main() -> None:
         run_fold(stage, job, device=torch.device("cpu"), on_epoch_end=on_epoch_end)
     results["plain"] = time.perf_counter() - t
 
+    timelines: dict[str, list[dict[str, float]]] = {}
     for mode, concurrent in (("ray-seq", 1), ("ray-par", 0)):
         jobs = jobs_for(mode)
         t = time.perf_counter()
         run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent))
         results[mode] = time.perf_counter() - t
         epochs[mode] = _ray_epochs(tmp / mode / "ray" / "tune")
+        timelines[mode] = [json.loads(p.read_text()).get("timeline", {}) for p in sorted((tmp / mode).rglob("done.json"))]
 
     print(f"\n{args.stage} {member}, {args.studies} studies, {args.folds} folds × {args.epochs} epochs, {threads} thread(s) per fold, {cpus} CPUs")
     for mode, sec in results.items():
@@ -120,6 +122,13 @@ def main() -> None:
         print(f"  {mode:8s} steady state: {_median(epochs, mode, 0):6.2f} s per epoch, {_median(epochs, mode, 1):7.1f} training samples/s (median of epochs ≥ 1)")
     print(f"  steady-state epoch time, ray-seq / plain: {_median(epochs, 'ray-seq', 0) / _median(epochs, 'plain', 0):.3f}x")
     print(f"  steady-state training samples/s, ray-seq / plain: {_median(epochs, 'ray-seq', 1) / _median(epochs, 'plain', 1):.3f}x")
+    # Where a fold's wall time goes (median over folds, from each fold's done.json timeline).
+    for mode, rows in timelines.items():
+        gaps = {name: statistics.median(r[b] - r[a] for r in rows) for name, a, b in (
+            ("trial → worker", "trial_started", "worker_started"), ("worker set-up", "worker_started", "training_started"),
+            ("training", "training_started", "training_finished"), ("predict + write", "training_finished", "finished"))
+            if rows and all(a in r and b in r for r in rows)}
+        print(f"  {mode:8s} fold timeline, median s: " + ", ".join(f"{k} {v:.1f}" for k, v in gaps.items()))
     print(f"  fold-parallel speed-up (ray-seq / ray-par): {results['ray-seq'] / results['ray-par']:.2f}x")
     print(f"  fold-parallel vs plain sequential (plain / ray-par): {results['plain'] / results['ray-par']:.2f}x")
     ray.shutdown()

@@ -353,6 +353,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     stage: Stage = config["stage"]
     job: FoldJob = config["job"]
     resources: ResourcesConfig = config["resources"]
+    timeline = {"trial_started": config.get("trial_started", time.time()), "worker_started": time.time()}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume, resumed_from = None, -1
@@ -382,16 +383,23 @@ def _train_worker(config: dict[str, Any]) -> None:
         clock["report_s"] = clock["mark"] - t
 
     pin = str(device).startswith("cuda")
+    timeline["training_started"] = time.time()
     model, _ = fit_fold(
         stage, job, StreamedBatches(stage, job, resources, steps, rank, world, pin), n_train,
         device=device, world=world, prepare=ray.train.torch.prepare_model, resume=resume, on_epoch_end=report,
     )
+    timeline["training_finished"] = time.time()
     if rank == 0:
-        finish_fold(stage, job, model, samples(stage, job, "val"), resumed_from)
+        finish_fold(stage, job, model, samples(stage, job, "val"), resumed_from, timeline)
 
 
-def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1) -> pd.DataFrame:
-    """Predict the held-out split, write the final weights and OOF table, then the done marker."""
+def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1, timeline: dict[str, float] | None = None) -> pd.DataFrame:
+    """Predict the held-out split, write the final weights and OOF table, then the done marker.
+
+    The marker keeps the fold's timeline (epoch seconds: its Tune trial started, its Ray Train
+    worker started, training started and finished, the marker written), to show where a fold's
+    wall time goes beyond its epochs.
+    """
     import torch
 
     from spine_ray.config import to_dict
@@ -404,7 +412,8 @@ def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resum
     torch.save({"model": model.state_dict(), "config": config}, buf)
     atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
     atomic_write_parquet(join(out, "oof.parquet"), oof)
-    atomic_write_text(join(out, "done.json"), json.dumps({"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}))
+    done = {"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}
+    atomic_write_text(join(out, "done.json"), json.dumps({**done, "timeline": {**(timeline or {}), "finished": done["finished"]}}))
     return oof
 
 
@@ -424,7 +433,7 @@ def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"stage": stage, "job": job, "resources": resources},
+        train_loop_config={"stage": stage, "job": job, "resources": resources, "trial_started": time.time()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,

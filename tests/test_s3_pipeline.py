@@ -1,4 +1,9 @@
-"""prepare → train (smoke) → infer with every input and output on an S3-compatible server."""
+"""prepare → train (smoke) → infer with every input and output on an S3-compatible server.
+
+The run leaves out the smoke config's stage-1 variant and one-stage member: they read and write
+through the same storage layer as the members it trains, and the local end-to-end run
+(`smoke_demo`, tests/test_pipeline_e2e.py) covers them; here they would add 8 of 18 folds.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def test_pipeline_runs_entirely_on_s3(ray_local, s3_bucket, synthetic, tmp_path,
     monkeypatch.chdir(cwd)  # anything written to a relative local path by mistake lands here
 
     prepare(data, prepared, "train", workers=1)
-    cfg = load(PipelineConfig, ROOT / "jobs" / "smoke.yaml", [f"prepared={prepared}", f"run_dir={run}", "grade.1.train.epochs=1"])
+    cfg = load(PipelineConfig, ROOT / "jobs" / "smoke.yaml", [f"prepared={prepared}", f"run_dir={run}", "localize_variants=[]", "onestage=[]"])
     report = train(cfg)
     infer(data, run, sub, "test")
 
@@ -36,11 +41,10 @@ def test_pipeline_runs_entirely_on_s3(ray_local, s3_bucket, synthetic, tmp_path,
     assert len(read_submission(sub, study_ids=studies)) == 25 * len(studies)
     for key in ("manifest.json", "labels.parquet"):
         assert fs.exists(f"{prepared[5:]}/{key}")
-    for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "localize/points@s1.parquet", "oof.parquet", "cv.json",
-                "grade/a/fold0/model.pt", "grade/a/fold0/oof@s1.parquet"):
+    for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "oof.parquet", "cv.json", "samples",
+                "grade/a/fold0/model.pt", "grade/b/fold1/done.json"):
         assert fs.exists(f"{run[5:]}/{key}"), key
     # Ray Train checkpoints went to the bucket too.
     assert fs.glob(f"{run[5:]}/ray/train/**/state.pt")
-    # Cross-ensembling: every grader on both stage-1 members; and the one-stage member.
-    assert set(report["grade"]["members"]) == {"a", "b", "a@s1", "b@s1", "one"}
+    assert set(report["grade"]["members"]) == {"a", "b"}
     assert list(cwd.iterdir()) == [], "something was written to the local working directory"

@@ -130,6 +130,11 @@ def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
     assert sorted(oof["study_id"]) == list(range(1000, 1000 + N_STUDIES))  # every study exactly once
     assert all(is_done(j) for j in jobs)
     stamps = [read_done(j)["finished"] for j in jobs]
+    # Each marker keeps the fold's timeline, in order: trial, worker, training, marker.
+    for j in jobs:
+        t = read_done(j)["timeline"]
+        steps = [t[k] for k in ("trial_started", "worker_started", "training_started", "training_finished", "finished")]
+        assert steps == sorted(steps) and steps[-1] == read_done(j)["finished"]
     run_folds(LinearStage(), jobs, ResourcesConfig())
     assert [read_done(j)["finished"] for j in jobs] == stamps
     # The same seed in a fresh run directory gives the same out-of-fold table, bit for bit:
