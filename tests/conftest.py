@@ -97,8 +97,11 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def job_head():
-    """A real local Ray head (loopback, token auth, 2 CPUs) for `ray job submit` tests; see tests/ray_head.py."""
+def job_head(s3_server):
+    """A real local Ray head (loopback, token auth, 2 CPUs) for `ray job submit` tests; see tests/ray_head.py.
+
+    Started after the loopback S3 server, so its processes inherit the endpoint and credentials.
+    """
     from ray_head import ray_head
 
     with ray_head(num_cpus=2) as head:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -9,19 +10,15 @@ import pytest
 from ray.job_submission import JobStatus
 from ray_head import AUTH_ENV_VARS, RAY, job_client, ray_head, submit_job
 
+from spine_ray.infer import infer
+from spine_ray.ingest import prepare
+from spine_ray.schema import read_series, read_submission
+
 REPO = Path(__file__).resolve().parents[1]
 # The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.
 RUNTIME_ENV_FILE = REPO / "jobs" / "runtime_env.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def pipeline_entrypoint(tmp: Path, prepared: Path) -> tuple[list[str], list[Path]]:
-    """The command the job runs (`spine-ray train` on the smoke config) and the files it must leave."""
-    run = tmp / "run"
-    cmd = ["spine-ray", "train", "--config", "jobs/smoke.yaml", "--set", f"prepared={prepared}", "--set", f"run_dir={run}",
-           "--set", "localize_variants=[]", "--set", "onestage=[]"]  # cross and one-stage members: covered by the demo and S3 runs
-    return cmd, [run / "config.yaml", run / "localize" / "points.parquet", run / "oof.parquet", run / "cv.json"]
 
 
 def test_job_imports_the_uploaded_working_dir(job_head):
@@ -39,14 +36,44 @@ def test_job_imports_the_uploaded_working_dir(job_head):
     assert "probe set-by-runtime-env" in r.stdout
 
 
-def test_submit_runs_pipeline_and_writes_outputs(job_head, prepared, tmp_path):
-    entrypoint, outputs = pipeline_entrypoint(tmp_path, prepared)
+def test_submitted_train_job_runs_on_s3_and_its_run_scores_the_test_studies(job_head, ray_local, s3_bucket, synthetic, tmp_path, monkeypatch):
+    """The user's path end to end: data on S3, `prepare`, `ray job submit -- spine-ray train` with
+    every input and output (sample caches and Ray Train checkpoints included) on S3, then `infer`
+    from the run on S3. The head's processes find the endpoint and credentials in their environment,
+    as a cluster's nodes do from their instance profile (jobs/runtime_env.yaml carries no secrets).
+
+    The smoke config's stage-1 variant and one-stage member are left out: they read and write
+    through the same storage layer, and the local end-to-end run (`smoke_demo`) covers them.
+    """
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(synthetic), f"{s3_bucket[5:]}/data", recursive=True)
+    data, prepared, run, sub = (f"{s3_bucket}/{p}" for p in ("data", "prepared", "run", "submission.csv"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # anything written to a relative local path by mistake lands here
+
+    prepare(data, prepared, "train", workers=1)
+    entrypoint = ["spine-ray", "train", "--config", "jobs/smoke.yaml", "--set", f"prepared={prepared}", "--set", f"run_dir={run}",
+                  "--set", "localize_variants=[]", "--set", "onestage=[]"]
     job_id, r = submit_job(job_head, entrypoint, REPO, runtime_env_file=RUNTIME_ENV_FILE)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert job_client(job_head).get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "stage 2 cross-validation, 2 folds" in r.stdout
-    for f in outputs:
-        assert f.exists() and f.stat().st_size > 0, f
+    infer(data, run, sub, "test")
+
+    fs.invalidate_cache()
+    studies = read_series(f"{data}/test_series_descriptions.csv")["study_id"].unique()
+    assert len(read_submission(sub, study_ids=studies)) == 25 * len(studies)
+    for key in ("manifest.json", "labels.parquet"):
+        assert fs.exists(f"{prepared[5:]}/{key}")
+    for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "oof.parquet", "cv.json", "samples",
+                "grade/a/fold0/model.pt", "grade/b/fold1/done.json"):
+        assert fs.exists(f"{run[5:]}/{key}"), key
+    assert fs.glob(f"{run[5:]}/ray/train/**/state.pt")  # Ray Train checkpoints went to the bucket too
+    assert set(json.loads(fs.cat(f"{run[5:]}/cv.json"))["members"]) == {"a", "b"}
+    assert list(cwd.iterdir()) == [], "something was written to the local working directory"
 
 
 @pytest.mark.parametrize(
