@@ -64,6 +64,13 @@ def arm_members(base: dict, arms: list[str]) -> list[dict]:
     return out
 
 
+def reuse_stage1(src: str, dst: str) -> None:
+    """Give run `dst` the folds and finished stage-1 folds of run `src` (once): training `dst` skips stage 1."""
+    if not os.path.exists(os.path.join(dst, "localize")):
+        shutil.copytree(os.path.join(src, "localize"), os.path.join(dst, "localize"))
+        shutil.copy(os.path.join(src, "folds.parquet"), os.path.join(dst, "folds.parquet"))
+
+
 def score_test(run: str, prepared_test: str, labels: pd.DataFrame) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """Every member's test score, its [n, 25, 3] probabilities, and the prior's [n, 25, 3]."""
     from spine_ray.infer import StudyPredictor
@@ -163,9 +170,7 @@ def main() -> None:
                 f"grade={json.dumps(members)}"]
         if pipe_seed != seed:
             run0 = os.path.join(out, f"seed{pipe_seed}", "run")
-            if not os.path.exists(os.path.join(run, "localize")):  # the finished stage-1 folds are kept: stage 1 is not retrained
-                shutil.copytree(os.path.join(run0, "localize"), os.path.join(run, "localize"))
-                shutil.copy(os.path.join(run0, "folds.parquet"), os.path.join(run, "folds.parquet"))
+            reuse_stage1(run0, run)
             over.append(f"samples_dir={os.path.join(run0, 'samples')}")
         if "cross" in args.arms:
             loc = to_dict(base_cfg.localize)
@@ -188,10 +193,7 @@ def main() -> None:
             seed_res["label_flags"] = {"flagged": int(flags.counts["flagged"].sum()), "judged": int(flags.counts["judged"].sum()),
                                        **({k: float(getattr(flags.recovery, k)) for k in ("flipped", "hits", "precision", "recall")} if flags.recovery else {})}
             run2 = os.path.join(out, f"seed{seed}", "run_cleaned")
-            # The same folds and stage-1 models: their finished folds are kept, only the grader retrains.
-            if not os.path.exists(os.path.join(run2, "localize")):
-                shutil.copytree(os.path.join(run, "localize"), os.path.join(run2, "localize"))
-                shutil.copy(os.path.join(run, "folds.parquet"), os.path.join(run2, "folds.parquet"))
+            reuse_stage1(run, run2)
             members2 = [dict(members[0], name="label_clean")]
             cfg2 = load(PipelineConfig, args.config, [*args.overrides, f"prepared={prepared}", f"run_dir={run2}", f"seed={pipe_seed}",
                                                       "localize_variants=[]", "onestage=[]",

@@ -114,7 +114,6 @@ class ResourcesConfig:
         if self.stream_window_mb < 16:
             raise ValueError("stream_window_mb must be ≥ 16")
 
-
     def pipeline(self) -> str:
         """The input pipeline that `auto` resolves to: "ray" or "thread"."""
         if self.input_pipeline != "auto":
