@@ -3,7 +3,8 @@
 In one run, on one synthetic dataset and one model of the given config (stage 1: the sagittal T2
 localiser; stage 2: the first grade member, on label points with stage-1-like noise):
   plain      each fold through `stage.run_fold` in this process, one after another
-  ray-seq    the same folds through Tune trial → TorchTrainer, one at a time
+  ray-seq    the same folds through Tune trial → TorchTrainer, one trial per fold, one at a time
+  ray-lane   the same folds on one slot as one lane: one trial and one TorchTrainer train them in turn
   ray-par    the same folds through Tune trial → TorchTrainer, all at once
 Each mode trains the same epochs on the same samples with the same threads per fold.
 
@@ -104,10 +105,10 @@ def main() -> None:
     results["plain"] = time.perf_counter() - t
 
     timelines: dict[str, list[dict[str, float]]] = {}
-    for mode, concurrent in (("ray-seq", 1), ("ray-par", 0)):
+    for mode, concurrent, pack in (("ray-seq", 1, "off"), ("ray-lane", 1, "on"), ("ray-par", 0, "on")):
         jobs = jobs_for(mode)
         t = time.perf_counter()
-        run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent))
+        run_folds(stage, jobs, ResourcesConfig(num_workers=1, cpus_per_worker=float(threads), max_concurrent_folds=concurrent, pack_folds=pack))
         results[mode] = time.perf_counter() - t
         epochs[mode] = _ray_epochs(tmp / mode / "ray" / "tune")
         timelines[mode] = [json.loads(p.read_text()).get("timeline", {}) for p in sorted((tmp / mode).rglob("done.json"))]
@@ -116,8 +117,10 @@ def main() -> None:
     for mode, sec in results.items():
         print(f"  {mode:8s} {sec:8.1f} s   {trained / sec:7.1f} training samples/s (fold set-up and prediction included)")
     print(f"  Ray Train overhead (ray-seq / plain): {results['ray-seq'] / results['plain']:.2f}x")
-    fixed = (results["ray-seq"] - results["plain"] - (args.epochs - 1) * args.folds * (_median(epochs, "ray-seq", 0) - _median(epochs, "plain", 0))) / args.folds
-    print(f"  fixed Ray cost per fold (beyond its epochs): {fixed:.1f} s")
+    for mode in ("ray-seq", "ray-lane"):
+        fixed = (results[mode] - results["plain"] - (args.epochs - 1) * args.folds * (_median(epochs, mode, 0) - _median(epochs, "plain", 0))) / args.folds
+        print(f"  fixed Ray cost per fold (beyond its epochs), {mode}: {fixed:.1f} s")
+    print(f"  one lane vs a trial per fold (ray-seq / ray-lane): {results['ray-seq'] / results['ray-lane']:.2f}x")
     for mode in epochs:
         print(f"  {mode:8s} steady state: {_median(epochs, mode, 0):6.2f} s per epoch, {_median(epochs, mode, 1):7.1f} training samples/s (median of epochs ≥ 1)")
     print(f"  steady-state epoch time, ray-seq / plain: {_median(epochs, 'ray-seq', 0) / _median(epochs, 'plain', 0):.3f}x")

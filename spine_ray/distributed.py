@@ -1,18 +1,21 @@
-"""Ray at the edge of training: fold-parallel Ray Train runs, scheduled as one Ray Tune trial per fold.
+"""Ray at the edge of training: fold-parallel Ray Train runs, scheduled as Ray Tune trials.
 
 Before any fold trains, each distinct sample set of the stage is built once into a Parquet cache
-(`spine_ray.sample_cache`) that every fold reads by filter. All K folds of a stage are then
-submitted at once; each trial launches a `TorchTrainer` whose workers run the one fold driver
-(`spine_ray.stage.fit_fold`). A worker's batches stream from a per-epoch pipeline: its share of
+(`spine_ray.sample_cache`) that every fold reads by filter. The folds of a stage are then dealt
+into lanes, one per slot the cluster can run at once (one fold per lane when all fit, as on a GPU
+cluster that scales up), and every lane is submitted at once as a Tune trial; each trial launches a
+`TorchTrainer` whose workers run the one fold driver (`spine_ray.stage.fit_fold`) on each of the
+lane's folds in turn, so Ray's start-up is paid once per slot, not once per fold. A worker's batches stream from a per-epoch pipeline: its share of
 the fold's training studies, in an order fixed by the seed and epoch, read from the cache in parts
 that are re-cropped and augmented (seeded per part) while the trainer steps, then mixed in a
 shuffle buffer. On a GPU cluster the parts run as Ray Data CPU tasks and the object store holds
 that streaming window, never a fold's whole training set; on a CPU-only box, where every CPU is a
 trainer, the same parts run on a background thread of the worker (`ResourcesConfig.input_pipeline`).
 
-Ray shares out the cluster's GPUs (or CPUs): folds that do not fit queue. Each fold's checkpoints
-live under `{run_dir}/ray/train/{stage}-{member}-fold{k}`; re-running the same command skips
-finished folds (their `done` marker exists) and resumes unfinished ones from their last checkpoint.
+Ray shares out the cluster's GPUs (or CPUs): lanes that do not fit queue. Each lane's checkpoints
+live under `{run_dir}/ray/train/{stage}-{member}-fold{k}[+n]` (its first fold's name, `+n` for the
+n folds after it) and name the fold they belong to; re-running the same command skips finished
+folds (their `done` marker exists) and resumes unfinished ones from their last checkpoint.
 A worker that dies is restarted from the last checkpoint (`FailureConfig`).
 """
 
@@ -77,8 +80,15 @@ class ResourcesConfig:
     num_workers: int = 1  # data-parallel workers per fold
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 2  # worker restarts per fold, each from the last checkpoint
+    max_failures: int = 2  # worker restarts per Ray Train run (a fold, or a lane of folds), each from the last checkpoint
     max_concurrent_folds: int = 0  # 0: as many as the cluster can run now (every fold, on a GPU cluster still scaling up)
+    # "on": when folds outnumber the slots that can run now, each slot trains its share of them one
+    # after another in one Ray Train run (a lane), so it pays Ray's start-up (a Tune trial, a
+    # controller and worker processes that import torch: 7–25 s a fold on a 2-core box) once per
+    # stage instead of once per fold. "off": one trial per fold; queued folds wait for a free slot,
+    # or for the GPUs an autoscaler adds for them. "auto": on for CPU folds (short: start-up is a
+    # large share), off with GPUs (hours a fold, and the cluster may grow).
+    pack_folds: str = "auto"
     # How often Ray Train's controller collects worker reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
     # Ray's default 2 s). A worker's report blocks until the previous one is collected, so epochs
     # shorter than this are throttled to it; an explicit environment variable wins.
@@ -109,10 +119,16 @@ class ResourcesConfig:
             raise ValueError("poll_interval_s must be > 0")
         if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_mb < 0:
             raise ValueError("data_cpus must be ≥ 0; data_concurrency, chunk_studies and prefetch_batches ≥ 1; shuffle_mb ≥ 0")
+        if self.pack_folds not in ("auto", "on", "off"):
+            raise ValueError(f"pack_folds must be auto, on or off, not {self.pack_folds!r}")
         if self.input_pipeline not in ("auto", "ray", "thread"):
             raise ValueError(f"input_pipeline must be auto, ray or thread, not {self.input_pipeline!r}")
         if self.stream_window_mb < 16:
             raise ValueError("stream_window_mb must be ≥ 16")
+
+    def packs(self) -> bool:
+        """Whether folds beyond the free slots train in lanes (what `pack_folds` resolves to)."""
+        return self.pack_folds == "on" or (self.pack_folds == "auto" and not self.use_gpu)
 
     def pipeline(self) -> str:
         """The input pipeline that `auto` resolves to: "ray" or "thread"."""
@@ -344,23 +360,41 @@ class StreamedBatches:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the fold driver on this worker's streamed share, checkpoints via ray.train.report."""
+    """One Ray Train worker: trains its lane's folds in turn, each with the fold driver on this worker's streamed share.
+
+    Checkpoints (via ray.train.report) carry the fold they belong to: a restarted worker group, or
+    a re-run of the same lane, skips the lane's finished folds and resumes the first unfinished one
+    from its last checkpoint.
+    """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     stage: Stage = config["stage"]
-    job: FoldJob = config["job"]
+    jobs: list[FoldJob] = config["jobs"]
     resources: ResourcesConfig = config["resources"]
-    timeline = {"trial_started": config.get("trial_started", time.time()), "worker_started": time.time()}
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    resume, resumed_from = None, -1
+    lane = {"trial_started": config.get("trial_started", time.time()), "worker_started": time.time()}
+    resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_state(os.path.join(d, "state.pt"))
-        resumed_from = int(resume["epoch"])
+    for index, job in enumerate(jobs):
+        if is_done(job):  # finished before this worker group (re)started
+            continue
+        owner = resume.get("job", job_key(jobs[0])) if resume is not None else None
+        _train_job(stage, job, index, resources, resume if owner == job_key(job) else None, {**lane, "job_started": time.time()})
+        resume = None
+
+
+def _train_job(stage: Stage, job: FoldJob, index: int, resources: ResourcesConfig, resume: dict[str, Any] | None, timeline: dict[str, float]) -> None:
+    """Train one fold, the lane's `index`-th (resuming from `resume`, a checkpoint state of this fold) and, on rank 0, finish it."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    resumed_from = int(resume["epoch"]) if resume is not None else -1
     device = ray.train.torch.get_device()
     n_train = count_samples(job.inputs[cache_input("train")], split_studies(job, "train"))
     steps = steps_per_epoch(n_train, stage.train_config(job).batch_size, world)
@@ -371,10 +405,10 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     def report(result: EpochResult) -> None:
         t = time.perf_counter()
-        metrics = {**result.metrics, "resumed_from_epoch": resumed_from, "epoch_s": t - clock["mark"], "report_s": clock["report_s"]}
+        metrics = {**result.metrics, "resumed_from_epoch": resumed_from, "epoch_s": t - clock["mark"], "report_s": clock["report_s"], "lane_index": index}
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_state(result.state, os.path.join(d, "state.pt"))
+                save_state({**result.state, "job": job_key(job)}, os.path.join(d, "state.pt"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
         if rank == 0:  # per-epoch metrics beside the fold's outputs, for `spine-ray report`
             write_epoch(fold_dir(job), metrics)
@@ -395,9 +429,9 @@ def _train_worker(config: dict[str, Any]) -> None:
 def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1, timeline: dict[str, float] | None = None) -> pd.DataFrame:
     """Predict the held-out split, write the final weights and OOF table, then the done marker.
 
-    The marker keeps the fold's timeline (epoch seconds: its Tune trial started, its Ray Train
-    worker started, training started and finished, the marker written), to show where a fold's
-    wall time goes beyond its epochs.
+    The marker keeps the fold's timeline (epoch seconds: its lane's Tune trial started, the lane's
+    Ray Train worker started, this fold's turn in the lane began, training started and finished,
+    the marker written), to show where a fold's wall time goes beyond its epochs.
     """
     import torch
 
@@ -421,25 +455,39 @@ def job_key(job: FoldJob) -> str:
     return f"{job.member}-fold{job.fold}"
 
 
-def _fold_trial(config: dict[str, Any], stage: Stage, jobs: dict[str, FoldJob], resources: ResourcesConfig, storage: str) -> None:
-    """One Tune trial: train one fold with a TorchTrainer and relay its metrics to Tune."""
+def lanes(jobs: list[FoldJob], slots: int) -> list[list[FoldJob]]:
+    """Jobs dealt round-robin into `slots` lanes (one lane per job when they all fit).
+
+    Deal every job of the stage, finished or not, so that a re-run on the same cluster puts each
+    unfinished fold in the lane (and so the Ray Train run, whose checkpoints it resumes) it had.
+    """
+    return [jobs[i::slots] for i in range(min(slots, len(jobs)))] if slots >= 1 else [[j] for j in jobs]
+
+
+def lane_key(lane: list[FoldJob]) -> str:
+    """A lane's name in progress tables and storage: its first fold's, `+N` for the N folds after it."""
+    return job_key(lane[0]) + (f"+{len(lane) - 1}" if len(lane) > 1 else "")
+
+
+def _fold_trial(config: dict[str, Any], stage: Stage, lanes: dict[str, list[FoldJob]], resources: ResourcesConfig, storage: str) -> None:
+    """One Tune trial: train one lane of folds with a TorchTrainer and relay its metrics to Tune."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    job = jobs[config["fold"]]
+    lane = lanes[config["fold"]]
     # Ray Train propagates this variable from here to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"stage": stage, "job": job, "resources": resources, "trial_started": time.time()},
+        train_loop_config={"stage": stage, "jobs": lane, "resources": resources, "trial_started": time.time()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{job.stage}-{job_key(job)}",
+            name=f"{lane[0].stage}-{config['fold']}",
             storage_path=storage_root(storage),
             storage_filesystem=pyarrow_fs(storage),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
@@ -489,7 +537,7 @@ def concurrent_folds(resources: ResourcesConfig, pending: int) -> int:
 
 
 def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, samples_dir: str | None = None) -> list[pd.DataFrame]:
-    """Train every unfinished fold in parallel (Tune trial per fold); return all folds' OOF tables.
+    """Train every unfinished fold, lanes of them in parallel (a Tune trial per lane); return all folds' OOF tables.
 
     Jobs may belong to several members of one stage: they share one Tune run, so every model of
     the stage is trained at once and the cluster's resources are shared out between them. Their
@@ -504,29 +552,34 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
             log.info("%s/%s fold %d already done: skipped", j.stage, j.member, j.fold)
     if pending:
         init_ray()
-        pending = with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))
-        configs = {job_key(j): to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for j in pending}  # logged to MLflow
+        ready = {job_key(j): j for j in with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))}
+        # Every job of the stage is dealt into lanes (so a re-run deals them alike); finished ones drop out.
+        slots = (resources.max_concurrent_folds or concurrent_folds(resources, len(jobs))) if resources.packs() else len(jobs)
+        todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready] for lane in lanes(jobs, slots)}
+        todo = {k: v for k, v in todo.items() if v}
+        # Logged to MLflow, one run per fold: its name and config (a lane's results say which of its folds).
+        configs = {job_key(j): to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for j in pending}
+
+        def fold_of(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            key = job_key(todo[config["fold"]][int(result.get("lane_index", 0))])
+            return key, configs[key]
+
         first = pending[0]
         storage = join(first.run_dir, "ray")
-        trainable = tune.with_parameters(
-            _fold_trial,
-            stage=stage,
-            jobs={job_key(j): j for j in pending},
-            resources=resources,
-            storage=join(storage, "train"),
-        )
+        trainable = tune.with_parameters(_fold_trial, stage=stage, lanes=todo, resources=resources, storage=join(storage, "train"))
+        concurrency = len(todo) if resources.packs() else (resources.max_concurrent_folds or concurrent_folds(resources, len(pending)))
         tuner = tune.Tuner(
             # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
             # asks for no CPU (a head bundle must ask for something: a token of memory).
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
-            param_space={"fold": tune.grid_search([job_key(j) for j in pending])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_folds or concurrent_folds(resources, len(pending))),
+            param_space={"fold": tune.grid_search(list(todo))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
                 storage_path=storage_root(join(storage, "tune")),
                 storage_filesystem=pyarrow_fs(storage),
                 verbose=1,
-                callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", lambda c: configs[c["fold"]]),
+                callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", fold_of),
             ),
         )
         grid = tuner.fit()

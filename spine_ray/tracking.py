@@ -43,11 +43,13 @@ def tracking_uri(run_dir: str) -> str:
     return "file://" + join(absolute(run_dir), "mlruns")
 
 
-def tune_callbacks(run_dir: str, experiment: str, params: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> list[Any]:
+def tune_callbacks(run_dir: str, experiment: str, part: Callable[[dict[str, Any], dict[str, Any]], tuple[str, dict[str, Any]]] | None = None) -> list[Any]:
     """Callbacks for a Ray Tune RunConfig that log every trial to MLflow (none if tracking is off).
 
-    `params` maps a trial's config to more parameters to log with it (e.g. a fold trial's whole
-    model and training config, where the trial's own config only names the fold).
+    `part` maps a trial's config and one of its results to the name and parameters of what that
+    result belongs to: a fold trial's whole model and training config (where the trial's own config
+    only names the fold), or, in a lane that trains several folds in turn, the fold it came from.
+    Each part gets its own MLflow run, named after it: one run per fold either way.
     """
     uri = tracking_uri(run_dir)
     if not uri or os.environ.get("SPINE_RAY_TRACKING", "1") == "0":
@@ -56,9 +58,25 @@ def tune_callbacks(run_dir: str, experiment: str, params: Callable[[dict[str, An
 
     class _Logger(MLflowLoggerCallback):
         def log_trial_start(self, trial: Any) -> None:
-            super().log_trial_start(trial)
-            if params is not None:
-                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=flatten(params(trial.config)))
+            if part is None:
+                super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+            if part is not None:
+                name, params = part(trial.config, result)
+                parts = self.__dict__.setdefault("_parts", {})
+                if parts.get(trial) != name:  # the trial's first result, or the next fold of its lane
+                    if trial in self._trial_runs:
+                        self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FINISHED")
+                    run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=name)
+                    self._trial_runs[trial] = run.info.run_id
+                    self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log={"fold": name, **flatten(params)})
+                    parts[trial] = name
+            super().log_trial_result(iteration, trial, result)
+
+        def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+            if trial in self._trial_runs:  # a trial that failed before its first result has no run
+                super().log_trial_end(trial, failed)
 
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

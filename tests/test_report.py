@@ -174,7 +174,8 @@ def test_every_training_fold_and_blend_search_is_in_mlflow(smoke_demo):
     # (On 6 studies the held-out halves' scores are large and unstable: logged finite is what is checked.)
     assert len(blends) == 4 and all(0 < r.data.metrics["held_out"] < float("inf") for r in blends)
     grade = client.search_runs([names["spine-ray/train-grade"]])
-    assert len(grade) == 2 * 2  # two members × two folds
+    assert len(grade) == 2 * 2  # two members × two folds: one run per fold, though two lanes trained them
+    assert len({r.info.run_name for r in grade}) == 4 and all(r.info.run_name == r.data.params["fold"] for r in grade)
     for r in grade:
         assert "train_loss" in r.data.metrics and "epoch_s" in r.data.metrics
         assert r.data.params["model/backbone"] in ("resnet10t", "test_resnet") and "train/lr" in r.data.params

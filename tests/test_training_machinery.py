@@ -1,7 +1,7 @@
 """The fold-parallel training machinery on a real local Ray: folds, resume, worker failure.
 
 The stage here is a small regression model on a Parquet source table: the machinery under test
-(Tune trial per fold → TorchTrainer → plain loop → checkpoints → OOF tables) is the real one.
+(Tune trial per lane of folds → TorchTrainer → plain loop → checkpoints → OOF tables) is the real one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ import pytest
 import torch
 from torch import nn
 
-from spine_ray.distributed import ResourcesConfig, fold_dir, is_done, read_done, run_folds
+from spine_ray.distributed import (
+    ResourcesConfig,
+    fold_dir,
+    is_done,
+    lane_key,
+    lanes,
+    read_done,
+    run_folds,
+)
 from spine_ray.stage import FoldJob, collate, run_fold, split_studies
 from spine_ray.train_loop import TrainConfig, lr_factor
 
@@ -32,8 +40,8 @@ N_STUDIES, DIM = 40, 6
 class LinearStage:
     """y = x·w + noise, one row per study; the OOF table is study_id, pred, y."""
 
-    def __init__(self, epochs: int = 3, sleep_s: float = 0.0, fail_epoch: int | None = None, flag: str | None = None) -> None:
-        self.epochs, self.sleep_s, self.fail_epoch, self.flag = epochs, sleep_s, fail_epoch, flag
+    def __init__(self, epochs: int = 3, sleep_s: float = 0.0, fail_epoch: int | None = None, flag: str | None = None, fail_fold: int | None = None) -> None:
+        self.epochs, self.sleep_s, self.fail_epoch, self.flag, self.fail_fold = epochs, sleep_s, fail_epoch, flag, fail_fold
 
     def train_config(self, job):
         return TrainConfig(epochs=self.epochs, batch_size=8, lr=0.3, weight_decay=0.0, warmup_frac=0.0, seed=job.fold)
@@ -64,8 +72,13 @@ class LinearStage:
             time.sleep(self.sleep_s)
         if self.fail_epoch is not None and self.flag and not os.path.exists(self.flag):
             # Fail once, mid-run, after a checkpoint exists: the flag says it already happened.
-            ckpts = list(Path(job.run_dir, "ray", "train").rglob("state.pt"))
-            if len(ckpts) >= self.fail_epoch:
+            # With fail_fold, only in that fold, once it has reported fail_epoch epochs.
+            if self.fail_fold is None:
+                reached = len(list(Path(job.run_dir, "ray", "train").rglob("state.pt"))) >= self.fail_epoch
+            else:
+                epochs = Path(fold_dir(job), "metrics.jsonl")
+                reached = job.fold == self.fail_fold and epochs.exists() and len(epochs.read_text().splitlines()) >= self.fail_epoch
+            if reached:
                 Path(self.flag).write_text("failed once")
                 raise RuntimeError("injected failure")
         pred = model(batch["x"]).squeeze(-1)
@@ -130,10 +143,10 @@ def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
     assert sorted(oof["study_id"]) == list(range(1000, 1000 + N_STUDIES))  # every study exactly once
     assert all(is_done(j) for j in jobs)
     stamps = [read_done(j)["finished"] for j in jobs]
-    # Each marker keeps the fold's timeline, in order: trial, worker, training, marker.
+    # Each marker keeps the fold's timeline, in order: trial, worker, its turn, training, marker.
     for j in jobs:
         t = read_done(j)["timeline"]
-        steps = [t[k] for k in ("trial_started", "worker_started", "training_started", "training_finished", "finished")]
+        steps = [t[k] for k in ("trial_started", "worker_started", "job_started", "training_started", "training_finished", "finished")]
         assert steps == sorted(steps) and steps[-1] == read_done(j)["finished"]
     run_folds(LinearStage(), jobs, ResourcesConfig())
     assert [read_done(j)["finished"] for j in jobs] == stamps
@@ -154,9 +167,55 @@ def test_folds_run_in_parallel_and_rerun_skips_finished(ray_local, tmp_path):
         assert all(r["epoch_s"] > 0 and r["report_s"] >= 0 for r in rows)
 
 
+def test_folds_are_dealt_round_robin_into_one_lane_per_slot(tmp_path):
+    jobs = make_run(tmp_path, n_folds=5)
+    dealt = lanes(jobs, 2)
+    assert [[j.fold for j in lane] for lane in dealt] == [[0, 2, 4], [1, 3]]
+    assert [lane_key(lane) for lane in dealt] == ["linear-fold0+2", "linear-fold1+1"]
+    assert [[j.fold for j in lane] for lane in lanes(jobs, 8)] == [[k] for k in range(5)]
+    assert lane_key(lanes(jobs, 8)[3]) == "linear-fold3"
+
+
+@pytest.mark.slow
+def test_folds_beyond_the_free_slots_train_in_one_lane_and_resume_there(ray_local, tmp_path):
+    """Three folds on one slot: one Ray Train run trains them in turn; a failure in the second
+    fold, re-run, skips the first and resumes the second from its own checkpoint; every fold
+    gives what it gives trained on its own."""
+    jobs = make_run(tmp_path, n_folds=3)
+    one_slot = ResourcesConfig(max_concurrent_folds=1, max_failures=0)
+    flag = str(tmp_path / "failed.flag")
+    with pytest.raises(RuntimeError, match="failed"):
+        run_folds(LinearStage(epochs=4, fail_epoch=2, flag=flag, fail_fold=1), jobs, one_slot)
+    assert [is_done(j) for j in jobs] == [True, False, False]
+    first = read_done(jobs[0])
+    oofs = run_folds(LinearStage(epochs=4), jobs, one_slot)
+    assert read_done(jobs[0]) == first
+    assert read_done(jobs[1])["resumed_from_epoch"] >= 1 and read_done(jobs[2])["resumed_from_epoch"] == -1
+    assert sorted(p.name for p in Path(jobs[0].run_dir, "ray", "train").iterdir()) == ["toy-linear-fold0+2"]
+    # The lane's folds ran one after another in the same worker.
+    t1, t2 = read_done(jobs[1])["timeline"], read_done(jobs[2])["timeline"]
+    assert t1["worker_started"] == t2["worker_started"] <= t1["finished"] <= t2["job_started"] <= t2["training_started"]
+    # One trial per fold (no lanes) in a fresh run directory: the same models.
+    alone = [dataclasses.replace(j, run_dir=str(tmp_path / "alone")) for j in jobs]
+    Path(alone[0].run_dir).mkdir()
+    shutil.copy(Path(jobs[0].run_dir, "folds.parquet"), Path(alone[0].run_dir, "folds.parquet"))
+    ref = run_folds(LinearStage(epochs=4), alone, ResourcesConfig(max_concurrent_folds=1, pack_folds="off"))
+    assert len(list(Path(alone[0].run_dir, "ray", "train").iterdir())) == 3
+    for k in (0, 2):
+        pd.testing.assert_frame_equal(oofs[k], ref[k])
+    np.testing.assert_allclose(oofs[1]["pred"], ref[1]["pred"], atol=1e-4)
+
+
 def test_resources_config_rejects_a_non_positive_poll_interval():
     with pytest.raises(ValueError, match="poll_interval_s"):
         ResourcesConfig(poll_interval_s=0)
+
+
+def test_lanes_are_on_for_cpu_folds_and_off_for_gpu_folds_unless_told():
+    assert ResourcesConfig().packs() and not ResourcesConfig(use_gpu=True).packs()
+    assert ResourcesConfig(use_gpu=True, pack_folds="on").packs() and not ResourcesConfig(pack_folds="off").packs()
+    with pytest.raises(ValueError, match="pack_folds"):
+        ResourcesConfig(pack_folds="yes")
 
 
 @pytest.mark.slow
