@@ -179,8 +179,8 @@ def test_folds_are_dealt_round_robin_into_one_lane_per_slot(tmp_path):
 @pytest.mark.slow
 def test_folds_beyond_the_free_slots_train_in_one_lane_and_resume_there(ray_local, tmp_path):
     """Three folds on one slot: one Ray Train run trains them in turn; a failure in the second
-    fold, re-run, skips the first and resumes the second from its own checkpoint; every fold
-    gives what it gives trained on its own."""
+    fold, re-run, skips the first and resumes the second from its own checkpoint; the last
+    gives the model it gives trained on its own."""
     jobs = make_run(tmp_path, n_folds=3)
     one_slot = ResourcesConfig(max_concurrent_folds=1, max_failures=0)
     flag = str(tmp_path / "failed.flag")
@@ -195,15 +195,13 @@ def test_folds_beyond_the_free_slots_train_in_one_lane_and_resume_there(ray_loca
     # The lane's folds ran one after another in the same worker.
     t1, t2 = read_done(jobs[1])["timeline"], read_done(jobs[2])["timeline"]
     assert t1["worker_started"] == t2["worker_started"] <= t1["finished"] <= t2["job_started"] <= t2["training_started"]
-    # One trial per fold (no lanes) in a fresh run directory: the same models.
-    alone = [dataclasses.replace(j, run_dir=str(tmp_path / "alone")) for j in jobs]
-    Path(alone[0].run_dir).mkdir()
-    shutil.copy(Path(jobs[0].run_dir, "folds.parquet"), Path(alone[0].run_dir, "folds.parquet"))
-    ref = run_folds(LinearStage(epochs=4), alone, ResourcesConfig(max_concurrent_folds=1, pack_folds="off"))
-    assert len(list(Path(alone[0].run_dir, "ray", "train").iterdir())) == 3
-    for k in (0, 2):
-        pd.testing.assert_frame_equal(oofs[k], ref[k])
-    np.testing.assert_allclose(oofs[1]["pred"], ref[1]["pred"], atol=1e-4)
+    # The lane's last fold, trained after two others in the same worker, is the model it is when
+    # trained alone in its own trial (fresh run directory): nothing leaks from fold to fold.
+    alone = dataclasses.replace(jobs[2], run_dir=str(tmp_path / "alone"))
+    Path(alone.run_dir).mkdir()
+    shutil.copy(Path(jobs[0].run_dir, "folds.parquet"), Path(alone.run_dir, "folds.parquet"))
+    (ref,) = run_folds(LinearStage(epochs=4), [alone], ResourcesConfig(pack_folds="off"))
+    pd.testing.assert_frame_equal(oofs[2], ref)
 
 
 def test_resources_config_rejects_a_non_positive_poll_interval():
