@@ -306,20 +306,27 @@ def _run_ray(
     init_ray(num_cpus=workers, quiet=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Ray Data reserves part of the cluster per operator; on a small cluster that held this one-map
+    # pipeline to about one task at a time (2 workers: 0.97x the wall time of 1 on 2 CPUs). With one
+    # operator there is nothing to reserve against; restored after, for other Ray Data jobs here.
+    reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
     env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
     extra = {"runtime_env": {"env_vars": env}} if env else {}
     items = [{"key": g["key"], "group": json.dumps(g)} for g in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _decode_batch,
-        fn_kwargs={"data_dir": data_dir, "out": out, "codec": codec},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=1,
-        compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))),
-        **extra,
-    )
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-        on_done(int(batch["series"].sum()))
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _decode_batch,
+            fn_kwargs={"data_dir": data_dir, "out": out, "codec": codec},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))),
+            **extra,
+        )
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            on_done(int(batch["series"].sum()))
+    finally:
+        ctx.op_resource_reservation_enabled = reserve
 
 
 def _load_or_make_plan(data_dir: str, out: str, split: str, shard_mb: float) -> dict[str, Any]:

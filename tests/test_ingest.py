@@ -80,6 +80,14 @@ def test_summary_and_manifest(prepared):
     assert newest[1] == "manifest.json"
 
 
+def test_prepare_restores_ray_datas_operator_reservation(prepared):
+    import ray
+
+    # prepare turns it off for its one-operator map (it held 2 workers to ~1 task at a time) and
+    # puts it back, so later Ray Data pipelines in the same process keep Ray's default.
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+
+
 def test_volumes_schema_and_plain_pandas(prepared):
     _, out, _ = prepared
     df = pd.read_parquet(os.path.join(out, "volumes"))  # no Ray, no spine_ray reader
