@@ -554,7 +554,8 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
         init_ray()
         ready = {job_key(j): j for j in with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))}
         # Every job of the stage is dealt into lanes (so a re-run deals them alike); finished ones drop out.
-        slots = (resources.max_concurrent_folds or concurrent_folds(resources, len(jobs))) if resources.packs() else len(jobs)
+        limit = resources.max_concurrent_folds or concurrent_folds(resources, len(jobs))
+        slots = limit if resources.packs() else len(jobs)
         todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready] for lane in lanes(jobs, slots)}
         todo = {k: v for k, v in todo.items() if v}
         # Logged to MLflow, one run per fold: its name and config (a lane's results say which of its folds).
@@ -567,13 +568,12 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
         first = pending[0]
         storage = join(first.run_dir, "ray")
         trainable = tune.with_parameters(_fold_trial, stage=stage, lanes=todo, resources=resources, storage=join(storage, "train"))
-        concurrency = len(todo) if resources.packs() else (resources.max_concurrent_folds or concurrent_folds(resources, len(pending)))
         tuner = tune.Tuner(
             # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
             # asks for no CPU (a head bundle must ask for something: a token of memory).
             tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
             param_space={"fold": tune.grid_search(list(todo))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            tune_config=tune.TuneConfig(max_concurrent_trials=min(len(todo), limit)),
             run_config=tune.RunConfig(
                 name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
                 storage_path=storage_root(join(storage, "tune")),

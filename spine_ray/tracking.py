@@ -57,6 +57,10 @@ def tune_callbacks(run_dir: str, experiment: str, part: Callable[[dict[str, Any]
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class _Logger(MLflowLoggerCallback):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._parts: dict[Any, str] = {}  # trial → the part (fold) its MLflow run is for
+
         def log_trial_start(self, trial: Any) -> None:
             if part is None:
                 super().log_trial_start(trial)
@@ -64,14 +68,13 @@ def tune_callbacks(run_dir: str, experiment: str, part: Callable[[dict[str, Any]
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             if part is not None:
                 name, params = part(trial.config, result)
-                parts = self.__dict__.setdefault("_parts", {})
-                if parts.get(trial) != name:  # the trial's first result, or the next fold of its lane
+                if self._parts.get(trial) != name:  # the trial's first result, or the next fold of its lane
                     if trial in self._trial_runs:
                         self.mlflow_util.end_run(run_id=self._trial_runs[trial], status="FINISHED")
                     run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=name)
                     self._trial_runs[trial] = run.info.run_id
                     self.mlflow_util.log_params(run_id=run.info.run_id, params_to_log={"fold": name, **flatten(params)})
-                    parts[trial] = name
+                    self._parts[trial] = name
             super().log_trial_result(iteration, trial, result)
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
