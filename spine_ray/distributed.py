@@ -5,7 +5,10 @@ Before any fold trains, each distinct sample set of the stage is built once into
 into lanes, one per slot the cluster can run at once (one fold per lane when all fit, as on a GPU
 cluster that scales up), and every lane is submitted at once as a Tune trial; each trial launches a
 `TorchTrainer` whose workers run the one fold driver (`spine_ray.stage.fit_fold`) on each of the
-lane's folds in turn, so Ray's start-up is paid once per slot, not once per fold. A worker's batches stream from a per-epoch pipeline: its share of
+lane's folds in turn, so Ray's start-up is paid once per slot, not once per fold. A fold that
+`needs` others (the axial localiser's fold k reads sagittal T2 fold k's points) goes into their
+lane, after them; with one trial per fold it starts in a later Tune run, once they are done.
+A worker's batches stream from a per-epoch pipeline: its share of
 the fold's training studies, in an order fixed by the seed and epoch, read from the cache in parts
 that are re-cropped and augmented (seeded per part) while the trainer steps, then mixed in a
 shuffle buffer. On a GPU cluster the parts run as Ray Data CPU tasks and the object store holds
@@ -458,10 +461,23 @@ def job_key(job: FoldJob) -> str:
 def lanes(jobs: list[FoldJob], slots: int) -> list[list[FoldJob]]:
     """Jobs dealt round-robin into `slots` lanes (one lane per job when they all fit).
 
-    Deal every job of the stage, finished or not, so that a re-run on the same cluster puts each
-    unfinished fold in the lane (and so the Ray Train run, whose checkpoints it resumes) it had.
+    A job that `needs` others goes into its first need's lane, after it (so it never waits on
+    another lane); the others are dealt round-robin. Deal every job of the stage, finished or not,
+    so that a re-run on the same cluster puts each unfinished fold in the lane (and so the Ray
+    Train run, whose checkpoints it resumes) it had.
     """
-    return [jobs[i::slots] for i in range(min(slots, len(jobs)))] if slots >= 1 else [[j] for j in jobs]
+    slots = slots if slots >= 1 else len(jobs)
+    keys = [job_key(j) for j in jobs]
+    follows = {k: j.needs[0] for k, j in zip(keys, jobs, strict=True) if j.needs and j.needs[0] in keys}
+    free = [k for k in keys if k not in follows]  # a job whose needs are not in the list is dealt freely
+    lane_of = {k: i % slots for i, k in enumerate(free)}
+    for i, k in enumerate(keys):
+        if k in follows:
+            if keys.index(follows[k]) > i:
+                raise ValueError(f"{k} needs {follows[k]}, which comes after it")
+            lane_of[k] = lane_of[follows[k]]
+    dealt = [[j for k, j in zip(keys, jobs, strict=True) if lane_of[k] == i] for i in range(slots)]
+    return [lane for lane in dealt if lane]
 
 
 def lane_key(lane: list[FoldJob]) -> str:
@@ -542,54 +558,76 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
     Jobs may belong to several members of one stage: they share one Tune run, so every model of
     the stage is trained at once and the cluster's resources are shared out between them. Their
     samples are built first, once per distinct sample key, under `samples_dir` (default
-    `{run_dir}/samples`).
+    `{run_dir}/samples`). A job that `needs` others of the list starts after them: in their lane
+    when folds are packed, in a later Tune run when each fold has its own trial.
     """
-    from ray import tune
-
     pending = [j for j in jobs if not is_done(j)]
     for j in jobs:
         if j not in pending:
             log.info("%s/%s fold %d already done: skipped", j.stage, j.member, j.fold)
+    keys = {job_key(j) for j in jobs}
+    for j in jobs:
+        unknown = [n for n in j.needs if n not in keys]
+        if unknown:
+            raise ValueError(f"{job_key(j)} needs {unknown}, which are not jobs of this run")
     if pending:
         init_ray()
-        ready = {job_key(j): j for j in with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))}
-        # Every job of the stage is dealt into lanes (so a re-run deals them alike); finished ones drop out.
         limit = resources.max_concurrent_folds or concurrent_folds(resources, len(jobs))
-        slots = limit if resources.packs() else len(jobs)
-        todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready] for lane in lanes(jobs, slots)}
-        todo = {k: v for k, v in todo.items() if v}
-        # Logged to MLflow, one run per fold: its name and config (a lane's results say which of its folds).
-        configs = {job_key(j): to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for j in pending}
-
-        def fold_of(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-            key = job_key(todo[config["fold"]][int(result.get("lane_index", 0))])
-            return key, configs[key]
-
-        first = pending[0]
-        storage = join(first.run_dir, "ray")
-        trainable = tune.with_parameters(_fold_trial, stage=stage, lanes=todo, resources=resources, storage=join(storage, "train"))
-        tuner = tune.Tuner(
-            # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
-            # asks for no CPU (a head bundle must ask for something: a token of memory).
-            tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
-            param_space={"fold": tune.grid_search(list(todo))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=min(len(todo), limit)),
-            run_config=tune.RunConfig(
-                name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
-                storage_path=storage_root(join(storage, "tune")),
-                storage_filesystem=pyarrow_fs(storage),
-                verbose=1,
-                callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", fold_of),
-            ),
-        )
-        grid = tuner.fit()
-        failed = [r for r in grid if r.error is not None]
-        if failed:
-            raise RuntimeError(f"{len(failed)} fold(s) of stage {first.stage} failed: {failed[0].error}")
+        ready = {job_key(j): j for j in with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))}
+        if resources.packs():
+            # One Tune run: every job of the stage dealt into lanes (a re-run deals them alike), a job
+            # after the folds it needs in the same lane; finished ones drop out.
+            _run_lanes(stage, jobs, ready, resources, limit, limit)
+        else:
+            # One trial per fold: a fold that needs others starts in a later Tune run, once they are done.
+            while waiting := [j for j in jobs if job_key(j) in ready and not is_done(j)]:
+                now = [j for j in waiting if all(is_done(k) for k in jobs if job_key(k) in j.needs)]
+                if not now:
+                    raise RuntimeError(f"{job_key(waiting[0])} needs folds that did not finish: {list(waiting[0].needs)}")
+                _run_lanes(stage, now, ready, resources, len(now), limit)
+                if not any(is_done(j) for j in now):
+                    break  # finished without their outputs: reported below
     missing = [job_key(j) for j in jobs if not is_done(j)]
     if missing:
         raise RuntimeError(f"folds {missing} of stage {jobs[0].stage} finished without their outputs")
     return [read_oof(j) for j in jobs]
+
+
+def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], resources: ResourcesConfig, slots: int, limit: int) -> None:
+    """One Tune run: `jobs` dealt into `slots` lanes, each a trial of its unfinished (`ready`) jobs, `limit` at once."""
+    from ray import tune
+
+    todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready and not is_done(j)] for lane in lanes(jobs, slots)}
+    todo = {k: v for k, v in todo.items() if v}
+    pending = [j for lane in todo.values() for j in lane]
+    # Logged to MLflow, one run per fold: its name and config (a lane's results say which of its folds).
+    configs = {job_key(j): to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for j in pending}
+
+    def fold_of(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        key = job_key(todo[config["fold"]][int(result.get("lane_index", 0))])
+        return key, configs[key]
+
+    first = pending[0]
+    storage = join(first.run_dir, "ray")
+    trainable = tune.with_parameters(_fold_trial, stage=stage, lanes=todo, resources=resources, storage=join(storage, "train"))
+    tuner = tune.Tuner(
+        # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
+        # asks for no CPU (a head bundle must ask for something: a token of memory).
+        tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20}),
+        param_space={"fold": tune.grid_search(list(todo))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=min(len(todo), limit)),
+        run_config=tune.RunConfig(
+            name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
+            storage_path=storage_root(join(storage, "tune")),
+            storage_filesystem=pyarrow_fs(storage),
+            verbose=1,
+            callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", fold_of),
+        ),
+    )
+    grid = tuner.fit()
+    failed = [r for r in grid if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} fold(s) of stage {first.stage} failed: {failed[0].error}")
 
 
 def read_oof(job: FoldJob) -> pd.DataFrame:

@@ -36,7 +36,7 @@ import pandas as pd
 from spine_ray.baseline import write_prior
 from spine_ray.blend import member_matrix
 from spine_ray.config import save
-from spine_ray.distributed import ResourcesConfig, run_folds
+from spine_ray.distributed import ResourcesConfig, fold_dir, job_key, run_folds
 from spine_ray.folds import assign_folds
 from spine_ray.grade import GradeConfig, GradeStage
 from spine_ray.label_clean import excluded_targets
@@ -158,21 +158,35 @@ def fold_jobs(cfg: PipelineConfig, stage: str, member: str, config: Any, inputs:
 
 
 def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
-    """Stage 1: sagittal views in parallel, then the axial view placed by the sagittal T2 points.
+    """Stage 1: the sagittal views, and the axial view placed by the sagittal T2 points.
 
-    Every stage-1 variant trains alongside the main localisers (one Tune run per step) and writes
-    its own points table; returns the main localisers' error summary.
+    The axial localiser trains on label points; its held-out slabs sit on the sagittal T2
+    out-of-fold points. When folds are packed into lanes (CPU), axial fold k follows sagittal T2
+    fold k in its lane and reads that fold's points: one Tune run for the stage. With one trial
+    per fold (GPU), the axial folds start once all sagittal ones are done, on their points table.
+    Every stage-1 variant trains alongside the main localisers and writes its own points table;
+    returns the main localisers' error summary.
     """
     stage = LocalizeStage()
     members = cfg.stage1_members()
     sagittal = [j for v, loc in members for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
-    sag = _by_variant(sagittal, run_folds(stage, sagittal, cfg.resources, cfg.samples_dir))
-    axial_jobs = []
-    for v, loc in members:
-        spinal_url = join(cfg.run_dir, "localize", variant_member("spinal_points", v) + ".parquet")
-        atomic_write_parquet(spinal_url, sag[v][sag[v]["view"] == "sag_t2"])
-        axial_jobs += fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {"spinal_points": spinal_url})
-    axial = _by_variant(axial_jobs, run_folds(stage, axial_jobs, cfg.resources, cfg.samples_dir))
+    if cfg.resources.packs():
+        axial_jobs = [
+            dataclasses.replace(j, inputs={"spinal_points": join(fold_dir(t2), "oof.parquet")}, needs=(job_key(t2),))
+            for v, loc in members
+            for j, t2 in zip(fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {}),
+                             fold_jobs(cfg, "localize", variant_member("sag_t2", v), loc.sag_t2, {}), strict=True)
+        ]
+        tables = run_folds(stage, sagittal + axial_jobs, cfg.resources, cfg.samples_dir)
+        sag, axial = _by_variant(sagittal, tables[: len(sagittal)]), _by_variant(axial_jobs, tables[len(sagittal) :])
+    else:
+        sag = _by_variant(sagittal, run_folds(stage, sagittal, cfg.resources, cfg.samples_dir))
+        axial_jobs = []
+        for v, loc in members:
+            spinal_url = join(cfg.run_dir, "localize", variant_member("spinal_points", v) + ".parquet")
+            atomic_write_parquet(spinal_url, sag[v][sag[v]["view"] == "sag_t2"])
+            axial_jobs += fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {"spinal_points": spinal_url})
+        axial = _by_variant(axial_jobs, run_folds(stage, axial_jobs, cfg.resources, cfg.samples_dir))
     summaries = {}
     for v, _ in members:
         points = pd.concat([sag[v], axial[v]], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)

@@ -193,7 +193,12 @@ def read_cache(url: str, studies: list[int], manifest: dict[str, Any] | None = N
 
 
 def with_caches(stage: Stage, jobs: list[FoldJob], root: str, parallel: bool = True) -> list[FoldJob]:
-    """The jobs with their sample caches built (once per distinct key) and named in their inputs."""
+    """The jobs with their sample caches built (once per distinct key) and named in their inputs.
+
+    A job that `needs` other folds reads their outputs, which do not exist yet: its validation
+    samples, when they read inputs, are built by the fold itself once its needs are done (its
+    held-out studies only, so nothing is built twice). Its training samples must not read them.
+    """
     import dataclasses
 
     done: dict[str, str] = {}
@@ -201,6 +206,8 @@ def with_caches(stage: Stage, jobs: list[FoldJob], root: str, parallel: bool = T
     for job in jobs:
         inputs = dict(job.inputs)
         for split in SPLITS:
+            if split == "val" and job.needs and stage.sample_key(job, split).get("inputs"):
+                continue
             key_url = cache_url(root, stage, job, split)
             if key_url not in done:
                 done[key_url] = ensure_cache(stage, job, split, root, parallel=parallel)[0]

@@ -47,6 +47,9 @@ class FoldJob:
     # Tables the stage reads, name → URL: earlier stages' outputs (e.g. "points") and, once built,
     # the sample caches "samples:train" / "samples:val" (spine_ray.sample_cache).
     inputs: dict[str, str]
+    # Folds of the same run this one reads (their `{member}-fold{k}` keys): it starts only after
+    # they are done, and builds its validation samples from their outputs itself (no shared cache).
+    needs: tuple[str, ...] = ()
 
 
 class Stage(Protocol):

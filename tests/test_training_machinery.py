@@ -31,7 +31,7 @@ from spine_ray.distributed import (
     read_done,
     run_folds,
 )
-from spine_ray.stage import FoldJob, collate, run_fold, split_studies
+from spine_ray.stage import FoldJob, collate, run_fold, samples, split_studies
 from spine_ray.train_loop import TrainConfig, lr_factor
 
 N_STUDIES, DIM = 40, 6
@@ -174,6 +174,58 @@ def test_folds_are_dealt_round_robin_into_one_lane_per_slot(tmp_path):
     assert [lane_key(lane) for lane in dealt] == ["linear-fold0+2", "linear-fold1+1"]
     assert [[j.fold for j in lane] for lane in lanes(jobs, 8)] == [[k] for k in range(5)]
     assert lane_key(lanes(jobs, 8)[3]) == "linear-fold3"
+
+
+def test_a_fold_that_needs_another_is_dealt_after_it_in_its_lane(tmp_path):
+    first = make_run(tmp_path, n_folds=3)
+    second = [dataclasses.replace(j, member="after", needs=(f"linear-fold{j.fold}",)) for j in first]
+    dealt = lanes(first + second, 2)
+    assert [[(j.member, j.fold) for j in lane] for lane in dealt] == [
+        [("linear", 0), ("linear", 2), ("after", 0), ("after", 2)], [("linear", 1), ("after", 1)],
+    ]
+    # One lane per job when each fold has its own trial, whatever it needs.
+    assert [len(lane) for lane in lanes(second, 3)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="comes after it"):
+        lanes(second + first, 2)
+
+
+def test_folds_that_need_others_start_after_them_in_their_lane(ray_local, tmp_path):
+    """A second member whose fold k needs the first member's fold k: packed into the lanes of
+    their needs, one Tune run; its held-out samples are built by its folds (not cached) from
+    the source, so it predicts what the first member's folds predict on the same studies."""
+    first = make_run(tmp_path)
+    second = [dataclasses.replace(j, member="after", needs=(f"linear-fold{j.fold}",)) for j in first]
+    oofs = run_folds(LinearStage(), first + second, ResourcesConfig(pack_folds="on"))
+    for a, b in zip(first, second, strict=True):
+        assert read_done(a)["finished"] <= read_done(b)["timeline"]["job_started"]
+        assert read_done(a)["timeline"]["worker_started"] == read_done(b)["timeline"]["worker_started"]  # same lane
+    assert len(list(Path(first[0].run_dir, "ray", "tune").iterdir())) == 1
+    caches = sorted(p.name.split("-")[1] for p in Path(first[0].run_dir, "samples").iterdir())
+    assert caches == ["train", "val"]  # the members share one train cache; only the first member's val is cached
+    pd.testing.assert_frame_equal(pd.concat(oofs[2:]).reset_index(drop=True), pd.concat(oofs[:2]).reset_index(drop=True))
+
+
+def test_with_one_trial_per_fold_a_fold_that_needs_others_starts_in_a_later_run(tmp_path, monkeypatch):
+    """The GPU path (no lanes): Tune runs in waves, each of the folds whose needs are done."""
+    import spine_ray.distributed as dist
+
+    first = make_run(tmp_path, n_folds=3)
+    second = [dataclasses.replace(j, member="after", needs=(f"linear-fold{j.fold}",)) for j in first]
+    third = [dataclasses.replace(j, member="last", needs=(f"after-fold{j.fold}", f"linear-fold{(j.fold + 1) % 3}")) for j in first]
+    waves = []
+
+    def fake_run(stage, jobs, ready, resources, slots, limit):  # trains nothing: marks each fold done
+        waves.append(([j.member for j in jobs], slots))
+        for j in jobs:
+            dist.finish_fold(stage, j, torch.nn.Linear(DIM, 1), samples(stage, j, "val"))
+
+    monkeypatch.setattr(dist, "init_ray", lambda: None)
+    monkeypatch.setattr(dist, "with_caches", lambda stage, jobs, root: jobs)
+    monkeypatch.setattr(dist, "_run_lanes", fake_run)
+    run_folds(LinearStage(), first + second + third, ResourcesConfig(use_gpu=True, max_concurrent_folds=2))
+    assert waves == [(["linear"] * 3, 3), (["after"] * 3, 3), (["last"] * 3, 3)]
+    with pytest.raises(ValueError, match="not jobs of this run"):
+        run_folds(LinearStage(), second, ResourcesConfig(use_gpu=True, max_concurrent_folds=2))
 
 
 @pytest.mark.slow
