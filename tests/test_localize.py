@@ -84,3 +84,34 @@ def test_predicted_points_map_back_to_native_pixels_and_millimetres(prepared, ru
     assert (points["slice_err"] == 0).all()
     summary = error_summary(points)
     assert summary.loc["sag_t2", "slice_exact"] == 1.0
+
+
+@pytest.mark.parametrize("pack", ["on", "off"])
+def test_axial_folds_follow_their_sagittal_t2_fold_in_one_run_or_all_sagittal_folds_in_the_next(prepared, tmp_path, monkeypatch, pack):
+    """Packed (CPU lanes): one run, axial fold k needs sagittal T2 fold k and reads its points.
+    One trial per fold (GPU): the axial folds run after every sagittal fold, on their points table."""
+    import pandas as pd
+
+    import spine_ray.pipeline as pl
+    from spine_ray.distributed import ResourcesConfig, fold_dir
+    from spine_ray.localize import POINT_COLUMNS
+
+    calls = []
+
+    def fake_run_folds(stage, jobs, resources, samples_dir=None):
+        calls.append(jobs)
+        return [pd.DataFrame(columns=POINT_COLUMNS).assign(view=pd.Series(dtype=str)) for _ in jobs]
+
+    monkeypatch.setattr(pl, "run_folds", fake_run_folds)
+    cfg = pl.resolved(PipelineConfig(prepared=str(prepared), run_dir=str(tmp_path / "run"), folds=2, resources=ResourcesConfig(pack_folds=pack)))
+    pl.train_localize(cfg)
+    axial = [j for j in calls[-1] if j.member == "axial"]
+    assert [j.fold for j in axial] == [0, 1]
+    if pack == "on":
+        assert len(calls) == 1 and [j.member for j in calls[0][:4]] == ["sag_t2", "sag_t2", "sag_t1", "sag_t1"]
+        t2 = {j.fold: j for j in calls[0] if j.member == "sag_t2"}
+        assert [j.needs for j in axial] == [("sag_t2-fold0",), ("sag_t2-fold1",)]
+        assert [j.inputs["spinal_points"] for j in axial] == [f"{fold_dir(t2[k])}/oof.parquet" for k in (0, 1)]
+    else:
+        assert len(calls) == 2 and all(j.member != "axial" for j in calls[0]) and len(calls[1]) == 2
+        assert all(not j.needs and j.inputs["spinal_points"].endswith("localize/spinal_points.parquet") for j in axial)
