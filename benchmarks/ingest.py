@@ -23,6 +23,7 @@ CPU-second, input MB/s and the peak RSS of the driver and of the largest Ray wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import multiprocessing
@@ -173,51 +174,36 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
     return wall, cpu, peak
 
 
-def _floor_files(files: list[str]) -> None:
-    for f in files:
-        with open(f, "rb") as fh:
-            ds = pydicom.dcmread(fh)
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        decode_frame(frame, ds.Rows * ds.Columns, ds.BitsAllocated, "<")
-
-
-def floor(data: str, procs: int = 1) -> None:
-    """Read, parse and RLE-decode every file, nothing more: what any ingest of this data must spend.
-
-    procs=2: the files split over two forked processes, no Ray: the most two workers can gain here.
-    """
-    files = sorted(glob.glob(os.path.join(data, "train_images", "*", "*", "*.dcm")))
-    if procs == 1:
-        _floor_files(files)
-        return
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
-        pool.map(_floor_files, [files[i::procs] for i in range(procs)])
-
-
-def _floor_write_files(job: tuple[list[str], str]) -> None:
+def _floor_files(job: tuple[list[str], str | None]) -> None:
+    """Read, parse and RLE-decode the files; append their pixels to `out` when one is given."""
     files, out = job
-    with open(out, "wb") as sink:
+    with open(out, "wb") if out else contextlib.nullcontext() as sink:
         for f in files:
             with open(f, "rb") as fh:
                 ds = pydicom.dcmread(fh)
             frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-            sink.write(decode_frame(frame, ds.Rows * ds.Columns, ds.BitsAllocated, "<"))
+            pixels = decode_frame(frame, ds.Rows * ds.Columns, ds.BitsAllocated, "<")
+            if sink is not None:
+                sink.write(pixels)
 
 
-def floor_write(data: str, out: str, procs: int = 1) -> None:
-    """The floor plus writing the decoded pixels (uncompressed, one file per process, no fsync, as prepare's shards).
+def floor(data: str, procs: int = 1, out: str | None = None) -> None:
+    """Read, parse and RLE-decode every file, nothing more: what any ingest of this data must spend.
 
-    What any ingest that keeps uncompressed pixels must spend, disk included; procs=2 as in `floor`.
+    procs=2: the files split over two forked processes, no Ray: the most two workers can gain here.
+    out: also write the decoded pixels there (uncompressed, one file per process, no fsync, as
+    prepare's shards): what any ingest that keeps uncompressed pixels must spend, disk included.
     """
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    if out:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
     files = sorted(glob.glob(os.path.join(data, "train_images", "*", "*", "*.dcm")))
-    jobs = [(files[i::procs], os.path.join(out, f"part-{i}.bin")) for i in range(procs)]
+    jobs = [(files[i::procs], os.path.join(out, f"part-{i}.bin") if out else None) for i in range(procs)]
     if procs == 1:
-        _floor_write_files(jobs[0])
+        _floor_files(jobs[0])
         return
     with multiprocessing.get_context("fork").Pool(procs) as pool:
-        pool.map(_floor_write_files, jobs)
+        pool.map(_floor_files, jobs)
 
 
 def decode_only(data: str, out: str, codec: VolumeCodec | None) -> None:
@@ -292,8 +278,8 @@ def main() -> None:
         runs: dict[str, Callable[[], object]] = {
             "floor": lambda d=data: floor(d),
             "floor_2proc": lambda d=data: floor(d, procs=2),
-            "floor_write": lambda d=data, o=scratch: floor_write(d, o),
-            "floor_write_2proc": lambda d=data, o=scratch: floor_write(d, o, procs=2),
+            "floor_write": lambda d=data, o=scratch: floor(d, out=o),
+            "floor_write_2proc": lambda d=data, o=scratch: floor(d, procs=2, out=o),
         }
         if not args.workers_only:
             runs |= {
@@ -348,17 +334,15 @@ def main() -> None:
     print()
     for r in results:
         m = r["runs"]
+        scaling = (f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x "
+                   f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x; "
+                   f"with the pixels written: {m['floor_write']['wall_s'] / m['floor_write_2proc']['wall_s']:.2f}x)")
         if "naive" not in m:
-            print(f"{r['studies']} studies: 2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x "
-                  f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x; "
-                  f"with the pixels written: {m['floor_write']['wall_s'] / m['floor_write_2proc']['wall_s']:.2f}x)")
+            print(f"{r['studies']} studies: {scaling}")
             continue
         print(f"{r['studies']} studies: prepare 1w vs naive per CPU-s {m['prepare_1w']['img_per_cpu_s'] / m['naive']['img_per_cpu_s']:.2f}x "
               f"(floor {m['floor']['img_per_cpu_s'] / m['naive']['img_per_cpu_s']:.2f}x), "
-              f"vs naive with pydicom's RLE {m['prepare_1w']['img_per_cpu_s'] / m['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; "
-              f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x "
-              f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x; "
-              f"with the pixels written: {m['floor_write']['wall_s'] / m['floor_write_2proc']['wall_s']:.2f}x)")
+              f"vs naive with pydicom's RLE {m['prepare_1w']['img_per_cpu_s'] / m['naive_pydicom_rle']['img_per_cpu_s']:.2f}x; {scaling}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load_start": load0, "load_end": load, "results": results}, f, indent=2)
