@@ -468,14 +468,17 @@ def lanes(jobs: list[FoldJob], slots: int) -> list[list[FoldJob]]:
     """
     slots = slots if slots >= 1 else len(jobs)
     keys = [job_key(j) for j in jobs]
-    follows = {k: j.needs[0] for k, j in zip(keys, jobs, strict=True) if j.needs and j.needs[0] in keys}
-    free = [k for k in keys if k not in follows]  # a job whose needs are not in the list is dealt freely
+    position = {k: i for i, k in enumerate(keys)}
+    listed = {k: [n for n in j.needs if n in position] for k, j in zip(keys, jobs, strict=True)}  # needs outside the list are done
+    free = [k for k in keys if not listed[k]]
     lane_of = {k: i % slots for i, k in enumerate(free)}
-    for i, k in enumerate(keys):
-        if k in follows:
-            if keys.index(follows[k]) > i:
-                raise ValueError(f"{k} needs {follows[k]}, which comes after it")
-            lane_of[k] = lane_of[follows[k]]
+    for k in keys:
+        for n in listed[k]:
+            if position[n] > position[k]:
+                raise ValueError(f"{k} needs {n}, which comes after it")
+            lane_of.setdefault(k, lane_of[n])
+            if lane_of[n] != lane_of[k]:  # it would wait on another lane
+                raise ValueError(f"{k} needs {n}, which is dealt into another lane than {listed[k][0]}")
     dealt = [[j for k, j in zip(keys, jobs, strict=True) if lane_of[k] == i] for i in range(slots)]
     return [lane for lane in dealt if lane]
 
@@ -580,13 +583,16 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
             _run_lanes(stage, jobs, ready, resources, limit, limit)
         else:
             # One trial per fold: a fold that needs others starts in a later Tune run, once they are done.
-            while waiting := [j for j in jobs if job_key(j) in ready and not is_done(j)]:
-                now = [j for j in waiting if all(is_done(k) for k in jobs if job_key(k) in j.needs)]
+            done = {job_key(j) for j in jobs if job_key(j) not in ready}
+            while waiting := [j for j in jobs if job_key(j) not in done]:
+                now = [j for j in waiting if done.issuperset(j.needs)]
                 if not now:
                     raise RuntimeError(f"{job_key(waiting[0])} needs folds that did not finish: {list(waiting[0].needs)}")
                 _run_lanes(stage, now, ready, resources, len(now), limit)
-                if not any(is_done(j) for j in now):
+                finished = {job_key(j) for j in now if is_done(j)}
+                if not finished:
                     break  # finished without their outputs: reported below
+                done |= finished
     missing = [job_key(j) for j in jobs if not is_done(j)]
     if missing:
         raise RuntimeError(f"folds {missing} of stage {jobs[0].stage} finished without their outputs")
@@ -594,10 +600,10 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
 
 
 def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], resources: ResourcesConfig, slots: int, limit: int) -> None:
-    """One Tune run: `jobs` dealt into `slots` lanes, each a trial of its unfinished (`ready`) jobs, `limit` at once."""
+    """One Tune run: `jobs` dealt into `slots` lanes, each a trial of its `ready` jobs (unfinished, caches named), `limit` at once."""
     from ray import tune
 
-    todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready and not is_done(j)] for lane in lanes(jobs, slots)}
+    todo = {lane_key(lane): [ready[job_key(j)] for j in lane if job_key(j) in ready] for lane in lanes(jobs, slots)}
     todo = {k: v for k, v in todo.items() if v}
     pending = [j for lane in todo.values() for j in lane]
     # Logged to MLflow, one run per fold: its name and config (a lane's results say which of its folds).

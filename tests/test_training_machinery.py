@@ -187,6 +187,11 @@ def test_a_fold_that_needs_another_is_dealt_after_it_in_its_lane(tmp_path):
     assert [len(lane) for lane in lanes(second, 3)] == [1, 1, 1]
     with pytest.raises(ValueError, match="comes after it"):
         lanes(second + first, 2)
+    # A fold that needs folds of two lanes would wait on one of them: refused.
+    both = [dataclasses.replace(j, member="both", needs=(f"linear-fold{j.fold}", f"linear-fold{(j.fold + 1) % 3}")) for j in first]
+    with pytest.raises(ValueError, match="another lane"):
+        lanes(first + both, 2)
+    assert [len(lane) for lane in lanes(first + both, 1)] == [6]  # one lane: nothing to wait on
 
 
 def test_folds_that_need_others_start_after_them_in_their_lane(ray_local, tmp_path):
