@@ -38,6 +38,7 @@ import pydicom
 from pydicom.encaps import generate_frames
 from rle.utils import decode_frame
 
+from spine_ray import ingest
 from spine_ray.dicom import decode_series
 from spine_ray.ingest import VolumeCodec, decode_group, make_plan, prepare
 from spine_ray.schema import read_series
@@ -195,8 +196,7 @@ def floor(data: str, procs: int = 1, out: str | None = None) -> None:
     prepare's shards): what any ingest that keeps uncompressed pixels must spend, disk included.
     """
     if out:
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
+        os.makedirs(out, exist_ok=True)
     files = sorted(glob.glob(os.path.join(data, "train_images", "*", "*", "*.dcm")))
     jobs = [(files[i::procs], os.path.join(out, f"part-{i}.bin") if out else None) for i in range(procs)]
     if procs == 1:
@@ -208,7 +208,6 @@ def floor(data: str, procs: int = 1, out: str | None = None) -> None:
 
 def decode_only(data: str, out: str, codec: VolumeCodec | None) -> None:
     """The decode path of `prepare` in this process, no Ray: every group, with its Parquet write unless codec is None."""
-    shutil.rmtree(out, ignore_errors=True)
     plan = make_plan(data, "train", 16.0)
     for g in plan["groups"]:
         if codec is not None:
@@ -233,14 +232,24 @@ CODECS = {
 }
 
 
-def measure(runs: dict[str, Callable[[], object]], repeats: int, images: int) -> dict[str, dict[str, float]]:
-    """Each run `repeats` times, interleaved; per run the fastest wall and CPU and the largest RSS."""
-    out: dict[str, dict[str, float]] = {}
+Run = tuple[Callable[[], object], str]  # (the timed call, the output directory it writes)
+
+
+def measure(runs: dict[str, Run], repeats: int, images: int) -> dict[str, dict[str, float]]:
+    """Each run `repeats` times, interleaved; per run the fastest wall and CPU, every wall, the largest RSS.
+
+    Before each timed call, untimed: its previous output is removed and the page cache is flushed
+    (`sync`), so no run pays for deleting or writing back another run's gigabytes.
+    """
+    out: dict[str, dict] = {}
     for _ in range(repeats):
-        for name, fn in runs.items():
+        for name, (fn, target) in runs.items():
+            shutil.rmtree(target, ignore_errors=True)
+            os.sync()
             wall, cpu, peak = timed(fn)
-            m = out.setdefault(name, {"wall_s": wall, "cpu_s": cpu, "driver_rss_mb": 0.0, "worker_rss_mb": 0.0})
+            m = out.setdefault(name, {"wall_s": wall, "cpu_s": cpu, "walls_s": [], "driver_rss_mb": 0.0, "worker_rss_mb": 0.0})
             m["wall_s"], m["cpu_s"] = min(m["wall_s"], wall), min(m["cpu_s"], cpu)
+            m["walls_s"].append(round(wall, 3))
             m["driver_rss_mb"] = max(m["driver_rss_mb"], peak.driver / 1e6)
             m["worker_rss_mb"] = max(m["worker_rss_mb"], peak.worker / 1e6)
     for m in out.values():
@@ -258,7 +267,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker-niceness", type=int, default=15, help="nice level of Ray's workers (Ray's default 15)")
     ap.add_argument("--workers-only", action="store_true", help="only the 1 -> 2 worker runs and the floor (large collections)")
+    ap.add_argument("--max-groups-per-task", type=int, default=ingest.MAX_GROUPS_PER_TASK,
+                    help="groups (shards) one decode task may take; 1 = one task per group (the dispatch before issue 13)")
     args = ap.parse_args()
+    ingest.MAX_GROUPS_PER_TASK = args.max_groups_per_task  # read by prepare's driver when it cuts the tasks
 
     import ray
 
@@ -275,20 +287,21 @@ def main() -> None:
         images, dicom_bytes, pixel_bytes = dataset_stats(data)
         rec: dict = {"studies": n, "images": images, "dicom_mb": dicom_bytes / 1e6, "pixel_mb": pixel_bytes / 1e6}
         scratch = os.path.join(args.root, f"scratch-{n}")
-        runs: dict[str, Callable[[], object]] = {
-            "floor": lambda d=data: floor(d),
-            "floor_2proc": lambda d=data: floor(d, procs=2),
-            "floor_write": lambda d=data, o=scratch: floor(d, out=o),
-            "floor_write_2proc": lambda d=data, o=scratch: floor(d, procs=2, out=o),
+        runs: dict[str, Run] = {
+            "floor": (lambda d=data: floor(d), scratch),
+            "floor_2proc": (lambda d=data: floor(d, procs=2), scratch),
+            "floor_write": (lambda d=data, o=scratch: floor(d, out=o), scratch),
+            "floor_write_2proc": (lambda d=data, o=scratch: floor(d, procs=2, out=o), scratch),
         }
         if not args.workers_only:
             runs |= {
-                "naive": lambda d=data, o=scratch: naive(d, o),
-                "naive_pydicom_rle": lambda d=data, o=scratch: naive(d, o, plugin="pydicom"),
-                "decode_only": lambda d=data, o=scratch: decode_only(d, o, None),
+                "naive": (lambda d=data, o=scratch: naive(d, o), scratch),
+                "naive_pydicom_rle": (lambda d=data, o=scratch: naive(d, o, plugin="pydicom"), scratch),
+                "decode_only": (lambda d=data, o=scratch: decode_only(d, o, None), scratch),
             }
             for name, codec in CODECS.items():
-                runs[f"write_{name}"] = lambda d=data, c=codec, o=os.path.join(args.root, f"w-{n}-{name}"): decode_only(d, o, c)
+                o = os.path.join(args.root, f"w-{n}-{name}")
+                runs[f"write_{name}"] = (lambda d=data, c=codec, o=o: decode_only(d, o, c), o)
         rec["runs"] = measure(runs, args.repeats, images)
         for name in CODECS if not args.workers_only else ():
             rec["runs"][f"write_{name}"]["size_ratio"] = pixel_bytes / shard_bytes(os.path.join(args.root, f"w-{n}-{name}"))
@@ -310,13 +323,10 @@ def main() -> None:
         shutil.rmtree(os.path.join(args.root, "warmup"), ignore_errors=True)
         prepare(small, os.path.join(args.root, "warmup"), "train", workers=w, shard_mb=args.shard_mb)
     for rec, (n, data) in zip(results, sets.items(), strict=True):
-        runs = {}
+        runs: dict[str, Run] = {}
         for w in (1, 2):
             out = os.path.join(args.root, f"out-{n}-w{w}")
-            runs[f"prepare_{w}w"] = lambda d=data, o=out, w=w: (
-                shutil.rmtree(o, ignore_errors=True),
-                prepare(d, o, "train", workers=w, shard_mb=args.shard_mb),
-            )
+            runs[f"prepare_{w}w"] = (lambda d=data, o=out, w=w: prepare(d, o, "train", workers=w, shard_mb=args.shard_mb), out)
         rec["runs"] |= measure(runs, args.repeats, rec["images"])
     ray.shutdown()
 
@@ -334,7 +344,8 @@ def main() -> None:
     print()
     for r in results:
         m = r["runs"]
-        scaling = (f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x "
+        median = float(np.median(m["prepare_1w"]["walls_s"]) / np.median(m["prepare_2w"]["walls_s"]))
+        scaling = (f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x (medians {median:.2f}x) "
                    f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x; "
                    f"with the pixels written: {m['floor_write']['wall_s'] / m['floor_write_2proc']['wall_s']:.2f}x)")
         if "naive" not in m:

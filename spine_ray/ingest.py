@@ -239,7 +239,13 @@ def decode_one_series(
 
 
 def decode_group(group: dict[str, Any], data_dir: str, out: str, codec: VolumeCodec = VolumeCodec()) -> dict[str, int]:
-    """Decode one group of series and write its shard, errors and done marker; returns counts."""
+    """Decode one group of series and write its shard, errors and done marker; returns counts.
+
+    A group whose done marker exists (a retried task that had finished it) is not decoded again.
+    """
+    marker = join(out, PROGRESS_DIR, f"done-{group['key']}.json")
+    if exists(marker):
+        return json.loads(read_text(marker))
     fs, _ = fs_for(data_dir)
     errors: list[dict[str, Any]] = []
     counts = {"series": len(group["series"]), "series_decoded": 0, "stacks": 0, "images": 0}
@@ -255,13 +261,13 @@ def decode_group(group: dict[str, Any], data_dir: str, out: str, codec: VolumeCo
                 yield rows_to_table(rows)
 
     shard = join(out, VOLUMES_DIR, f"part-{group['key']}.parquet")
-    counts["bytes"] = atomic_write_parquet_stream(shard, VOLUME_SCHEMA, tables(), **codec.parquet_options())
+    counts["bytes"] = atomic_write_parquet_stream(shard, VOLUME_SCHEMA, tables(), write_back=True, **codec.parquet_options())
     if counts["stacks"] == 0:  # an empty shard is noise; leave none
         remove(shard)
         counts["bytes"] = 0
     counts["errors"] = len(errors)
     atomic_write_parquet(join(out, PROGRESS_DIR, f"errors-{group['key']}.parquet"), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
-    atomic_write_text(join(out, PROGRESS_DIR, f"done-{group['key']}.json"), json.dumps(counts))
+    atomic_write_text(marker, json.dumps(counts))
     return counts
 
 
@@ -291,10 +297,28 @@ def decode_study(
 
 
 def _decode_batch(batch: dict[str, np.ndarray], data_dir: str, out: str, codec: VolumeCodec) -> dict[str, np.ndarray]:
-    """Ray Data UDF: one row = one group (its JSON); returns its counts."""
-    results = [decode_group(json.loads(g), data_dir, out, codec) for g in batch["group"]]
+    """Ray Data UDF: one row = one task's groups (a JSON list); returns one row of counts per group."""
+    groups = [g for text in batch["groups"] for g in json.loads(text)]
+    results = [decode_group(g, data_dir, out, codec) for g in groups]
     keys = ("series", "series_decoded", "stacks", "images", "errors", "bytes")
-    return {"key": batch["key"], **{k: np.array([r[k] for r in results], dtype=np.int64) for k in keys}}
+    return {"key": np.array([g["key"] for g in groups]), **{k: np.array([r[k] for r in results], dtype=np.int64) for k in keys}}
+
+
+# A decode task takes several groups (shards) when there are many per worker: each task costs
+# 0.1-0.4 s of Ray Data hand-off on a busy 2-core node against ~0.7 s of work per 128 MB group
+# (docs/BENCHMARKS.md, Ingest). At least TASKS_PER_WORKER tasks per worker keep the load balanced,
+# and at most MAX_GROUPS_PER_TASK groups (~1 GB of pixels) bound what a retried task redoes.
+# Tasks are of equal size: tasks that shrink towards the end (guided scheduling) made Ray Data's
+# backpressure run them one at a time in a probe.
+TASKS_PER_WORKER = 4
+MAX_GROUPS_PER_TASK = 8
+
+
+def task_sizes(groups: int, workers: int) -> list[int]:
+    """Groups per decode task, in submission order, for `groups` groups on `workers` concurrent workers."""
+    per = max(1, min(MAX_GROUPS_PER_TASK, groups // (max(1, workers) * TASKS_PER_WORKER)))
+    tasks = -(-groups // per)
+    return [groups // tasks + (i < groups % tasks) for i in range(tasks)]
 
 
 def _run_ray(
@@ -312,7 +336,10 @@ def _run_ray(
     reserve, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
     env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
     extra = {"runtime_env": {"env_vars": env}} if env else {}
-    items = [{"key": g["key"], "group": json.dumps(g)} for g in todo]
+    items, start = [], 0
+    for size in task_sizes(len(todo), workers):  # one item = one task's groups (JSON)
+        items.append({"groups": json.dumps(todo[start:start + size])})
+        start += size
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _decode_batch,

@@ -159,10 +159,29 @@ def atomic_write_parquet(url: str, table: pd.DataFrame | pa.Table, compression: 
     atomic_write_bytes(url, sink.getvalue().to_pybytes())
 
 
-def atomic_write_parquet_stream(url: str, schema: pa.Schema, tables: Iterable[pa.Table], **options: Any) -> int:
+def _start_writeback(path: str) -> None:
+    """Ask the kernel to write a finished local file to disk now and drop it from the page cache.
+
+    For files of hundreds of MB written once and read much later (the volumes shards). Without this they
+    pile up as dirty pages until the kernel throttles every writer at once; with it the disk works
+    while the next shard decodes (docs/BENCHMARKS.md, Ingest). Only a hint: no-op where unsupported.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_parquet_stream(
+    url: str, schema: pa.Schema, tables: Iterable[pa.Table], write_back: bool = False, **options: Any
+) -> int:
     """Stream Arrow tables into one Parquet file that appears only when complete; returns its size in bytes.
 
     For outputs too large to hold as one buffer (the volumes shards); `options` go to `pq.ParquetWriter`.
+    write_back: a local file starts its write to disk at once and leaves the page cache (`_start_writeback`).
     """
     import pyarrow.parquet as pq
 
@@ -173,6 +192,8 @@ def atomic_write_parquet_stream(url: str, schema: pa.Schema, tables: Iterable[pa
                 for t in tables:
                     w.write_table(t)
             size = os.path.getsize(tmp)
+            if write_back:
+                _start_writeback(tmp)
         return size
     # Object stores: a multipart upload becomes visible only when the writer closes successfully.
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:

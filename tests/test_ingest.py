@@ -337,3 +337,41 @@ def test_a_changed_series_list_is_refused(prepared, tmp_path):
     with pytest.raises(ValueError, match="series list"):
         ingest.prepare(str(copy), out, "train")
     assert read_manifest(out)  # left as it was
+
+
+@pytest.mark.parametrize("groups,workers", [(29, 2), (29, 1), (9, 2), (300, 16), (3000, 2), (1, 4), (0, 2)])
+def test_task_sizes_cover_every_group_in_even_tasks(groups, workers):
+    sizes = ingest.task_sizes(groups, workers)
+    assert sum(sizes) == groups and all(1 <= s <= ingest.MAX_GROUPS_PER_TASK for s in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    # Enough tasks for every worker to take several (when there are groups enough), else one group each.
+    assert len(sizes) >= min(groups, workers * ingest.TASKS_PER_WORKER)
+
+
+def test_tasks_of_several_groups_write_what_single_groups_write(prepared, tmp_path, monkeypatch):
+    data, done_out, summary = prepared
+    plan = ingest.make_plan(data, "train", 0.001)
+    monkeypatch.setattr(ingest, "TASKS_PER_WORKER", 1)  # read in this driver: 1 worker, tasks of 3-4 groups
+    assert len(ingest.task_sizes(len(plan["groups"]), 1)) < len(plan["groups"])
+    out = str(tmp_path / "out")
+    again = ingest.prepare(data, out, "train", workers=1, shard_mb=0.001)
+    a = read_volumes(done_out).sort_values(["series_id", "stack"]).reset_index(drop=True)
+    b = read_volumes(out).sort_values(["series_id", "stack"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert (again.series_decoded, again.images, again.errors) == (summary.series_decoded, summary.images, summary.errors)
+    assert sorted(os.listdir(os.path.join(out, "volumes"))) == sorted(os.listdir(os.path.join(done_out, "volumes")))
+
+
+def test_a_group_already_done_is_not_decoded_again(prepared, tmp_path, monkeypatch):
+    """A retried task that had finished some of its groups skips them and returns their counts."""
+    data, _, _ = prepared
+    group = next(g for g in ingest.make_plan(data, "train", 0.001)["groups"] if g["series"][0]["study_id"] == 102)
+    out = str(tmp_path / "out")
+    first = ingest.decode_group(group, data, out)
+    assert first["stacks"] >= 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded twice")
+
+    monkeypatch.setattr(ingest, "decode_one_series", fail)
+    assert ingest.decode_group(group, data, out) == first

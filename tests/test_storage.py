@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,27 @@ def test_local_paths_are_made_absolute_urls_are_not(tmp_path, monkeypatch):
     assert absolute("s3://bucket/runs/x") == "s3://bucket/runs/x"
     cfg = resolved(PipelineConfig(prepared="p", run_dir="s3://b/run"))
     assert cfg.prepared == str(tmp_path / "p") and cfg.run_dir == "s3://b/run"
+
+
+def test_a_streamed_shard_can_start_its_write_back(tmp_path, monkeypatch):
+    """write_back=True hands the finished temporary file to the kernel (DONTNEED) before it is published."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    advised = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        advised.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    schema = pa.schema([("x", pa.int64())])
+    url = str(tmp_path / "part.parquet")
+    atomic_write_parquet_stream(url, schema, [pa.table({"x": [1, 2, 3]}, schema=schema)])
+    assert advised == []  # off by default
+    size = atomic_write_parquet_stream(url, schema, [pa.table({"x": [4, 5]}, schema=schema)], write_back=True)
+    assert [a for _, a in advised] == [os.POSIX_FADV_DONTNEED] and advised[0][0].startswith(".part.parquet.tmp-")
+    assert size == os.path.getsize(url) and pq.read_table(url)["x"].to_pylist() == [4, 5]
