@@ -15,7 +15,9 @@ Generates (once, cached under --root) synthetic RLE Lossless studies of realisti
 - prepare_1w / prepare_2w: `prepare` with 1 and 2 workers on one local Ray (num_cpus=2), started
   after the in-process runs and warmed up on the small set before timing.
 Every run is repeated `--repeats` times, interleaved, and the fastest is kept (other load on a
-shared machine only ever adds time). CPU seconds are those of the whole process tree (Ray's
+shared machine only ever adds time); before each, untimed, its old output is removed and `sync`
+flushes the page cache, so no run pays for another's gigabytes. `--max-groups-per-task 1` gives
+prepare's dispatch before issue 13 (one Ray task per group). CPU seconds are those of the whole process tree (Ray's
 processes included). Also reports images/s, images per CPU-second, the ratio to naive per
 CPU-second, input MB/s and the peak RSS of the driver and of the largest Ray worker.
 """
@@ -267,7 +269,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker-niceness", type=int, default=15, help="nice level of Ray's workers (Ray's default 15)")
     ap.add_argument("--workers-only", action="store_true", help="only the 1 -> 2 worker runs and the floor (large collections)")
-    ap.add_argument("--max-groups-per-task", type=int, default=ingest.MAX_GROUPS_PER_TASK,
+    ap.add_argument("--max-groups-per-task", type=int, default=getattr(ingest, "MAX_GROUPS_PER_TASK", 1),
                     help="groups (shards) one decode task may take; 1 = one task per group (the dispatch before issue 13)")
     args = ap.parse_args()
     ingest.MAX_GROUPS_PER_TASK = args.max_groups_per_task  # read by prepare's driver when it cuts the tasks
