@@ -307,7 +307,8 @@ def _decode_batch(batch: dict[str, np.ndarray], data_dir: str, out: str, codec: 
 # A decode task takes several groups (shards) when there are many per worker: each task costs
 # 0.1-0.4 s of Ray Data hand-off on a busy 2-core node against ~0.7 s of work per 128 MB group
 # (docs/BENCHMARKS.md, Ingest). At least TASKS_PER_WORKER tasks per worker keep the load balanced,
-# and at most MAX_GROUPS_PER_TASK groups (~1 GB of pixels) bound what a retried task redoes.
+# and at most MAX_GROUPS_PER_TASK groups (~1 GB of pixels) keep progress reports coming (the driver
+# hears of a task's groups when it ends); a retried task skips the groups it had finished.
 # Tasks are of equal size: tasks that shrink towards the end (guided scheduling) made Ray Data's
 # backpressure run them one at a time in a probe.
 TASKS_PER_WORKER = 4
