@@ -17,9 +17,9 @@ Generates (once, cached under --root) synthetic RLE Lossless studies of realisti
 Every run is repeated `--repeats` times, interleaved, and the fastest is kept (other load on a
 shared machine only ever adds time); before each, untimed, its old output is removed and `sync`
 flushes the page cache, so no run pays for another's gigabytes. `--max-groups-per-task 1` gives
-prepare's dispatch before issue 13 (one Ray task per group). CPU seconds are those of the whole process tree (Ray's
-processes included). Also reports images/s, images per CPU-second, the ratio to naive per
-CPU-second, input MB/s and the peak RSS of the driver and of the largest Ray worker.
+prepare's dispatch before issue 13 (one Ray task per group). CPU seconds are those of the whole
+process tree (Ray's processes included). Also reports images/s, images per CPU-second, the ratio
+to naive per CPU-second, input MB/s and the peak RSS of the driver and of the largest Ray worker.
 """
 
 from __future__ import annotations
