@@ -8,10 +8,14 @@ and transient object-store errors are retried with exponential backoff.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import logging
+import mmap
 import os
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -175,25 +179,171 @@ def _start_writeback(path: str) -> None:
         os.close(fd)
 
 
+class DirectFile(io.RawIOBase):
+    """A local file written with O_DIRECT: from page-aligned buffers straight to the disk, no page cache.
+
+    For the volumes shards, gigabytes written once and read much later: through the page cache each
+    byte is copied into cache pages the kernel must allocate, clear and later write back, which cost
+    more CPU than the disk itself on the machines measured (docs/BENCHMARKS.md, Ingest). Two buffers
+    of `buffer_bytes` alternate: the caller fills one while one writer thread writes the other, so the
+    disk works while the next series decodes. The tail is padded to the block size, written, and the
+    file truncated to its real length. Buffers are kept for the process's next file (a decode worker
+    writes many). A filesystem that refuses O_DIRECT at open gets None from `open`; one that refuses a
+    write (EINVAL) has O_DIRECT dropped on the file and the block rewritten through the page cache
+    (`direct` then reads False). Errors of the writer thread (a full disk) are raised by the next
+    `write` or by `close`.
+    """
+
+    ALIGN = 4096
+    BUFFER_BYTES = 8 << 20
+    _spare: list[mmap.mmap] = []  # buffers of BUFFER_BYTES, reused by this process's next file
+    _spare_lock = threading.Lock()
+
+    def __init__(self, fd: int, buffer_bytes: int = BUFFER_BYTES) -> None:
+        super().__init__()
+        if buffer_bytes % self.ALIGN:
+            raise ValueError(f"buffer_bytes must be a multiple of {self.ALIGN}, got {buffer_bytes}")
+        self._fd = fd
+        self._size = buffer_bytes
+        self._bufs = [self._take(), self._take()]
+        self._fill = 0  # bytes in the current buffer, self._bufs[0]
+        self._offset = 0  # file offset of the current buffer
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.direct = True
+
+    @classmethod
+    def open(cls, path: str, buffer_bytes: int = BUFFER_BYTES) -> DirectFile | None:
+        """A new (truncated) file at path written with O_DIRECT, or None where the platform or filesystem refuses it."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        return cls(fd, buffer_bytes)
+
+    def _take(self) -> mmap.mmap:
+        with self._spare_lock:
+            for i, buf in enumerate(self._spare):
+                if len(buf) == self._size:
+                    return self._spare.pop(i)
+        return mmap.mmap(-1, self._size)  # anonymous maps are page-aligned
+
+    def _pwrite(self, buf: mmap.mmap, length: int, offset: int) -> None:
+        view = memoryview(buf)[:length]
+        try:
+            try:
+                done = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                # The filesystem opened the file for O_DIRECT but refuses this write: go through the page cache.
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                done = os.pwrite(self._fd, view, offset)
+            while done < length:  # short writes: only at the end of a device
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        finally:
+            view.release()
+
+    def _background(self, buf: mmap.mmap, length: int, offset: int) -> None:
+        try:
+            self._pwrite(buf, length, offset)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by _wait
+            self._error = e
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            raise self._error
+
+    def _flush_full(self) -> None:
+        """Hand the full current buffer to the writer thread and continue in the other one."""
+        self._wait()  # the other buffer's write has finished: it is free
+        buf = self._bufs[0]
+        self._pending = threading.Thread(target=self._background, args=(buf, self._size, self._offset), daemon=True)
+        self._pending.start()
+        self._bufs.reverse()
+        self._offset += self._size
+        self._fill = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._offset + self._fill
+
+    def write(self, b: Any) -> int:
+        if self.closed:
+            raise ValueError("write to a closed DirectFile")
+        data = memoryview(b).cast("B")
+        pos = 0
+        while pos < len(data):
+            n = min(len(data) - pos, self._size - self._fill)
+            self._bufs[0][self._fill:self._fill + n] = data[pos:pos + n]
+            self._fill += n
+            pos += n
+            if self._fill == self._size:
+                self._flush_full()
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._wait()
+            if self._fill:
+                padded = -(-self._fill // self.ALIGN) * self.ALIGN
+                self._bufs[0][self._fill:padded] = bytes(padded - self._fill)
+                self._pwrite(self._bufs[0], padded, self._offset)
+                os.ftruncate(self._fd, self._offset + self._fill)
+        finally:
+            if self._pending is not None:  # an error above: let the writer finish before its buffer is reused
+                self._pending.join()
+            os.close(self._fd)
+            with self._spare_lock:
+                self._spare[:] = (self._spare + self._bufs)[-2:]
+            self._bufs = []
+            super().close()
+
+
 def atomic_write_parquet_stream(
-    url: str, schema: pa.Schema, tables: Iterable[pa.Table], write_back: bool = False, **options: Any
+    url: str,
+    schema: pa.Schema,
+    tables: Iterable[pa.Table],
+    write_back: bool = False,
+    direct: bool = True,
+    **options: Any,
 ) -> int:
     """Stream Arrow tables into one Parquet file that appears only when complete; returns its size in bytes.
 
     For outputs too large to hold as one buffer (the volumes shards); `options` go to `pq.ParquetWriter`.
-    write_back: a local file starts its write to disk at once and leaves the page cache (`_start_writeback`).
+    write_back: a local file goes to disk as it is written and stays out of the page cache: with O_DIRECT
+    (`DirectFile`) when `direct` and the filesystem allows it, else through the page cache with its
+    write-back started at once when the file is complete (`_start_writeback`).
     """
     import pyarrow.parquet as pq
 
     fs, path = fs_for(url)
     if is_local(url):
         with _replaced_when_done(path) as tmp:
-            with pq.ParquetWriter(tmp, schema, **options) as w:
-                for t in tables:
-                    w.write_table(t)
+            sink = DirectFile.open(tmp) if write_back and direct else None
+            if sink is not None:
+                with sink, pq.ParquetWriter(sink, schema, **options) as w:
+                    for t in tables:
+                        w.write_table(t)
+            else:
+                with pq.ParquetWriter(tmp, schema, **options) as w:
+                    for t in tables:
+                        w.write_table(t)
+                if write_back:
+                    _start_writeback(tmp)
             size = os.path.getsize(tmp)
-            if write_back:
-                _start_writeback(tmp)
         return size
     # Object stores: a multipart upload becomes visible only when the writer closes successfully.
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:

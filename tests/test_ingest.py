@@ -83,9 +83,11 @@ def test_summary_and_manifest(prepared):
 def test_prepare_restores_ray_datas_operator_reservation(prepared):
     import ray
 
-    # prepare turns it off for its one-operator map (it held 2 workers to ~1 task at a time) and
-    # puts it back, so later Ray Data pipelines in the same process keep Ray's default.
-    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+    # prepare turns it and the downstream-capacity backpressure off for its one-operator map (each held
+    # 2 workers to ~1 task at a time) and puts them back, so later Ray Data pipelines keep Ray's defaults.
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.op_resource_reservation_enabled is True
+    assert ctx.downstream_capacity_backpressure_ratio == ray.data.context.DEFAULT_DOWNSTREAM_CAPACITY_BACKPRESSURE_RATIO
 
 
 def test_volumes_schema_and_plain_pandas(prepared):
@@ -100,6 +102,18 @@ def test_volumes_schema_and_plain_pandas(prepared):
     assert meta.row_group(0).column(7).compression == "UNCOMPRESSED"
     assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns) if i != 7} == {"ZSTD"}
     assert read_manifest(out)["config"]["codec"] == {"name": "none", "level": None}
+    assert read_manifest(out)["config"]["direct_io"] is True
+
+
+def test_a_shard_written_through_the_page_cache_is_the_same_bytes(prepared, tmp_path):
+    """prepare writes shards with O_DIRECT by default; --page-cache (direct_io=False) must not change a byte."""
+    data, out, _ = prepared
+    plan = json.loads(open(os.path.join(out, "_progress", "plan.json")).read())
+    group = next(g for g in plan["groups"] if g["series"][0]["series_id"] == 1011)
+    counts = ingest.decode_group(group, data, str(tmp_path), direct_io=False)
+    name = f"part-{group['key']}.parquet"
+    assert (tmp_path / "volumes" / name).read_bytes() == open(os.path.join(out, "volumes", name), "rb").read()
+    assert counts["bytes"] == os.path.getsize(tmp_path / "volumes" / name)
 
 
 def test_a_zstd_shard_holds_the_same_volumes_smaller(prepared, tmp_path):
@@ -265,6 +279,10 @@ def test_cli_prepare_prints_a_summary(prepared, tmp_path):
     for text in ("series decoded", "stacks", "images", "errors", "time"):
         assert text in r.output
     assert read_manifest(str(tmp_path / "cli"))["counts"]["stacks"] == 8
+    assert read_manifest(str(tmp_path / "cli"))["config"]["direct_io"] is True
+    cached = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cached"), "--workers", "1", "--page-cache"])
+    assert cached.exit_code == 0, cached.output
+    assert read_manifest(str(tmp_path / "cached"))["config"]["direct_io"] is False
     bad = CliRunner().invoke(app, ["prepare", data, str(tmp_path / "cli"), "--split", "test"])
     assert bad.exit_code != 0 and read_manifest(str(tmp_path / "cli"))  # the finished output is untouched
 
@@ -339,13 +357,15 @@ def test_a_changed_series_list_is_refused(prepared, tmp_path):
     assert read_manifest(out)  # left as it was
 
 
-@pytest.mark.parametrize("groups,workers", [(29, 2), (29, 1), (9, 2), (300, 16), (3000, 2), (1, 4), (0, 2)])
+@pytest.mark.parametrize("groups,workers", [(29, 2), (29, 1), (9, 2), (87, 2), (300, 16), (3000, 2), (1, 4), (0, 2)])
 def test_task_sizes_cover_every_group_in_even_tasks(groups, workers):
     sizes = ingest.task_sizes(groups, workers)
     assert sum(sizes) == groups and all(1 <= s <= ingest.MAX_GROUPS_PER_TASK for s in sizes)
     assert not sizes or max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     # Enough tasks for every worker to take several (when there are groups enough), else one group each.
     assert len(sizes) >= min(groups, workers * ingest.TASKS_PER_WORKER)
+    # Every worker gets as many tasks as the others (no last task alone while the rest idle).
+    assert len(sizes) % workers == 0 or len(sizes) == groups
 
 
 def test_tasks_of_several_groups_write_what_single_groups_write(prepared, tmp_path, monkeypatch):

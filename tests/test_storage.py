@@ -9,6 +9,7 @@ import pytest
 
 from spine_ray.schema import label_matrix, labels_from_matrix, read_labels
 from spine_ray.storage import (
+    DirectFile,
     StorageError,
     atomic_write_bytes,
     atomic_write_parquet,
@@ -115,7 +116,7 @@ def test_local_paths_are_made_absolute_urls_are_not(tmp_path, monkeypatch):
 
 
 def test_a_streamed_shard_can_start_its_write_back(tmp_path, monkeypatch):
-    """write_back=True hands the finished temporary file to the kernel (DONTNEED) before it is published."""
+    """write_back=True without O_DIRECT hands the finished temporary file to the kernel (DONTNEED) before it is published."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -133,6 +134,128 @@ def test_a_streamed_shard_can_start_its_write_back(tmp_path, monkeypatch):
     url = str(tmp_path / "part.parquet")
     atomic_write_parquet_stream(url, schema, [pa.table({"x": [1, 2, 3]}, schema=schema)])
     assert advised == []  # off by default
-    size = atomic_write_parquet_stream(url, schema, [pa.table({"x": [4, 5]}, schema=schema)], write_back=True)
+    size = atomic_write_parquet_stream(url, schema, [pa.table({"x": [4, 5]}, schema=schema)], write_back=True, direct=False)
     assert [a for _, a in advised] == [os.POSIX_FADV_DONTNEED] and advised[0][0].startswith(".part.parquet.tmp-")
     assert size == os.path.getsize(url) and pq.read_table(url)["x"].to_pylist() == [4, 5]
+
+
+def _needs_o_direct(path) -> None:
+    f = DirectFile.open(str(path / "probe"))
+    if f is None:
+        pytest.skip("this platform or filesystem refuses O_DIRECT")
+    f.close()
+
+
+def _big_table(rows: int = 200_000):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    return pa.table({"x": rng.integers(0, 1 << 40, rows), "y": rng.random(rows)})
+
+
+def test_a_direct_file_holds_exactly_what_was_written(tmp_path):
+    """Small buffers make many full blocks, a hand-off to the writer thread each, and an unaligned tail."""
+    _needs_o_direct(tmp_path)
+    data = np.random.default_rng(1).integers(0, 256, 5 * 65536 + 1234, dtype=np.uint8).tobytes()
+    f = DirectFile.open(str(tmp_path / "a.bin"), buffer_bytes=65536)
+    with f:
+        for i in range(0, len(data), 9999):  # writes that straddle the buffers
+            assert f.write(data[i:i + 9999]) == len(data[i:i + 9999])
+        assert f.tell() == len(data)
+    assert f.direct and (tmp_path / "a.bin").read_bytes() == data
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_direct_shard_is_byte_identical_to_a_page_cache_shard(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    _needs_o_direct(tmp_path)
+    monkeypatch.setattr(DirectFile, "BUFFER_BYTES", 65536)
+    table = _big_table()
+    opened = []
+    real = DirectFile.open.__func__
+
+    def spy(cls, path, buffer_bytes=65536):
+        f = real(cls, path, buffer_bytes)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(DirectFile, "open", classmethod(spy))
+    direct = atomic_write_parquet_stream(str(tmp_path / "d.parquet"), table.schema, [table], write_back=True, compression="none")
+    assert len(opened) == 1 and opened[0].direct
+    cached = atomic_write_parquet_stream(str(tmp_path / "c.parquet"), table.schema, [table], write_back=True, direct=False, compression="none")
+    assert len(opened) == 1  # direct=False never opens a DirectFile
+    assert direct == cached > 65536 * 5
+    assert (tmp_path / "d.parquet").read_bytes() == (tmp_path / "c.parquet").read_bytes()
+    assert pq.read_table(tmp_path / "d.parquet").equals(table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet", "d.parquet", "probe"]  # no temporaries
+
+
+def test_a_filesystem_that_refuses_o_direct_at_open_gets_the_page_cache(tmp_path, monkeypatch):
+    """O_DIRECT refused at open (EINVAL: tmpfs on older kernels, some FUSE mounts): buffered write, then DONTNEED."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    real_open, advised = os.open, []
+
+    def refuse(path, flags, mode=0o777, **kw):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    if hasattr(os, "posix_fadvise"):
+        real_advise = os.posix_fadvise
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, a: (advised.append(a), real_advise(fd, o, n, a)))
+    table = _big_table(1000)
+    assert DirectFile.open(str(tmp_path / "x")) is None
+    size = atomic_write_parquet_stream(str(tmp_path / "p.parquet"), table.schema, [table], write_back=True)
+    assert size == (tmp_path / "p.parquet").stat().st_size and pq.read_table(tmp_path / "p.parquet").equals(table)
+    if hasattr(os, "posix_fadvise"):
+        assert advised == [os.POSIX_FADV_DONTNEED]
+
+
+def test_a_write_refused_under_o_direct_is_rewritten_through_the_page_cache(tmp_path, monkeypatch):
+    """A filesystem that opens with O_DIRECT but refuses the aligned write (EINVAL): the file drops O_DIRECT, same bytes."""
+    import errno
+    import fcntl
+
+    _needs_o_direct(tmp_path)
+    real = os.pwrite
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    data = bytes(range(256)) * 1000 + b"tail"
+    f = DirectFile.open(str(tmp_path / "b.bin"), buffer_bytes=65536)
+    with f:
+        f.write(data)
+    assert not f.direct and (tmp_path / "b.bin").read_bytes() == data
+
+
+def test_a_full_disk_in_the_writer_thread_fails_the_shard_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    _needs_o_direct(tmp_path)
+    monkeypatch.setattr(DirectFile, "BUFFER_BYTES", 65536)
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    table = _big_table()
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_parquet_stream(str(tmp_path / "out" / "p.parquet"), table.schema, [table], write_back=True)
+    assert calls and list((tmp_path / "out").iterdir()) == []
