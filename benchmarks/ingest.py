@@ -8,12 +8,15 @@ Generates (once, cached under --root) synthetic RLE Lossless studies of realisti
   `np.stack(pixel_array)`, `np.save`; naive_pydicom_rle: the same with pydicom's own RLE decoder;
 - floor: read each file, `pydicom.dcmread`, decode its RLE frame with pylibjpeg-rle, nothing else
   (the work no ingest can skip); floor_write: the same plus writing the decoded pixels uncompressed
-  (the work no ingest that keeps raw pixels can skip, disk included); `_2proc`: in two plain processes;
+  with O_DIRECT, as prepare writes its shards (the work no ingest that keeps raw pixels can skip,
+  disk included); `_2proc`: in two plain processes;
 - decode_only: prepare's decode path in this process without Ray and without writing;
 - write_{codec}: the same plus its Parquet shards with the pixel column in that codec (none is the
   default), and the size ratio pixels / shards;
 - prepare_1w / prepare_2w: `prepare` with 1 and 2 workers on one local Ray (num_cpus=2), started
-  after the in-process runs and warmed up on the small set before timing.
+  after the in-process runs and warmed up on the small set before timing; with --page-cache also
+  prepare_1w_pagecache / prepare_2w_pagecache, its shards written through the page cache
+  (`prepare --page-cache`, the write path before O_DIRECT), interleaved with the others.
 Every run is repeated `--repeats` times, interleaved, and the fastest is kept (other load on a
 shared machine only ever adds time); before each, untimed, its old output is removed and `sync`
 flushes the page cache, so no run pays for another's gigabytes. `--max-groups-per-task 1` gives
@@ -44,6 +47,7 @@ from spine_ray import ingest
 from spine_ray.dicom import decode_series
 from spine_ray.ingest import VolumeCodec, decode_group, make_plan, prepare
 from spine_ray.schema import read_series
+from spine_ray.storage import DirectFile
 from tests.dicomfiles import write_series_csv, write_study  # run from the repository root
 
 
@@ -180,7 +184,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
 def _floor_files(job: tuple[list[str], str | None]) -> None:
     """Read, parse and RLE-decode the files; append their pixels to `out` when one is given."""
     files, out = job
-    with open(out, "wb") if out else contextlib.nullcontext() as sink:
+    direct = DirectFile.open(out) if out else None
+    with direct or (open(out, "wb") if out else contextlib.nullcontext()) as sink:
         for f in files:
             with open(f, "rb") as fh:
                 ds = pydicom.dcmread(fh)
@@ -194,8 +199,9 @@ def floor(data: str, procs: int = 1, out: str | None = None) -> None:
     """Read, parse and RLE-decode every file, nothing more: what any ingest of this data must spend.
 
     procs=2: the files split over two forked processes, no Ray: the most two workers can gain here.
-    out: also write the decoded pixels there (uncompressed, one file per process, no fsync, as
-    prepare's shards): what any ingest that keeps uncompressed pixels must spend, disk included.
+    out: also write the decoded pixels there (uncompressed, one file per process, O_DIRECT where the
+    filesystem allows, no fsync, as prepare's shards): what any ingest that keeps uncompressed pixels
+    must spend, disk included.
     """
     if out:
         os.makedirs(out, exist_ok=True)
@@ -271,6 +277,8 @@ def main() -> None:
     ap.add_argument("--workers-only", action="store_true", help="only the 1 -> 2 worker runs and the floor (large collections)")
     ap.add_argument("--max-groups-per-task", type=int, default=getattr(ingest, "MAX_GROUPS_PER_TASK", 1),
                     help="groups (shards) one decode task may take; 1 = one task per group (the dispatch before issue 13)")
+    ap.add_argument("--page-cache", action="store_true",
+                    help="also time prepare with its shards written through the page cache (prepare --page-cache)")
     args = ap.parse_args()
     ingest.MAX_GROUPS_PER_TASK = args.max_groups_per_task  # read by prepare's driver when it cuts the tasks
 
@@ -327,8 +335,10 @@ def main() -> None:
     for rec, (n, data) in zip(results, sets.items(), strict=True):
         runs: dict[str, Run] = {}
         for w in (1, 2):
-            out = os.path.join(args.root, f"out-{n}-w{w}")
-            runs[f"prepare_{w}w"] = (lambda d=data, o=out, w=w: prepare(d, o, "train", workers=w, shard_mb=args.shard_mb), out)
+            for direct in (True, False) if args.page_cache else (True,):
+                name, out = f"prepare_{w}w" + ("" if direct else "_pagecache"), os.path.join(args.root, f"out-{n}-w{w}")
+                runs[name] = (lambda d=data, o=out, w=w, io=direct: prepare(
+                    d, o, "train", workers=w, shard_mb=args.shard_mb, direct_io=io), out)
         rec["runs"] |= measure(runs, args.repeats, rec["images"])
     ray.shutdown()
 
@@ -350,6 +360,12 @@ def main() -> None:
         scaling = (f"2w/1w wall {m['prepare_1w']['wall_s'] / m['prepare_2w']['wall_s']:.2f}x (medians {median:.2f}x) "
                    f"(floor in 2 plain processes / 1: {m['floor']['wall_s'] / m['floor_2proc']['wall_s']:.2f}x; "
                    f"with the pixels written: {m['floor_write']['wall_s'] / m['floor_write_2proc']['wall_s']:.2f}x)")
+        if "prepare_1w_pagecache" in m:
+            for w in (1, 2):
+                d, c = m[f"prepare_{w}w"], m[f"prepare_{w}w_pagecache"]
+                scaling += (f"; {w}w O_DIRECT vs page cache: wall {c['wall_s'] / d['wall_s']:.2f}x faster "
+                            f"(medians {np.median(c['walls_s']) / np.median(d['walls_s']):.2f}x), CPU {c['cpu_s'] / d['cpu_s']:.2f}x less")
+            scaling += f"; page cache 2w/1w {m['prepare_1w_pagecache']['wall_s'] / m['prepare_2w_pagecache']['wall_s']:.2f}x"
         if "naive" not in m:
             print(f"{r['studies']} studies: {scaling}")
             continue
