@@ -184,8 +184,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, PeakRSS]:
 def _floor_files(job: tuple[list[str], str | None]) -> None:
     """Read, parse and RLE-decode the files; append their pixels to `out` when one is given."""
     files, out = job
-    direct = DirectFile.open(out) if out else None
-    with direct or (open(out, "wb") if out else contextlib.nullcontext()) as sink:
+    with (DirectFile.open(out) or open(out, "wb")) if out else contextlib.nullcontext() as sink:
         for f in files:
             with open(f, "rb") as fh:
                 ds = pydicom.dcmread(fh)

@@ -339,7 +339,7 @@ def _run_ray(
     workers: int,
     codec: VolumeCodec,
     on_done: Callable[[int], None],
-    direct_io: bool = True,
+    direct_io: bool,
 ) -> None:
     import ray
 

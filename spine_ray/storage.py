@@ -327,29 +327,29 @@ def atomic_write_parquet_stream(
     (`DirectFile`) when `direct` and the filesystem allows it, else through the page cache with its
     write-back started at once when the file is complete (`_start_writeback`).
     """
-    import pyarrow.parquet as pq
-
     fs, path = fs_for(url)
     if is_local(url):
         with _replaced_when_done(path) as tmp:
             sink = DirectFile.open(tmp) if write_back and direct else None
-            if sink is not None:
-                with sink, pq.ParquetWriter(sink, schema, **options) as w:
-                    for t in tables:
-                        w.write_table(t)
-            else:
-                with pq.ParquetWriter(tmp, schema, **options) as w:
-                    for t in tables:
-                        w.write_table(t)
-                if write_back:
-                    _start_writeback(tmp)
+            with sink or contextlib.nullcontext():  # closed after the writer: its last block goes to disk
+                _write_tables(sink or tmp, schema, tables, options)
+            if write_back and sink is None:
+                _start_writeback(tmp)
             size = os.path.getsize(tmp)
         return size
     # Object stores: a multipart upload becomes visible only when the writer closes successfully.
-    with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, **options) as w:
+    with fs.open(path, "wb") as f:
+        _write_tables(f, schema, tables, options)
+    return int(with_retries(lambda: fs.info(path)["size"], f"size of {url}"))
+
+
+def _write_tables(where: Any, schema: pa.Schema, tables: Iterable[pa.Table], options: dict[str, Any]) -> None:
+    """Write `tables` as one Parquet file to `where` (a local path or an open binary file, left open)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(where, schema, **options) as w:
         for t in tables:
             w.write_table(t)
-    return int(with_retries(lambda: fs.info(path)["size"], f"size of {url}"))
 
 
 def remove(url: str, recursive: bool = False) -> None:
