@@ -137,7 +137,8 @@ def main() -> None:
     from spine_ray.ingest import prepare
     from spine_ray.label_clean import clean_labels
     from spine_ray.metric import score_arrays, score_frames
-    from spine_ray.pipeline import PipelineConfig, train
+    from spine_ray.pipeline import train
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.schema import label_matrix, read_labels, read_submission
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig

@@ -39,13 +39,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from spine_ray.config import from_dict
+    from spine_ray.fold import run_fold
     from spine_ray.folds import assign_folds
     from spine_ray.grade import GradeConfig, GradeStage, fake_points
     from spine_ray.metric import score_arrays, score_frames
     from spine_ray.onestage import OneStageConfig, OneStageStage
     from spine_ray.prior import oof_prior
     from spine_ray.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, read_labels
-    from spine_ray.stage import FoldJob, run_fold
+    from spine_ray.stage import FoldJob
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)

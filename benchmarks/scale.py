@@ -104,16 +104,18 @@ def main() -> None:
     from spine_ray.grade import GradeStage, fake_points
     from spine_ray.ingest import prepare
     from spine_ray.localize import LocalizeStage
-    from spine_ray.pipeline import PipelineConfig, fold_jobs, setup_run
+    from spine_ray.pipeline import fold_jobs, setup_run
     from spine_ray.raycluster import init_ray
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.sample_cache import (
         cache_input,
         count_samples,
         ensure_cache,
         read_cache,
+        split_studies,
     )
     from spine_ray.schema import with_target
-    from spine_ray.stage import collate, columns, epoch_rng, split_studies, steps_per_epoch
+    from spine_ray.stage import collate, columns, epoch_rng, steps_per_epoch
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
     from spine_ray.train_loop import TrainConfig, fit
@@ -176,7 +178,7 @@ def main() -> None:
         aug_rate = reps * min(8, n) / (time.process_time() - c0)
         step_s = float("nan")
         if args.model_steps and not args.skip_models:
-            model = stage.build_model(job).train()
+            model = stage.build_model(job.member, job.config).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             batch = collate(stage, job, columns(rows.iloc[:2]), rng)
             t = time.perf_counter()
@@ -307,8 +309,7 @@ def _fold_set_peak(mode: str, folds: int, stage: object, job: object, res: objec
     import ray
 
     from spine_ray.distributed import StreamedBatches
-    from spine_ray.sample_cache import cache_input, count_samples, read_cache
-    from spine_ray.stage import split_studies
+    from spine_ray.sample_cache import cache_input, count_samples, read_cache, split_studies
 
     run = tmp / f"peak-{mode}-{folds}"
     run.mkdir()

@@ -48,11 +48,12 @@ def main() -> None:
 
     from spine_ray.config import from_dict, load
     from spine_ray.distributed import ResourcesConfig, run_folds
+    from spine_ray.fold import run_fold
     from spine_ray.ingest import prepare
     from spine_ray.localize import LocalizeStage
-    from spine_ray.pipeline import PipelineConfig, fold_jobs, setup_run
+    from spine_ray.pipeline import fold_jobs, setup_run
     from spine_ray.raycluster import init_ray
-    from spine_ray.stage import run_fold
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
 
@@ -84,7 +85,7 @@ def main() -> None:
         setup_run(cfg)
         return fold_jobs(cfg, args.stage, member, model_cfg, inputs)
 
-    from spine_ray.stage import samples
+    from spine_ray.sample_cache import samples
 
     trained = args.epochs * sum(len(samples(stage, j, "train")) for j in jobs_for("count"))
     results: dict[str, float] = {}

@@ -98,7 +98,7 @@ def main() -> None:
     for k, c in steps.items():
         job = FoldJob("grade", k, 0, 1, c, "", "", {})
         torch.manual_seed(0)
-        net = stage.build_model(job)
+        net = stage.build_model(job.member, job.config)
         stage.set_trainable(job, net)
         net.train()
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)

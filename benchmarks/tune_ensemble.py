@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from spine_ray.distributed import init_ray
+    from spine_ray.raycluster import init_ray
 
     t0 = time.perf_counter()
     init_ray()

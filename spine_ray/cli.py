@@ -170,8 +170,8 @@ def train(
 ) -> None:
     """Train every model stage, all folds in parallel, and write out-of-fold tables."""
     from spine_ray.config import load
-    from spine_ray.pipeline import PipelineConfig
     from spine_ray.pipeline import train as run_train
+    from spine_ray.run_config import PipelineConfig
 
     set_tracking_uri(tracking_uri)
     cfg = load(PipelineConfig, config, overrides)
@@ -194,7 +194,7 @@ def train(
 @app.command("tune-lr")
 def tune_lr_cmd(
     config: str = typer.Option(..., "--config", help="Pipeline config YAML (see jobs/)."),
-    target: str = typer.Option("localize.sag_t2", "--target", help="Which model: localize.sag_t2|sag_t1|axial or grade.<member>."),
+    target: str = typer.Option("localize.sag_t2", "--target", help="Which member, STAGE.MEMBER: localize.sag_t2|sag_t1|axial (@variant), grade.<name> or onestage.<name>."),
     trials: int = typer.Option(8, "--trials", help="Number of trials (each a real training run on one fold)."),
     fold: int = typer.Option(0, "--fold", help="The fold whose held-out studies score each trial."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3."),
@@ -203,14 +203,15 @@ def tune_lr_cmd(
     """Search a model's learning rate and weight decay with Ray Tune, Optuna and ASHA."""
     set_tracking_uri(tracking_uri)
     from spine_ray.config import load
-    from spine_ray.pipeline import PipelineConfig, resolved, setup_run, stage_for
+    from spine_ray.pipeline import resolved, setup_run
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.storage import join
-    from spine_ray.tune_lr import TuneLRConfig, tune_lr
+    from spine_ray.tune_lr import TuneLRConfig, member_config, tune_lr
 
     cfg = resolved(load(PipelineConfig, config, overrides))
+    member_config(cfg, target)  # an unknown member fails in one line, before any set-up
     setup_run(cfg)
-    stage, inputs = stage_for(cfg, target.partition(".")[0])
-    result = tune_lr(cfg, target, TuneLRConfig(trials=trials, fold=fold), stage, inputs)
+    result = tune_lr(cfg, target, TuneLRConfig(trials=trials, fold=fold))
     table = Table(title=f"tune-lr {target}, fold {fold}: best of {len(result['trials'])} trials")
     for col in ("", *result["best"].keys(), "val loss"):
         table.add_column(col, justify="right")

@@ -7,7 +7,8 @@ variant's points. A cross member therefore costs one prediction pass per fold, n
 and it stays out-of-fold: the variant's points of fold k come from its localisers trained without
 fold k, and the grader of fold k never saw those studies either.
 
-Per (member, fold, variant) `predict_cross` loads `grade/{member}/fold{k}/model.pt`, builds the
+Per (member, fold, variant) `predict_cross` loads `grade/{member}/fold{k}/model.pt`
+(`spine_ray.registry.load_fold_model`), builds the
 validation samples on `localize/points@{variant}.parquet` (a sample cache of its own, keyed by
 those points) and writes `grade/{member}/fold{k}/oof@{variant}.parquet`: the OOF table with
 member `{member}@{variant}`. Finished files are kept, so an interrupted pass resumes.
@@ -17,15 +18,16 @@ member `{member}@{variant}`. Finished files are kept, so an interrupted pass res
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import pandas as pd
 import torch
 
-from spine_ray.distributed import ResourcesConfig, fold_dir
+from spine_ray.distributed import ResourcesConfig
 from spine_ray.localize import variant_member
-from spine_ray.stage import FoldJob, Stage, samples
-from spine_ray.storage import atomic_write_parquet, exists, join, read_bytes, read_parquet
+from spine_ray.registry import load_fold_model
+from spine_ray.sample_cache import samples
+from spine_ray.stage import FoldJob, Stage, fold_dir
+from spine_ray.storage import atomic_write_parquet, exists, join, read_parquet
 
 
 def cross_url(job: FoldJob, variant: str) -> str:
@@ -41,13 +43,8 @@ def cross_job(job: FoldJob, points: str) -> FoldJob:
 
 def predict_cross(stage: Stage, job: FoldJob, variant: str) -> int:
     """Predict one trained fold on the job's points; writes its cross OOF table, returns its rows (pure PyTorch)."""
-    from spine_ray.train_loop import load_state
-
-    url = join(fold_dir(job), "model.pt")
-    state = load_state(io.BytesIO(read_bytes(url)), what=url)
-    model = stage.build_model(job)
-    model.load_state_dict(state["model"])
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_fold_model(job.run_dir, job.stage, job.member, job.fold, device)
     oof = stage.predict(job, model, samples(stage, job, "val")).assign(member=variant_member(job.member, variant))
     atomic_write_parquet(cross_url(job, variant), oof)
     return len(oof)

@@ -62,9 +62,10 @@ def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...]
     from spine_ray.infer import infer
     from spine_ray.ingest import prepare
     from spine_ray.metric import score_frames
-    from spine_ray.pipeline import PipelineConfig, train
+    from spine_ray.pipeline import train
     from spine_ray.prior import predict_prior
     from spine_ray.report import ReportConfig, build_report
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.schema import read_labels, read_submission, submission_frame
     from spine_ray.storage import absolute
     from spine_ray.synth.generate import generate

@@ -4,7 +4,7 @@ Before any fold trains, each distinct sample set of the stage is built once into
 (`spine_ray.sample_cache`) that every fold reads by filter. The folds of a stage are then dealt
 into lanes, one per slot the cluster can run at once (one fold per lane when all fit, as on a GPU
 cluster that scales up), and every lane is submitted at once as a Tune trial; each trial launches a
-`TorchTrainer` whose workers run the one fold driver (`spine_ray.stage.fit_fold`) on each of the
+`TorchTrainer` whose workers run the one fold driver (`spine_ray.fold.fit_fold`) on each of the
 lane's folds in turn, so Ray's start-up is paid once per slot, not once per fold. A fold that
 `needs` others (the axial localiser's fold k reads sagittal T2 fold k's points) goes into their
 lane, after them; with one trial per fold it starts in a later Tune run, once they are done.
@@ -25,8 +25,6 @@ A worker that dies is restarted from the last checkpoint (`FailureConfig`).
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import os
 import queue
@@ -41,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ray.config import to_dict
+from spine_ray.fold import finish_fold, fit_fold, read_oof, validator
 from spine_ray.raycluster import init_ray
 from spine_ray.sample_cache import (
     cache_input,
@@ -48,6 +47,8 @@ from spine_ray.sample_cache import (
     count_samples,
     read_cache,
     read_manifest,
+    samples,
+    split_studies,
     with_caches,
 )
 from spine_ray.stage import (
@@ -55,21 +56,13 @@ from spine_ray.stage import (
     Stage,
     columns,
     epoch_rng,
-    fit_fold,
+    fold_dir,
     fold_epochs,
-    samples,
-    split_studies,
+    is_done,
+    job_key,
     steps_per_epoch,
 )
-from spine_ray.storage import (
-    atomic_write_bytes,
-    atomic_write_parquet,
-    atomic_write_text,
-    exists,
-    join,
-    read_parquet,
-    read_text,
-)
+from spine_ray.storage import join
 from spine_ray.tracking import tune_callbacks, write_epoch
 from spine_ray.train_loop import EpochResult, load_state, save_state
 
@@ -138,16 +131,6 @@ class ResourcesConfig:
         if self.input_pipeline != "auto":
             return self.input_pipeline
         return "thread" if self.data_cpus == 0 and not self.use_gpu else "ray"
-
-
-def fold_dir(job: FoldJob) -> str:
-    """Where a fold's final model, out-of-fold table and done marker go."""
-    return join(job.run_dir, job.stage, job.member, f"fold{job.fold}")
-
-
-def is_done(job: FoldJob) -> bool:
-    """A fold is done when its marker exists (written after its model and OOF table)."""
-    return exists(join(fold_dir(job), "done.json"))
 
 
 EPOCH = "_epoch"  # the column that tags each augmented sample with its epoch in the stream
@@ -419,43 +402,18 @@ def _train_job(stage: Stage, job: FoldJob, index: int, resources: ResourcesConfi
         clock["report_s"] = clock["mark"] - t
 
     pin = str(device).startswith("cuda")
+    # Rank 0 validates after every epoch, as the in-process driver does (its held-out samples are
+    # read once); it alone writes the fold's outputs, so the other ranks need no selection.
+    val = samples(stage, job, "val") if rank == 0 else None
     timeline["training_started"] = time.time()
-    model, _ = fit_fold(
+    model, metrics = fit_fold(
         stage, job, StreamedBatches(stage, job, resources, steps, rank, world, pin), n_train,
         device=device, world=world, prepare=ray.train.torch.prepare_model, resume=resume, on_epoch_end=report,
+        validate=validator(stage, job, val) if val is not None else None,
     )
     timeline["training_finished"] = time.time()
-    if rank == 0:
-        finish_fold(stage, job, model, samples(stage, job, "val"), resumed_from, timeline)
-
-
-def finish_fold(stage: Stage, job: FoldJob, model: Any, val: pd.DataFrame, resumed_from: int = -1, timeline: dict[str, float] | None = None) -> pd.DataFrame:
-    """Predict the held-out split, write the final weights and OOF table, then the done marker.
-
-    The marker keeps the fold's timeline (epoch seconds: its lane's Tune trial started, the lane's
-    Ray Train worker started, this fold's turn in the lane began, training started and finished,
-    the marker written), to show where a fold's wall time goes beyond its epochs.
-    """
-    import torch
-
-    from spine_ray.config import to_dict
-
-    oof = stage.predict(job, model, val)
-    out = fold_dir(job)
-    buf = io.BytesIO()
-    # Weights and the config as plain data only: loadable with weights_only=True (no code runs).
-    config = to_dict(job.config) if hasattr(job.config, "__dataclass_fields__") else job.config
-    torch.save({"model": model.state_dict(), "config": config}, buf)
-    atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
-    atomic_write_parquet(join(out, "oof.parquet"), oof)
-    done = {"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "finished": time.time()}
-    atomic_write_text(join(out, "done.json"), json.dumps({**done, "timeline": {**(timeline or {}), "finished": done["finished"]}}))
-    return oof
-
-
-def job_key(job: FoldJob) -> str:
-    """A fold's name in progress tables and storage: `{member}-fold{k}`."""
-    return f"{job.member}-fold{job.fold}"
+    if val is not None:
+        finish_fold(stage, job, model, val, metrics, resumed_from, timeline)
 
 
 def lanes(jobs: list[FoldJob], slots: int) -> list[list[FoldJob]]:
@@ -636,14 +594,4 @@ def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], res
         raise RuntimeError(f"{len(failed)} fold(s) of stage {first.stage} failed: {failed[0].error}")
 
 
-def read_oof(job: FoldJob) -> pd.DataFrame:
-    """A finished fold's out-of-fold table."""
-    return read_parquet(join(fold_dir(job), "oof.parquet"))
-
-
-def read_done(job: FoldJob) -> dict[str, Any]:
-    """A finished fold's done marker."""
-    return json.loads(read_text(join(fold_dir(job), "done.json")))
-
-
-__all__ = ["ResourcesConfig", "run_folds", "init_ray", "finish_fold", "is_done", "read_oof", "read_done"]
+__all__ = ["ResourcesConfig", "run_folds", "init_ray"]

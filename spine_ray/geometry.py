@@ -123,12 +123,3 @@ def nearest_slice(
     row, col, d = patient_to_pixel(point, p[k], orientation, pixel_spacing)
     inside = -0.5 <= row <= shape[0] - 0.5 and -0.5 <= col <= shape[1] - 0.5
     return SliceHit(stack, k, row, col, abs(d), inside)
-
-
-def project_to_stacks(point: Sequence[float], stacks: Sequence) -> list[SliceHit]:
-    """A point (e.g. from a sagittal slice) → the nearest slice of each stack (objects with
-    positions, orientation, pixel_spacing, rows, cols), one SliceHit per stack in order."""
-    return [
-        nearest_slice(point, s.positions, s.orientation, s.pixel_spacing, (s.rows, s.cols), stack=i)
-        for i, s in enumerate(stacks)
-    ]

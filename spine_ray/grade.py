@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from spine_ray.crops import crop_stack
-from spine_ray.label_clean import excluded_targets
+from spine_ray.label_flags import excluded_targets
 from spine_ray.losses import grader_loss
 from spine_ray.models.freezing import freeze_backbone, unfreeze
 from spine_ray.models.grader import Grader, GraderConfig
@@ -61,6 +61,7 @@ from spine_ray.schema import (
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
+    OOF_COLUMNS,
     PROB_COLUMNS,
     SEVERITY_WEIGHTS,
     row_id,
@@ -83,7 +84,6 @@ SLOTS: tuple[tuple[str, int, str], ...] = (
 )
 AXIAL_SPINAL = ("spinal_canal_stenosis", 2, "axial")  # the sixth slot with multiview_spinal
 SAGITTAL_VIEWS = (0, 1)
-OOF_COLUMNS = ["row_id", "study_id", "fold", "member", *PROB_COLUMNS]
 SAMPLE_COLUMNS = ["study_id", "level", "x", "shape", "inside", "target_mask", "labels", "gt_offset"]
 
 
@@ -536,7 +536,7 @@ def collate_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.rando
     return batch_tensors(cfg, augment_samples(cfg, rows, rng, errors))
 
 
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Slices beyond a volume are masked; a fully masked (padding) target keeps one slice so softmax stays finite.
     sm = batch["slice_mask"].clone()
     sm[..., sm.shape[-1] // 2] |= ~sm.any(-1)
@@ -573,7 +573,7 @@ def sample_probs(models: list[nn.Module], cfg: GradeConfig, samples: pd.DataFram
         for m in models:
             device = next(m.parameters()).device
             for v, b in enumerate(views):
-                p = _forward(m, {k: t.to(device) for k, t in b.items()})["logits"].float().softmax(-1).cpu().numpy()
+                p = forward(m, {k: t.to(device) for k, t in b.items()})["logits"].float().softmax(-1).cpu().numpy()
                 acc = acc + (p[:, perm] if v else p)  # a mirrored slot's prediction belongs to its mirror
         probs.append(acc / (len(models) * len(views)))
         masks.append(batch["target_mask"].numpy())
@@ -614,17 +614,20 @@ def predict_study(models: list[nn.Module], cfg: GradeConfig, volumes: pd.DataFra
 class GradeStage:
     """Stage 2 for one ensemble member (the FoldJob's config is a GradeConfig)."""
 
-    def train_config(self, job: FoldJob) -> TrainConfig:
+    config_type = GradeConfig
+
+
+    def train_config(self, job: FoldJob[GradeConfig]) -> TrainConfig:
         """The member's optimisation settings."""
         return job.config.train
 
-    def source(self, job: FoldJob) -> str:
+    def source(self, job: FoldJob[GradeConfig]) -> str:
         """Stage 2 reads the prepared volumes."""
         return join(job.prepared, VOLUMES_DIR)
 
-    def sample_key(self, job: FoldJob, split: str) -> dict:
+    def sample_key(self, job: FoldJob[GradeConfig], split: str) -> dict:
         """Crop geometry and slots shape a sample; validation crops sit on the stage-1 points."""
-        c: GradeConfig = job.config
+        c = job.config
         return {
             "sagittal_mm": c.sagittal_mm, "axial_mm": c.axial_mm, "out_px": c.out_px, "k": c.k, "max_shift": c.max_shift,
             "context": c.context, "multiview_spinal": c.multiview_spinal,
@@ -632,9 +635,9 @@ class GradeStage:
             "inputs": ["points"] if split != "train" else [n for n in ("exclude_labels",) if n in job.inputs],
         }
 
-    def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
+    def to_samples(self, job: FoldJob[GradeConfig], split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → one sample per (study, level) with context patches for every slot."""
-        cfg: GradeConfig = job.config
+        cfg = job.config
         points = _points_for(job, split)
         sev = _severity(job, split)
         gt = _labels(job.prepared) if split != "test" else None
@@ -656,35 +659,35 @@ class GradeStage:
                     samples.append(s)
         return pd.DataFrame(samples, columns=SAMPLE_COLUMNS)
 
-    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def augment(self, job: FoldJob[GradeConfig], rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """Re-crop every slot with jitter (slice shifts drawn from stage-1 errors when known), intensity, flip."""
         errors = _slice_errors(job.inputs["points"]) if rng is not None and "points" in job.inputs else None
         return augment_samples(job.config, rows, rng, errors)
 
-    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def to_batch(self, job: FoldJob[GradeConfig], arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """x [B, T, S, 1, H, W] and per-target ids, masks, labels."""
         return batch_tensors(job.config, arrays)
 
-    def build_model(self, job: FoldJob) -> nn.Module:
-        """A fresh Grader."""
-        return Grader(job.config.model, img_size=job.config.out_px)
+    def build_model(self, member: str, config: GradeConfig) -> nn.Module:
+        """A Grader."""
+        return Grader(config.model, img_size=config.out_px)
 
-    def phases(self, job: FoldJob) -> list[FoldJob]:
+    def phases(self, job: FoldJob[GradeConfig]) -> list[FoldJob[GradeConfig]]:
         """One job per training step (two with `two_step`)."""
         return [dataclasses.replace(job, config=c) for c in job.config.steps()]
 
-    def set_trainable(self, job: FoldJob, model: nn.Module) -> None:
+    def set_trainable(self, job: FoldJob[GradeConfig], model: nn.Module) -> None:
         """Everything trains, but the backbone (and its last N blocks) as `freeze` says."""
         unfreeze(model)
         if job.config.freeze.backbone:
             freeze_backbone(model.encoder, job.config.freeze.unfreeze_last)
 
-    def select(self, job: FoldJob) -> str | None:
+    def select(self, job: FoldJob[GradeConfig]) -> str | None:
         """Two-step's step 1 keeps its best-AUC epoch."""
         ts = job.config.two_step
         return "val_auc" if ts is not None and ts.select == "auc" else None
 
-    def validate(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> dict[str, float]:
+    def validate(self, job: FoldJob[GradeConfig], model: nn.Module, samples: pd.DataFrame) -> dict[str, float]:
         """Held-out severity AUC (only for members that select by it; others skip the cost)."""
         if self.select(job) is None:
             return {}
@@ -693,16 +696,16 @@ class GradeStage:
         auc = severity_auc(probs[masks], labels[masks].astype(np.int64))
         return {"auc": auc} if np.isfinite(auc) else {}  # a split without both classes selects nothing
 
-    def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[GradeConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Severity CE weighted by class_weights (the metric's 1/2/4) + any-severe-spinal + auxiliary slice CE."""
-        cfg: GradeConfig = job.config
-        out = _forward(model, batch)
+        cfg = job.config
+        out = forward(model, batch)
         parts = grader_loss(out, batch["labels"], batch["slice_target"], batch["spinal_study"], cfg.w_slice, cfg.w_any, cfg.class_weights)
         return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
 
-    def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, job: FoldJob[GradeConfig], model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Held-out samples → the OOF table, one row per (study, target) predicted."""
-        cfg: GradeConfig = job.config
+        cfg = job.config
         probs, masks = sample_probs([model], cfg, samples)
         rows = [
             {"row_id": row_id(study, target), "study_id": study, **dict(zip(PROB_COLUMNS, map(float, p), strict=True))}
@@ -715,6 +718,6 @@ class GradeStage:
 
 
 __all__ = [
-    "GradeConfig", "FreezeConfig", "TwoStepConfig", "MixConfig", "GradeStage", "mix_batch", "severity_auc", "SLOTS", "OOF_COLUMNS", "SAMPLE_COLUMNS", "study_samples", "collate_samples", "augment_samples", "batch_tensors",
+    "GradeConfig", "FreezeConfig", "TwoStepConfig", "MixConfig", "GradeStage", "mix_batch", "severity_auc", "SLOTS", "SAMPLE_COLUMNS", "study_samples", "collate_samples", "augment_samples", "batch_tensors",
     "flip_sample", "flip_batch", "sample_probs", "predict_study", "fake_points",
 ]

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,26 +27,17 @@ import torch
 
 from spine_ray.baseline import read_prior
 from spine_ray.config import load
-from spine_ray.localize import variant_member
+from spine_ray.localize import VIEWS, variant_member
+from spine_ray.run_config import Member, PipelineConfig
 from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
-from spine_ray.storage import atomic_write_text, exists, join, read_bytes
+from spine_ray.storage import atomic_write_text, exists, join
 
 log = logging.getLogger(__name__)
 
 
-def _load_models(run_dir: str, stage: str, member: str, folds: int, build: Callable[[], torch.nn.Module], device: torch.device) -> list[torch.nn.Module]:
-    """Every fold's final model of one member: weights from model.pt (weights-only: a checkpoint
-    that would run code is refused), the network from the run's config."""
-    from spine_ray.train_loop import load_state
-
-    models = []
-    for k in range(folds):
-        url = join(run_dir, stage, member, f"fold{k}", "model.pt")
-        ck = load_state(io.BytesIO(read_bytes(url)), what=url)
-        m = build()
-        m.load_state_dict(ck["model"])
-        models.append(m.to(device).eval())
-    return models
+def submitted_members(cfg: PipelineConfig) -> list[Member]:
+    """The members inference runs: all but the one-stage diagnostics (`gt_heatmap`), which are never submitted."""
+    return [m for m in cfg.members() if not (m.stage == "onestage" and m.config.gt_heatmap)]
 
 
 def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[int, str]]) -> tuple[bytes, list[str]]:
@@ -70,30 +60,20 @@ class StudyPredictor:
     """All models of a run, loaded once: one study's volume rows → blended probabilities [25, 3]."""
 
     def __init__(self, run_dir: str, device: str = "cpu") -> None:
-        from spine_ray.grade import Grader
-        from spine_ray.localize import view_model
-        from spine_ray.models.onestage import OneStageNet
-        from spine_ray.pipeline import PipelineConfig
+        from spine_ray.registry import load_member
 
         self.device = torch.device(device)
         cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
         self.prior = read_prior(join(run_dir, "prior.csv"))
+        # Every fold's model of every member, with the member config stored beside its weights.
+        loaded = {(m.stage, m.name): load_member(run_dir, m.stage, m.name, cfg.folds, self.device) for m in submitted_members(cfg)}
         # Stage-1 members: the main localisers ("") and each variant's, every view's folds.
         self.localizers: dict[str, tuple[dict, dict]] = {}
-        for variant, loc in cfg.stage1_members():
-            models, configs = {}, {}
-            for view in ("sag_t2", "sag_t1", "axial"):
-                vc = getattr(loc, view)
-                models[view] = _load_models(run_dir, "localize", variant_member(view, variant), cfg.folds, lambda v=view, c=vc: view_model(v, c), self.device)
-                configs[view] = vc
-            self.localizers[variant] = (models, configs)
-        self.graders = {}
-        for member in cfg.grade:
-            models = _load_models(run_dir, "grade", member.name, cfg.folds, lambda m=member: Grader(m.model, img_size=m.out_px), self.device)
-            self.graders[member.name] = (models, member)
-        self.onestage = {}  # one-stage members: no stage-1 points needed
-        for member in (m for m in cfg.onestage if not m.gt_heatmap):  # a diagnostic is never submitted
-            self.onestage[member.name] = (_load_models(run_dir, "onestage", member.name, cfg.folds, lambda m=member: OneStageNet(m.model, img_size=m.size), self.device), member)
+        for variant, _ in cfg.stage1_members():
+            views = {view: loaded["localize", variant_member(view, variant)] for view in VIEWS}
+            self.localizers[variant] = ({v: ms for v, (ms, _) in views.items()}, {v: c for v, (_, c) in views.items()})
+        self.graders = {m.name: loaded["grade", m.name] for m in cfg.grade}
+        self.onestage = {name: v for (stage, name), v in loaded.items() if stage == "onestage"}  # no stage-1 points needed
         self.blend = None
         if exists(join(run_dir, "blend.json")):
             from spine_ray.blend import load_blend
@@ -187,8 +167,8 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
     """Score every study listed in `{split}_series_descriptions.csv` into the submission at `out`."""
     import ray
 
-    from spine_ray.pipeline import PipelineConfig
     from spine_ray.raycluster import init_ray
+    from spine_ray.registry import model_url
     from spine_ray.storage import absolute
     from spine_ray.train_loop import check_checkpoint
 
@@ -200,10 +180,9 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
         for s, g in series.groupby("study_id")
     ]
     cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
-    views = [("localize", variant_member(view, v)) for v, _ in cfg.stage1_members() for view in ("sag_t2", "sag_t1", "axial")]
-    for stage, member in views + [("grade", m.name) for m in cfg.grade] + [("onestage", m.name) for m in cfg.onestage if not m.gt_heatmap]:
+    for m in submitted_members(cfg):
         for k in range(cfg.folds):
-            check_checkpoint(join(run_dir, stage, member, f"fold{k}", "model.pt"))  # before any worker loads it
+            check_checkpoint(model_url(run_dir, m.stage, m.name, k))  # before any worker loads it
     init_ray()
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Decoding: stateless CPU tasks, one study each.

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from spine_ray.blend import member_matrix
+from spine_ray.label_flags import FLAG_COLUMNS, write_flags
 from spine_ray.schema import (
     CONDITIONS,
     LABEL_COLUMNS,
@@ -35,16 +36,13 @@ from spine_ray.schema import (
     label_matrix,
     read_labels,
 )
-from spine_ray.storage import atomic_write_parquet, exists, join, read_bytes, read_text
+from spine_ray.storage import exists, join, read_bytes, read_text
 
 FLAGS_FILE = "label_flags.parquet"
 # Conservative: a calibrated ensemble keeps ~100% precision up to 0.3 on synthetic data, but a noisy
 # model's flags are half correct labels already at 0.1 (docs/BENCHMARKS.md), and a wrongly dropped
 # label is usually a rare, informative grade.
 DEFAULT_THRESHOLD = 0.1
-FLAG_COLUMNS: tuple[str, ...] = (
-    "study_id", "target", "label", "p_label", "p_normal_mild", "p_moderate", "p_severe", "flagged",
-)
 OOF_NEEDS: tuple[str, ...] = ("row_id", "member", *PROB_COLUMNS)
 _CONDITION_OF = np.repeat(np.array(CONDITIONS), N_TARGETS // len(CONDITIONS))  # [25] condition of each target
 
@@ -150,38 +148,6 @@ def noise_recovery(flags: pd.DataFrame, latent: pd.DataFrame, source: str = "lat
     return NoiseRecovery(len(flags), int(flipped.sum()), int(flagged.sum()), int((flipped & flagged).sum()))
 
 
-def write_flags(flags: pd.DataFrame, url: str) -> None:
-    """Write the flags table atomically (Parquet)."""
-    atomic_write_parquet(url, flags[list(FLAG_COLUMNS)].reset_index(drop=True))
-
-
-def read_flags(url: str) -> pd.DataFrame:
-    """Read and validate a flags table; a missing or malformed one raises SchemaError naming the file."""
-    try:
-        raw = read_bytes(url)
-    except FileNotFoundError:
-        raise SchemaError(url, "file not found (write it with `spine-ray clean-labels RUN_DIR`)") from None
-    try:
-        df = pd.read_parquet(io.BytesIO(raw))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
-        raise SchemaError(url, f"not a readable Parquet table ({str(e).splitlines()[0]})") from None
-    missing = [c for c in ("study_id", "target", "flagged") if c not in df.columns]
-    if missing:
-        raise SchemaError(url, f"missing columns {missing} (expected {list(FLAG_COLUMNS)})")
-    unknown = ~df["target"].isin(LABEL_COLUMNS)
-    if unknown.any():
-        raise SchemaError(url, f"unknown target {df['target'][unknown].iloc[0]!r} (expected a train.csv label column)")
-    if df["flagged"].dtype != bool or not pd.api.types.is_integer_dtype(df["study_id"]):
-        raise SchemaError(url, f"flagged must be bool and study_id integer, got {df['flagged'].dtype} and {df['study_id'].dtype}")
-    return df
-
-
-def excluded_targets(url: str) -> pd.DataFrame:
-    """The flagged (study_id, target) pairs of a flags table: the labels training must not see."""
-    df = read_flags(url)
-    return df.loc[df["flagged"], ["study_id", "target"]].drop_duplicates().reset_index(drop=True)
-
-
 def find_latent(run_dir: str) -> str | None:
     """The synthetic latent.csv behind a run: run config → prepared manifest → data_dir; None if not synthetic."""
     import json
@@ -242,7 +208,7 @@ def clean_labels(run_dir: str, threshold: float = DEFAULT_THRESHOLD, out: str | 
 
 
 __all__ = [
-    "FLAGS_FILE", "FLAG_COLUMNS", "DEFAULT_THRESHOLD", "NoiseRecovery", "CleanReport", "ensemble_probs", "flag_labels",
-    "flag_counts", "noiseless_grades", "flipped_mask", "noise_recovery", "write_flags", "read_flags", "excluded_targets",
+    "FLAGS_FILE", "DEFAULT_THRESHOLD", "NoiseRecovery", "CleanReport", "ensemble_probs", "flag_labels",
+    "flag_counts", "noiseless_grades", "flipped_mask", "noise_recovery",
     "find_latent", "clean_labels",
 ]

@@ -116,7 +116,7 @@ def view_model(view: str, cfg: ViewConfig) -> Localizer:
     return Localizer(dataclasses.replace(cfg.model, n_points=len(VIEWS[view][1])), img_size=cfg.size)
 
 
-def _sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, cfg: ViewConfig) -> dict:
+def sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, cfg: ViewConfig) -> dict:
     vol, meta = load_volume(row)
     x = normalise_intensity(vol.astype(np.float32), float(row["intensity_p01"]), float(row["intensity_p99"]))
     x, scale = resample_volume(x, (cfg.slices, cfg.size, cfg.size))
@@ -180,23 +180,26 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
 class LocalizeStage:
     """Stage 1 for one view (the FoldJob's member names the view, its config is a ViewConfig)."""
 
-    def train_config(self, job: FoldJob) -> TrainConfig:
+    config_type = ViewConfig
+
+
+    def train_config(self, job: FoldJob[ViewConfig]) -> TrainConfig:
         """The view's optimisation settings."""
         return job.config.train
 
-    def source(self, job: FoldJob) -> str:
+    def source(self, job: FoldJob[ViewConfig]) -> str:
         """Stage 1 reads the prepared volumes."""
         return join(job.prepared, VOLUMES_DIR)
 
-    def sample_key(self, job: FoldJob, split: str) -> dict:
+    def sample_key(self, job: FoldJob[ViewConfig], split: str) -> dict:
         """The view and its resampled size; axial validation slabs sit on stage-1 spinal points."""
-        cfg: ViewConfig = job.config
+        cfg = job.config
         uses = ["spinal_points"] if view_of(job.member) == "axial" and split != "train" else []
         return {"view": view_of(job.member), "slices": cfg.slices, "size": cfg.size, "inputs": uses}
 
-    def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
+    def to_samples(self, job: FoldJob[ViewConfig], split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → samples of this view (label points attached where they exist)."""
-        cfg: ViewConfig = job.config
+        cfg = job.config
         description, targets = VIEWS[view_of(job.member)]
         rows = rows[rows["series_description"] == description]
         gt = _labels(job.prepared) if split != "test" else _NO_LABELS
@@ -207,33 +210,33 @@ class LocalizeStage:
                 samples += _axial_samples(group.reset_index(drop=True), int(study), spinal[spinal["study_id"] == study], gt[gt["study_id"] == study], cfg)
         else:
             for _, row in rows.iterrows():
-                s = _sagittal_sample(row, targets, gt[gt["study_id"] == row["study_id"]], cfg)
+                s = sagittal_sample(row, targets, gt[gt["study_id"] == row["study_id"]], cfg)
                 if split != "train" or np.frombuffer(s["visible"], bool).any():
                     samples.append(s)
         return pd.DataFrame(samples, columns=SAMPLE_COLUMNS)
 
-    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def augment(self, job: FoldJob[ViewConfig], rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """Intensity augmentation of the stored stacks (see `view_arrays`)."""
         return view_arrays(view_of(job.member), job.config, rows, rng)
 
-    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def to_batch(self, job: FoldJob[ViewConfig], arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """See `view_tensors`."""
         return view_tensors(arrays)
 
-    def build_model(self, job: FoldJob) -> nn.Module:
-        """A Localizer with one heatmap per point of this view."""
-        return view_model(view_of(job.member), job.config)
+    def build_model(self, member: str, config: ViewConfig) -> nn.Module:
+        """A Localizer with one heatmap per point of the member's view."""
+        return view_model(view_of(member), config)
 
-    def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[ViewConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Jensen–Shannon heatmap loss plus DSNT coordinate loss, on heatmap-voxel coordinates."""
-        cfg: ViewConfig = job.config
+        cfg = job.config
         logits = model(batch["x"])  # [B, P, S, h, w]
         stride = cfg.model.out_stride
         target = scale_coords(batch["coords"], [1.0, 1.0 / stride, 1.0 / stride])
         loss = keypoint_loss(logits.float(), target, batch["visible"], cfg.sigma, cfg.w_js, cfg.w_coord)
         return loss, {}
 
-    def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, job: FoldJob[ViewConfig], model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Samples → one point per (sample, point), best per study × target, with errors vs labels."""
         return predict_points(view_of(job.member), job.config, model, samples, fold=job.fold)
 
@@ -368,7 +371,7 @@ def locate_study(models: dict[str, list[nn.Module]], configs: dict[str, ViewConf
             study = int(rel["study_id"].iloc[0])
             samples = pd.DataFrame(_axial_samples(rel.reset_index(drop=True), study, spinal, _NO_LABELS, cfg), columns=SAMPLE_COLUMNS)
         else:
-            samples = pd.DataFrame([_sagittal_sample(r, targets, _NO_LABELS, cfg) for _, r in rel.iterrows()], columns=SAMPLE_COLUMNS)
+            samples = pd.DataFrame([sagittal_sample(r, targets, _NO_LABELS, cfg) for _, r in rel.iterrows()], columns=SAMPLE_COLUMNS)
         if samples.empty:
             continue
         per_fold = [predict_points(view, cfg, m, samples, fold=k) for k, m in enumerate(models[view])]

@@ -104,16 +104,6 @@ def score_arrays(labels: np.ndarray, probs: np.ndarray, any_severe_scalar: float
     return Score(*map(float, parts), score=total)
 
 
-def probs_from_submission(sub: pd.DataFrame, study_ids: list[int]) -> np.ndarray:
-    """Align a submission's rows to [n_studies, 25, 3] by row_id; raises if any row is missing."""
-    want = pd.Index(row_ids(study_ids))
-    indexed = sub.set_index("row_id")
-    missing = want.difference(indexed.index)
-    if len(missing):
-        raise ValueError(f"submission lacks {len(missing)} scored row_ids, e.g. {missing[0]}")
-    return indexed.loc[want, list(PROB_COLUMNS)].to_numpy(dtype=np.float64).reshape(len(study_ids), N_TARGETS, 3)
-
-
 def score_frames(labels: pd.DataFrame, submission: pd.DataFrame) -> Score:
     """Score a submission table against a wide label table (train.csv format)."""
     submission = validate_submission(submission)
@@ -136,4 +126,4 @@ def score_frames(labels: pd.DataFrame, submission: pd.DataFrame) -> Score:
     return score_arrays(lm, probs.reshape(len(studies), N_TARGETS, 3))
 
 
-__all__ = ["EPS", "SPINAL", "TARGET_GROUP", "Score", "score_arrays", "score_frames", "normalise", "probs_from_submission", "LABEL_COLUMNS"]
+__all__ = ["EPS", "SPINAL", "TARGET_GROUP", "Score", "score_arrays", "score_frames", "normalise", "LABEL_COLUMNS"]

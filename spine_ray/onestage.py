@@ -31,20 +31,26 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spine_ray.grade import OOF_COLUMNS
 from spine_ray.heatmap import gaussian_heatmap, keypoint_loss, scale_coords
 from spine_ray.localize import (
     FORAMINAL,
     SPINAL,
     VIEWS,
     ViewConfig,
-    _sagittal_sample,
+    sagittal_sample,
     view_arrays,
     view_tensors,
 )
 from spine_ray.losses import IGNORE, any_severe_spinal_loss, severity_loss
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig
-from spine_ray.schema import LABEL_COLUMNS, PROB_COLUMNS, row_id, target_index, with_target
+from spine_ray.schema import (
+    LABEL_COLUMNS,
+    OOF_COLUMNS,
+    PROB_COLUMNS,
+    row_id,
+    target_index,
+    with_target,
+)
 from spine_ray.stage import FoldJob, columns
 from spine_ray.storage import join, read_parquet
 from spine_ray.train_loop import TrainConfig
@@ -131,7 +137,7 @@ def study_sample(cfg: OneStageConfig, volumes: pd.DataFrame, points: pd.DataFram
             out |= {f"x_{v}": np.zeros((cfg.slices, cfg.size, cfg.size), np.float16).tobytes(), f"coords_{v}": np.zeros((n, 3), np.float32).tobytes(),
                     f"visible_{v}": np.zeros(n, bool).tobytes(), f"has_{v}": False, f"series_{v}": -1}
             continue
-        s = _sagittal_sample(_pick_stack(rows, targets, points), targets, points, vcfg)
+        s = sagittal_sample(_pick_stack(rows, targets, points), targets, points, vcfg)
         out |= {f"x_{v}": s["x"], f"coords_{v}": s["coords"], f"visible_{v}": s["visible"], f"has_{v}": True, f"series_{v}": s["series_id"]}
         present = True
         for t in targets:
@@ -193,7 +199,7 @@ def batch_tensors(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _forward(cfg: OneStageConfig, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def forward(cfg: OneStageConfig, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     xs = {v: batch[f"x_{v}"] for v in VIEW_NAMES}
     if not cfg.gt_heatmap:
         return model(xs)
@@ -240,7 +246,7 @@ def sample_probs(models: list[nn.Module], cfg: OneStageConfig, samples: pd.DataF
         for m in models:
             device = next(m.parameters()).device
             for k, b in enumerate(views):
-                p = _logits(_forward(cfg, m, {n: t.to(device) for n, t in b.items()})).float().softmax(-1).cpu().numpy()
+                p = _logits(forward(cfg, m, {n: t.to(device) for n, t in b.items()})).float().softmax(-1).cpu().numpy()
                 acc = acc + (p[:, MIRROR] if k else p)  # a mirrored slot's prediction belongs to its mirror
         probs.append(acc / (len(models) * len(views)))
         has = np.stack([batch[f"has_{v}"].numpy() for v in VIEW_NAMES], 1)  # [B, 2]
@@ -271,22 +277,25 @@ def predict_study(models: list[nn.Module], cfg: OneStageConfig, volumes: pd.Data
 class OneStageStage:
     """The one-stage member (the FoldJob's config is a OneStageConfig)."""
 
-    def train_config(self, job: FoldJob) -> TrainConfig:
+    config_type = OneStageConfig
+
+
+    def train_config(self, job: FoldJob[OneStageConfig]) -> TrainConfig:
         """The member's optimisation settings."""
         return job.config.train
 
-    def source(self, job: FoldJob) -> str:
+    def source(self, job: FoldJob[OneStageConfig]) -> str:
         """It reads the prepared volumes, nothing from stage 1."""
         return join(job.prepared, VOLUMES_DIR)
 
-    def sample_key(self, job: FoldJob, split: str) -> dict:
+    def sample_key(self, job: FoldJob[OneStageConfig], split: str) -> dict:
         """Only the resampled grid shapes a sample (the same for train and val)."""
-        cfg: OneStageConfig = job.config
+        cfg = job.config
         return {"views": list(VIEW_NAMES), "slices": cfg.slices, "size": cfg.size, "inputs": []}
 
-    def to_samples(self, job: FoldJob, split: str, rows: pd.DataFrame) -> pd.DataFrame:
+    def to_samples(self, job: FoldJob[OneStageConfig], split: str, rows: pd.DataFrame) -> pd.DataFrame:
         """Volume rows → one sample per study with a sagittal series (train: only studies with a label)."""
-        cfg: OneStageConfig = job.config
+        cfg = job.config
         lab = _labels(job.prepared) if split != "test" else None
         out = []
         for study, group in rows.groupby("study_id"):
@@ -302,24 +311,24 @@ class OneStageStage:
                 out.append(s)
         return pd.DataFrame(out, columns=SAMPLE_COLUMNS)
 
-    def augment(self, job: FoldJob, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def augment(self, job: FoldJob[OneStageConfig], rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """Intensity augmentation and the left–right flip (see `augment_samples`)."""
         return augment_samples(job.config, rows, rng)
 
-    def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def to_batch(self, job: FoldJob[OneStageConfig], arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """See `batch_tensors`."""
         return batch_tensors(arrays)
 
-    def build_model(self, job: FoldJob) -> nn.Module:
-        """A fresh OneStageNet."""
-        return OneStageNet(job.config.model, img_size=job.config.size)
+    def build_model(self, member: str, config: OneStageConfig) -> nn.Module:
+        """A OneStageNet."""
+        return OneStageNet(config.model, img_size=config.size)
 
-    def loss(self, job: FoldJob, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[OneStageConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """See `onestage_loss`."""
-        parts = onestage_loss(job.config, _forward(job.config, model, batch), batch)
+        parts = onestage_loss(job.config, forward(job.config, model, batch), batch)
         return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
 
-    def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, job: FoldJob[OneStageConfig], model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Held-out samples → OOF rows for the spinal and foraminal targets of the views each study has."""
         probs, masks = sample_probs([model], job.config, samples)
         rows = [

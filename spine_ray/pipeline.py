@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,20 +35,17 @@ import pandas as pd
 from spine_ray.baseline import write_prior
 from spine_ray.blend import member_matrix
 from spine_ray.config import save
-from spine_ray.distributed import ResourcesConfig, fold_dir, job_key, run_folds
+from spine_ray.distributed import run_folds
 from spine_ray.folds import assign_folds
-from spine_ray.grade import GradeConfig, GradeStage
-from spine_ray.label_clean import excluded_targets
+from spine_ray.label_flags import read_flags
 from spine_ray.localize import (
-    LocalizeConfig,
-    LocalizeStage,
-    LocalizeVariant,
     error_summary,
     variant_member,
 )
 from spine_ray.metric import score_arrays
-from spine_ray.onestage import OneStageConfig, OneStageStage
 from spine_ray.prior import fit_prior, oof_prior
+from spine_ray.registry import STAGES, stage_named
+from spine_ray.run_config import PipelineConfig
 from spine_ray.schema import (
     LABEL_COLUMNS,
     SchemaError,
@@ -58,7 +54,7 @@ from spine_ray.schema import (
     read_labels,
     with_target,
 )
-from spine_ray.stage import FoldJob
+from spine_ray.stage import FoldJob, fold_dir, job_key
 from spine_ray.storage import (
     absolute,
     atomic_write_bytes,
@@ -72,45 +68,7 @@ from spine_ray.volumes import LABELS_FILE, read_manifest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("localize", "grade")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """A whole training run: data, folds, resources and every stage's models."""
-
-    name: str = "demo"
-    prepared: str = "runs/demo/prepared"  # output of `spine-ray prepare` (train split)
-    run_dir: str = "runs/demo/run"
-    folds: int = 5
-    seed: int = 0
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
-    # More stage-1 members (cross-ensembling): every grade member also predicts on each one's points.
-    localize_variants: tuple[LocalizeVariant, ...] = ()
-    grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
-    onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained after stage 2
-    oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
-    samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
-    exclude_labels: str | None = None  # a `spine-ray clean-labels` flags table: its flagged labels are unlabelled in training
-
-    def __post_init__(self) -> None:
-        if self.folds < 2:
-            raise ValueError("folds must be ≥ 2")
-        names = [m.name for m in self.grade] + [m.name for m in self.onestage]
-        if len(set(names)) != len(names):
-            raise ValueError(f"grade and onestage member names must be unique, got {names}")
-        variants = [v.name for v in self.localize_variants]
-        if len(set(variants)) != len(variants):
-            raise ValueError(f"localize variant names must be unique, got {variants}")
-
-    def stage1_members(self) -> list[tuple[str, LocalizeConfig]]:
-        """(variant, its localisers): the main ones ("") first, then every `localize_variants` entry."""
-        return [("", self.localize)] + [(v.name, v.localize) for v in self.localize_variants]
-
-    def grade_members(self) -> list[str]:
-        """Every stage-2 member name in oof.parquet: each grader, then each grader × variant."""
-        return [m.name for m in self.grade] + [variant_member(m.name, v.name) for v in self.localize_variants for m in self.grade]
+TRAINED_IN_ORDER = ("localize", "grade")  # `--stage`: stage 1, then stage 2 with the one-stage members and cross predictions
 
 
 def training_labels(prepared: str) -> pd.DataFrame:
@@ -167,7 +125,7 @@ def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
     Every stage-1 variant trains alongside the main localisers and writes its own points table;
     returns the main localisers' error summary.
     """
-    stage = LocalizeStage()
+    stage = STAGES["localize"]
     members = cfg.stage1_members()
     sagittal = [j for v, loc in members for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
     if cfg.resources.packs():
@@ -210,24 +168,22 @@ def points_url(cfg: PipelineConfig, variant: str = "") -> str:
     return join(cfg.run_dir, "localize", variant_member("points", variant) + ".parquet")
 
 
-def stage_for(cfg: PipelineConfig, stage: str):
-    """The Stage object of a stage name and the tables it reads from earlier stages."""
-    match stage:
-        case "localize":
-            return LocalizeStage(), {}
-        case "grade":
-            if not exists(points_url(cfg)):
-                raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
-            if cfg.exclude_labels:
-                excluded_targets(cfg.exclude_labels)  # a bad table fails here, in one line, before any worker starts
-                return GradeStage(), {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
-            return GradeStage(), {"points": points_url(cfg)}
-    raise SchemaError("--target", f"unknown stage {stage!r} (one of {list(STAGES)})")
+def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, str]:
+    """The tables a stage's folds read from earlier stages (and the label flags), checked before any worker starts."""
+    stage_named(stage)
+    if stage != "grade":
+        return {}
+    if not exists(points_url(cfg)):
+        raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
+    if not cfg.exclude_labels:
+        return {"points": points_url(cfg)}
+    read_flags(cfg.exclude_labels)  # a bad table fails here, in one line
+    return {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
 
 
 def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
-    stage, inputs = stage_for(cfg, "grade")
+    stage, inputs = STAGES["grade"], stage_inputs(cfg, "grade")
     jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
     tables = run_folds(stage, jobs, cfg.resources, cfg.samples_dir)
     if cfg.localize_variants:
@@ -240,7 +196,7 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
         tables += run_cross(stage, jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
     one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
     if one:
-        tables += run_folds(OneStageStage(), one, cfg.resources, cfg.samples_dir)
+        tables += run_folds(STAGES["onestage"], one, cfg.resources, cfg.samples_dir)
     oof = pd.concat(tables, ignore_index=True)
     # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])
@@ -265,10 +221,10 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
 
 def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
     """Run one stage, or every stage in order; returns what each stage reported."""
-    stages = STAGES if stage is None else (stage,)
-    unknown = [s for s in stages if s not in STAGES]
+    stages = TRAINED_IN_ORDER if stage is None else (stage,)
+    unknown = [s for s in stages if s not in TRAINED_IN_ORDER]
     if unknown:
-        raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(STAGES)})")
+        raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(TRAINED_IN_ORDER)})")
     cfg = resolved(cfg)
     folds = setup_run(cfg)
     report: dict = {}
@@ -281,4 +237,4 @@ def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
     return report
 
 
-__all__ = ["PipelineConfig", "train", "setup_run", "training_labels", "read_labels"]
+__all__ = ["train", "setup_run", "training_labels", "stage_inputs", "points_url"]

@@ -16,7 +16,6 @@ import pandas as pd
 
 from spine_ray import geometry, plots
 from spine_ray.schema import LEVEL_TITLES, LEVELS
-from spine_ray.storage import join
 from spine_ray.volumes import load_volume, read_volumes
 
 
@@ -100,30 +99,22 @@ def study_panels(volumes: pd.DataFrame, points: pd.DataFrame) -> list[dict]:
 
 def stage2_attention(run_dir: str, member: str, fold: int, volumes: pd.DataFrame, points: pd.DataFrame, level: str = "l4_l5") -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """The crops one grade member's fold model sees for one level of a study [T, S, H, W], its attention over slices [T, S], slot names."""
-    import io
-
     import torch
 
-    from spine_ray.config import load
-    from spine_ray.grade import SAMPLE_COLUMNS, _forward, collate_samples, study_samples
-    from spine_ray.models.grader import Grader
-    from spine_ray.pipeline import PipelineConfig
-    from spine_ray.storage import read_bytes
-    from spine_ray.train_loop import load_state
+    from spine_ray.grade import SAMPLE_COLUMNS, collate_samples, forward, study_samples
+    from spine_ray.registry import load_fold_model, model_url
+    from spine_ray.storage import exists
 
-    url = join(run_dir, "grade", member, f"fold{fold}", "model.pt")
-    gcfg = next((m for m in load(PipelineConfig, join(run_dir, "config.yaml")).grade if m.name == member), None)
-    if gcfg is None:  # a one-stage member has no crops to show
+    if not exists(model_url(run_dir, "grade", member, fold)):  # a one-stage member has no crops to show
         return None
-    model = Grader(gcfg.model, img_size=gcfg.out_px)
-    model.load_state_dict(load_state(io.BytesIO(read_bytes(url)), what=url)["model"])
+    model, gcfg = load_fold_model(run_dir, "grade", member, fold)
     samples = pd.DataFrame(study_samples(gcfg, volumes, points), columns=SAMPLE_COLUMNS)
     if not len(samples):
         return None
     samples = samples[samples["level"] == level] if (samples["level"] == level).any() else samples.iloc[:1]
     batch = collate_samples(gcfg, {c: samples[c].to_numpy() for c in samples.columns}, None)
     with torch.no_grad():
-        attn = _forward(model.eval(), batch)["slice_attention"][0].numpy()  # [T, S]
+        attn = forward(model, batch)["slice_attention"][0].numpy()  # [T, S]
     x = batch["x"][0].numpy()  # [T, S, C, H, W]
     names = [f"{c.replace('_', ' ')} ({v})" for c, _, v in gcfg.slots]
     return x[:, :, x.shape[2] // 2], attn, names

@@ -35,13 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spine_ray.stage import FoldJob, Stage, source_rows, split_studies
+from spine_ray.stage import FoldJob, Stage
 from spine_ray.storage import (
     atomic_write_bytes,
     atomic_write_text,
     exists,
+    fs_for,
     join,
     read_bytes,
+    read_parquet,
     read_text,
 )
 
@@ -49,6 +51,28 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+
+
+def split_studies(job: FoldJob, split: str) -> list[int]:
+    """Study ids of a fold's `train` (other folds) or `val` (this fold) split; `all` for every study."""
+    folds = read_parquet(join(job.run_dir, "folds.parquet"))
+    held = folds["fold"] == job.fold
+    chosen = folds if split == "all" else folds.loc[held if split == "val" else ~held]
+    return sorted(chosen["study_id"].astype(int).tolist())
+
+
+def source_rows(stage: Stage, job: FoldJob, studies: list[int]) -> pd.DataFrame:
+    """The stage's source rows of some studies (a filtered Parquet read)."""
+    fs, path = fs_for(stage.source(job))
+    return pd.read_parquet(path, filesystem=fs, filters=[("study_id", "in", studies)])
+
+
+def samples(stage: Stage, job: FoldJob, split: str) -> pd.DataFrame:
+    """A fold's samples of a split: from its sample cache when the job has one, else built in-process."""
+    studies = split_studies(job, split)
+    if cache_input(split) in job.inputs:
+        return read_cache(job.inputs[cache_input(split)], studies)
+    return stage.to_samples(job, split, source_rows(stage, job, studies))
 
 
 def cache_input(split: str) -> str:
@@ -174,8 +198,6 @@ def count_samples(url: str, studies: list[int], manifest: dict[str, Any] | None 
 
 def read_cache(url: str, studies: list[int], manifest: dict[str, Any] | None = None) -> pd.DataFrame:
     """The samples of some studies, in the given study order: only the parts (and row groups) that hold them are read."""
-    from spine_ray.storage import fs_for
-
     manifest = manifest or read_manifest(url)
     wanted = {str(s) for s in studies}
     fs, root = fs_for(url)

@@ -32,6 +32,8 @@ CONDITION_TITLES: tuple[str, ...] = (
 )
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 PROB_COLUMNS: tuple[str, ...] = ("normal_mild", "moderate", "severe")
+# Every out-of-fold table (a fold's oof.parquet, the run's oof.parquet): one row per (study, target, member).
+OOF_COLUMNS: list[str] = ["row_id", "study_id", "fold", "member", *PROB_COLUMNS]
 SEVERITY_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0)
 
 SAGITTAL_T1 = "Sagittal T1"

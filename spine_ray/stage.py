@@ -6,9 +6,8 @@ fixed-shape arrays (from an explicit generator; Ray Data runs this on CPU worker
 trainer steps), turns those arrays into tensors, builds its model, computes its loss and predicts
 held-out samples.
 
-`fit_fold` is the only place a fold's model is built and trained: the plain in-process path
-(`run_fold`, used by tests, GPU checks and `spine-ray tune-lr` trials) and the Ray Train workers
-(`spine_ray.distributed`) differ only in where their batches come from.
+The driver that trains a fold with these pieces is `spine_ray.fold.fit_fold`; every stage is
+named in one table, `spine_ray.registry.STAGES`.
 
 A stage may train a fold in steps (two-step training: all weights, then the head on a frozen
 backbone): its optional `phases(job)` returns one job per step, each with its own config (loss,
@@ -19,29 +18,31 @@ checkpoint records its step (`phase`), so a resumed fold picks up inside the rig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from spine_ray.train_loop import EpochResult, TrainConfig, fit
+from spine_ray.storage import exists, join
+from spine_ray.train_loop import TrainConfig
 
 Batch = dict[str, torch.Tensor]
+C = TypeVar("C")  # a stage's member config: a frozen dataclass (ViewConfig, GradeConfig, OneStageConfig)
 
 
 @dataclass(frozen=True)
-class FoldJob:
+class FoldJob(Generic[C]):
     """Everything a worker needs to train and predict one fold of one stage (picklable)."""
 
-    stage: str  # "localize" or "grade"
+    stage: str  # a name in spine_ray.registry.STAGES: "localize", "grade" or "onestage"
     member: str  # ensemble member name (the view for stage 1)
     fold: int
     n_folds: int
-    config: Any  # the member's typed config (e.g. GradeConfig, ViewConfig): a frozen dataclass
+    config: C  # the member's typed config
     prepared: str  # the prepare output (volumes/, labels.parquet), path or URL
     run_dir: str  # where this run's tables go, path or URL
     # Tables the stage reads, name → URL: earlier stages' outputs (e.g. "points") and, once built,
@@ -52,10 +53,12 @@ class FoldJob:
     needs: tuple[str, ...] = ()
 
 
-class Stage(Protocol):
-    """The pure pieces of one model stage."""
+class Stage(Protocol[C]):
+    """The pure pieces of one model stage, for members whose config is a `config_type`."""
 
-    def train_config(self, job: FoldJob) -> TrainConfig:
+    config_type: ClassVar[type]  # the member config class: what a stored model's config is read back as
+
+    def train_config(self, job: FoldJob[C]) -> TrainConfig:
         """Optimisation settings."""
 
     def source(self, job: FoldJob) -> str:
@@ -74,8 +77,8 @@ class Stage(Protocol):
     def to_batch(self, job: FoldJob, arrays: dict[str, np.ndarray]) -> Batch:
         """Augmented arrays of a batch → the tensors `loss` and the model take."""
 
-    def build_model(self, job: FoldJob) -> nn.Module:
-        """A fresh model."""
+    def build_model(self, member: str, config: C) -> nn.Module:
+        """A fresh model of a member (training and loading a stored one both build it here)."""
 
     def loss(self, job: FoldJob, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss and named parts."""
@@ -85,7 +88,8 @@ class Stage(Protocol):
 
     # Optional, for stages that train in steps or freeze parameters (see the module docstring):
     #   phases(job) -> list[FoldJob]; set_trainable(job, model) -> None;
-    #   select(job) -> str | None (the validation metric a step keeps its best epoch by).
+    #   select(job) -> str | None (the validation metric a step keeps its best epoch by);
+    #   validate(job, model, val_samples) -> dict[str, float] (held-out metrics after every epoch).
 
 
 def phases(stage: Stage, job: FoldJob) -> list[FoldJob]:
@@ -123,7 +127,7 @@ def epoch_rng(seed: int, fold: int, epoch: int, rank: int = 0, part: int = -1) -
 def new_model(stage: Stage, job: FoldJob) -> nn.Module:
     """The stage's fresh model, its initial weights fixed by the fold's seed (not the process's RNG)."""
     torch.manual_seed(stage.train_config(job).seed * 1000 + job.fold)
-    return stage.build_model(job)
+    return stage.build_model(job.member, job.config)
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, world: int = 1) -> int:
@@ -131,115 +135,16 @@ def steps_per_epoch(n_samples: int, batch_size: int, world: int = 1) -> int:
     return max(1, -(-n_samples // (batch_size * world)))
 
 
-def fit_fold(
-    stage: Stage,
-    job: FoldJob,
-    batches: Callable[[int], Iterable[Batch]],
-    n_train: int,
-    *,
-    device: torch.device | None = None,
-    world: int = 1,
-    prepare: Callable[[nn.Module], nn.Module] | None = None,
-    resume: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[EpochResult], None] | None = None,
-    validate: Callable[[nn.Module], dict[str, float]] | None = None,
-) -> tuple[nn.Module, dict[str, float]]:
-    """The one fold driver: a seeded fresh model trained on `batches(epoch)`; returns (bare model, last metrics).
-
-    Steps (`phases`) run in order on one model; step i sees epochs numbered after the earlier
-    steps' (`batches(offset + e)`), and its checkpoints carry `phase` = i. `prepare` wraps the
-    model for distributed training (Ray Train's `prepare_model`), once per step because DDP fixes
-    the trainable parameters when it wraps; the returned model is the bare one, in eval mode.
-    """
-    steps = phases(stage, job)
-    model = new_model(stage, job)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    first = int(resume.get("phase", 0)) if resume is not None else 0
-    if not 0 <= first < len(steps):
-        raise ValueError(f"checkpoint of step {first}, but {job.member} trains in {len(steps)} step(s)")
-    metrics: dict[str, float] = {}
-    offset = sum(stage.train_config(p).epochs for p in steps[:first])
-    for i in range(first, len(steps)):
-        step = steps[i]
-        cfg = stage.train_config(step)
-        if hasattr(stage, "set_trainable"):
-            stage.set_trainable(step, model)
-        wrapped = prepare(model) if prepare is not None else model
-
-        def tagged(result: EpochResult, i: int = i) -> None:
-            result.state["phase"] = i
-            result.metrics["phase"] = i
-            on_epoch_end(result)
-
-        metrics = fit(
-            wrapped, lambda m, b, step=step: stage.loss(step, m, b), lambda e, o=offset: batches(o + e),
-            steps_per_epoch(n_train, cfg.batch_size, world), cfg,
-            validate=validate, on_epoch_end=tagged if on_epoch_end is not None else None,
-            resume=resume if i == first else None, device=device,
-            select=stage.select(step) if hasattr(stage, "select") else None,
-        )
-        offset += cfg.epochs
-    model.eval()
-    return model, metrics
+def job_key(job: FoldJob) -> str:
+    """A fold's name in progress tables and storage: `{member}-fold{k}`."""
+    return f"{job.member}-fold{job.fold}"
 
 
-def local_batches(stage: Stage, job: FoldJob, train: pd.DataFrame) -> Callable[[int], Iterator[Batch]]:
-    """In-process batches of a samples frame: shuffled and augmented per epoch, on the calling thread."""
-    cfg = stage.train_config(job)
-
-    def batches(epoch: int) -> Iterator[Batch]:
-        rng = epoch_rng(cfg.seed, job.fold, epoch)
-        for rows in numpy_batches(train, cfg.batch_size, rng):
-            yield collate(stage, job, rows, rng)
-
-    return batches
+def fold_dir(job: FoldJob) -> str:
+    """Where a fold's final model, out-of-fold table and done marker go."""
+    return join(job.run_dir, job.stage, job.member, f"fold{job.fold}")
 
 
-def split_studies(job: FoldJob, split: str) -> list[int]:
-    """Study ids of a fold's `train` (other folds) or `val` (this fold) split; `all` for every study."""
-    from spine_ray.storage import join, read_parquet
-
-    folds = read_parquet(join(job.run_dir, "folds.parquet"))
-    held = folds["fold"] == job.fold
-    chosen = folds if split == "all" else folds.loc[held if split == "val" else ~held]
-    return sorted(chosen["study_id"].astype(int).tolist())
-
-
-def source_rows(stage: Stage, job: FoldJob, studies: list[int]) -> pd.DataFrame:
-    """The stage's source rows of some studies (a filtered Parquet read)."""
-    from spine_ray.storage import fs_for
-
-    fs, path = fs_for(stage.source(job))
-    return pd.read_parquet(path, filesystem=fs, filters=[("study_id", "in", studies)])
-
-
-def samples(stage: Stage, job: FoldJob, split: str) -> pd.DataFrame:
-    """A fold's samples of a split: from its sample cache when the job has one, else built in-process."""
-    from spine_ray.sample_cache import cache_input, read_cache
-
-    studies = split_studies(job, split)
-    if cache_input(split) in job.inputs:
-        return read_cache(job.inputs[cache_input(split)], studies)
-    return stage.to_samples(job, split, source_rows(stage, job, studies))
-
-
-def run_fold(
-    stage: Stage,
-    job: FoldJob,
-    *,
-    device: torch.device | None = None,
-    resume: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[EpochResult], None] | None = None,
-) -> tuple[nn.Module, dict[str, float], pd.DataFrame]:
-    """Train one fold in-process and predict its held-out split: (model, metrics, oof table).
-
-    A stage with `validate(job, model, samples)` is validated on the held-out split after every
-    epoch (steps that `select` a metric keep their best epoch by it).
-    """
-    train, val = samples(stage, job, "train"), samples(stage, job, "val")
-    validate = (lambda m: stage.validate(job, m, val)) if hasattr(stage, "validate") else None
-    model, metrics = fit_fold(
-        stage, job, local_batches(stage, job, train), len(train), device=device, resume=resume, on_epoch_end=on_epoch_end, validate=validate,
-    )
-    return model, metrics, stage.predict(job, model, val)
+def is_done(job: FoldJob) -> bool:
+    """A fold is done when its marker exists (written after its model and OOF table)."""
+    return exists(join(fold_dir(job), "done.json"))

@@ -104,15 +104,13 @@ def set_tracking_uri(uri: str | None) -> None:
 
 
 def write_epoch(fold_dir: str, metrics: dict[str, Any]) -> None:
-    """Add one epoch's metrics to `{fold_dir}/metrics.jsonl`, replacing that epoch and later ones (a resumed fold)."""
+    """Add one epoch's metrics to `{fold_dir}/metrics.jsonl`, replacing that epoch and later ones (a resumed fold).
+
+    Epochs count from 0 in each training step (`phase`), so an epoch is ordered by (phase, epoch).
+    """
     path = join(fold_dir, METRICS_FILE)
-    epoch = int(metrics["epoch"])
-    kept = [line for line in (read_text(path).splitlines() if exists(path) else []) if line and json.loads(line)["epoch"] < epoch]
+    at = (int(metrics.get("phase", 0)), int(metrics["epoch"]))
+    old = [json.loads(line) for line in (read_text(path).splitlines() if exists(path) else []) if line]
+    kept = [json.dumps(r) for r in old if (int(r.get("phase", 0)), int(r["epoch"])) < at]
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}  # numpy scalars → JSON
     atomic_write_text(path, "\n".join([*kept, json.dumps(row)]) + "\n")
-
-
-def read_epochs(fold_dir: str) -> list[dict[str, Any]]:
-    """A fold's per-epoch metrics, oldest first ([] when it has none)."""
-    path = join(fold_dir, METRICS_FILE)
-    return [json.loads(line) for line in read_text(path).splitlines() if line] if exists(path) else []

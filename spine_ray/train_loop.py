@@ -149,7 +149,7 @@ def fit(
         if validate is not None:
             model.eval()
             with torch.no_grad():
-                metrics.update({f"val_{k}": v for k, v in validate(model).items()})
+                metrics.update({f"val_{k}": v for k, v in validate(raw).items()})  # the bare model: no DDP collectives
         if not all(np.isfinite(v) for v in metrics.values() if isinstance(v, float)):
             raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
         if select is not None and select in metrics and (best is None or metrics[select] > best["value"]):

@@ -1,7 +1,8 @@
 """`spine-ray tune-lr`: Ray Tune with Optuna and ASHA over one model's optimisation settings.
 
-Each trial is a real training run of the chosen model (`localize.sag_t2`, `grade.<member>`, …) on
-one fold with the plain loop, reporting its validation loss after every epoch; ASHA stops poor
+Each trial is a real training run of the chosen member (`{stage}.{member}` of any stage in
+`spine_ray.registry.STAGES`: `localize.sag_t2`, `localize.axial@v1`, `grade.<name>`,
+`onestage.<name>`) on one fold with the plain loop, reporting its validation loss after every epoch; ASHA stops poor
 trials early, Optuna proposes the next ones. The samples are built once and shared through the
 object store. The best values are written back into a full pipeline config the user can train
 with: `{run_dir}/tune_lr/{target}/best.yaml`.
@@ -19,19 +20,12 @@ import pandas as pd
 import torch
 
 from spine_ray.config import ConfigError, from_dict, save, to_dict
-from spine_ray.grade import GradeConfig
-from spine_ray.localize import ViewConfig
-from spine_ray.pipeline import PipelineConfig, resolved
-from spine_ray.stage import (
-    FoldJob,
-    Stage,
-    collate,
-    fit_fold,
-    fold_epochs,
-    local_batches,
-    numpy_batches,
-    samples,
-)
+from spine_ray.fold import fit_fold, local_batches
+from spine_ray.pipeline import resolved, stage_inputs
+from spine_ray.registry import STAGES
+from spine_ray.run_config import PipelineConfig
+from spine_ray.sample_cache import samples
+from spine_ray.stage import FoldJob, Stage, collate, fold_epochs, numpy_batches
 from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
 from spine_ray.tracking import tune_callbacks
 
@@ -60,22 +54,15 @@ class TuneLRConfig:
     )
 
 
-MemberConfig = ViewConfig | GradeConfig
+def member_config(cfg: PipelineConfig, target: str) -> tuple[str, str, Any]:
+    """`{stage}.{member}` (e.g. `localize.sag_t2`, `grade.a`, `onestage.one`) → (stage, member, the member's config dataclass)."""
+    stage, dot, member = target.partition(".")
+    if not dot or stage not in STAGES:
+        raise ConfigError(f"--target {target!r}: expected {{stage}}.{{member}} with a stage of {list(STAGES)}")
+    return stage, member, cfg.member(stage, member).config
 
 
-def member_config(cfg: PipelineConfig, target: str) -> tuple[str, str, MemberConfig]:
-    """`localize.sag_t2` or `grade.<name>` → (stage, member, the member's config dataclass)."""
-    stage, _, member = target.partition(".")
-    if stage == "localize" and member in ("sag_t2", "sag_t1", "axial"):
-        return stage, member, getattr(cfg.localize, member)
-    if stage == "grade":
-        for m in getattr(cfg, "grade", ()):
-            if m.name == member:
-                return stage, member, m
-    raise ConfigError(f"--target {target!r}: expected localize.sag_t2|sag_t1|axial or grade.<member name>")
-
-
-def with_values(member_cfg: MemberConfig, values: dict[str, float]) -> MemberConfig:
+def with_values(member_cfg: Any, values: dict[str, float]) -> Any:
     """A member config with dotted keys replaced (validated through the dataclass again)."""
     data = to_dict(member_cfg)
     for key, v in values.items():
@@ -106,7 +93,7 @@ def _trial(config: dict[str, float], stage: Stage, job: FoldJob, data: dict[str,
              on_epoch_end=lambda r: tune.report({"val_loss": r.metrics["val_loss"], "epoch": r.epoch}))
 
 
-def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: Stage, inputs: dict[str, str]) -> dict[str, Any]:
+def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig) -> dict[str, Any]:
     """Search, write best.yaml and results.json under the run's tune_lr folder; returns the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -118,6 +105,7 @@ def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: St
 
     pipeline = resolved(pipeline)
     stage_name, member, member_cfg = member_config(pipeline, target)
+    stage, inputs = STAGES[stage_name], stage_inputs(pipeline, stage_name)
     out = join(pipeline.run_dir, "tune_lr", target)
     # Trials train on the run's folds but write nothing into the run's stage folders.
     atomic_write_bytes(join(out, "folds.parquet"), read_bytes(join(pipeline.run_dir, "folds.parquet")))
@@ -141,7 +129,7 @@ def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig, stage: St
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
     values = {k: float(best.config[k]) for k in space}
-    tuned = _replace_member(pipeline, stage_name, member, with_values(member_cfg, values))
+    tuned = pipeline.with_member(stage_name, member, with_values(member_cfg, values))
     save(tuned, join(out, "best.yaml"))
     trials = [{**{k: r.config[k] for k in space}, "val_loss": float(r.metrics_dataframe["val_loss"].min()) if r.metrics_dataframe is not None and "val_loss" in r.metrics_dataframe else None, "epochs": int(r.metrics.get("epoch", -1)) + 1} for r in grid]
     summary = {"target": target, "fold": tcfg.fold, "start": current, "best": values, "best_val_loss": float(best.metrics_dataframe["val_loss"].min()), "trials": trials, "config": join(out, "best.yaml")}
@@ -153,9 +141,3 @@ def _get(data: dict, key: str) -> Any:
     for k in key.split("."):
         data = data[k]
     return data
-
-
-def _replace_member(pipeline: PipelineConfig, stage: str, member: str, new: MemberConfig) -> PipelineConfig:
-    if stage == "localize":
-        return dataclasses.replace(pipeline, localize=dataclasses.replace(pipeline.localize, **{member: new}))
-    return dataclasses.replace(pipeline, grade=tuple(new if m.name == member else m for m in pipeline.grade))

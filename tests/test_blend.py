@@ -12,7 +12,6 @@ import pytest
 
 from spine_ray.blend import (
     SPINAL,
-    TARGET_GROUP,
     Blend,
     FitConfig,
     _objective,
@@ -29,7 +28,7 @@ from spine_ray.blend import (
     save_blend,
     score_blend,
 )
-from spine_ray.metric import EPS, normalise, score_arrays
+from spine_ray.metric import EPS, TARGET_GROUP, normalise, score_arrays
 from spine_ray.schema import PROB_COLUMNS, row_ids
 from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
 from spine_ray.tune_ensemble import (

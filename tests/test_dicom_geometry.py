@@ -56,12 +56,6 @@ def test_orientation_angle():
     assert geometry.orientation_angle(g.orientation, spun) == pytest.approx(5.0, abs=1e-6)
 
 
-class _Stack:
-    def __init__(self, g, rows=64, cols=64):
-        self.positions, self.orientation, self.pixel_spacing = g.positions, g.orientation, g.pixel_spacing
-        self.rows, self.cols = rows, cols
-
-
 def test_sagittal_point_projects_to_the_nearest_slice_of_each_oblique_axial_block():
     upper = axial(5, tilt_deg=-12.0, origin=(-16.0, -16.0, -40.0), step=4.0, pixel_spacing=(0.5, 0.5))
     lower = axial(5, tilt_deg=10.0, origin=(-16.0, -16.0, 0.0), step=4.0, pixel_spacing=(0.5, 0.5))
@@ -73,7 +67,10 @@ def test_sagittal_point_projects_to_the_nearest_slice_of_each_oblique_axial_bloc
     on_sag = geometry.pixel_to_patient(sag.positions[1], sag.orientation, sag.pixel_spacing, row, col)
     np.testing.assert_allclose(on_sag + d * geometry.slice_normal(sag.orientation), target, atol=1e-9)
 
-    hits = geometry.project_to_stacks(target, [_Stack(upper), _Stack(lower)])
+    hits = [
+        geometry.nearest_slice(target, g.positions, g.orientation, g.pixel_spacing, (64, 64), stack=i)
+        for i, g in enumerate((upper, lower))
+    ]
     assert [h.stack for h in hits] == [0, 1]
     h = hits[1]
     assert (h.slice, h.row, h.col, h.distance_mm) == pytest.approx((3, 10.0, 20.0, 0.0), abs=1e-9)

@@ -9,24 +9,25 @@ import pytest
 import torch
 from tinyruns import prepared_run
 
+from spine_ray.fold import run_fold
 from spine_ray.grade import (
-    OOF_COLUMNS,
     SAMPLE_COLUMNS,
     SLOTS,
     GradeConfig,
     GradeStage,
-    _forward,
     collate_samples,
     flip_batch,
     flip_sample,
+    forward,
     predict_study,
     sample_probs,
     study_samples,
 )
 from spine_ray.losses import grader_loss
 from spine_ray.models.grader import Grader, GraderConfig
-from spine_ray.schema import LABEL_COLUMNS
-from spine_ray.stage import FoldJob, collate, run_fold, samples
+from spine_ray.sample_cache import samples
+from spine_ray.schema import LABEL_COLUMNS, OOF_COLUMNS
+from spine_ray.stage import FoldJob, collate
 from spine_ray.train_loop import TrainConfig
 from spine_ray.transforms import mirror_name
 from spine_ray.volumes import read_volumes
@@ -232,6 +233,6 @@ def test_flip_batch_matches_flip_sample_and_tta_is_symmetric(prepared):
     perm = [conditions.index(mirror_name(c)) if mirror_name(c) != c else i for i, c in enumerate(conditions)]
     p, _ = sample_probs([model], cfg, s)
     with torch.no_grad():
-        one = _forward(model, batch)["logits"].softmax(-1).numpy()
-        two = _forward(model, flipped)["logits"].softmax(-1).numpy()[:, perm]
+        one = forward(model, batch)["logits"].softmax(-1).numpy()
+        two = forward(model, flipped)["logits"].softmax(-1).numpy()[:, perm]
     assert np.allclose(p, (one + two) / 2, atol=1e-5) and not np.allclose(one, two, atol=1e-3)

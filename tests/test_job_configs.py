@@ -12,7 +12,7 @@ from spine_ray.config import load
 from spine_ray.grade import GradeStage
 from spine_ray.localize import VIEWS, LocalizeStage
 from spine_ray.models.onestage import OneStageNet
-from spine_ray.pipeline import PipelineConfig
+from spine_ray.run_config import PipelineConfig
 from spine_ray.stage import FoldJob
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -36,13 +36,13 @@ def test_config_builds_its_models_and_runs_one_batch(name):
         vc = getattr(cfg.localize, view)
         vc = dataclasses.replace(vc, model=offline(vc.model))
         job = FoldJob("localize", view, 0, cfg.folds, vc, "", "", {})
-        model = LocalizeStage().build_model(job).eval()
+        model = LocalizeStage().build_model(job.member, job.config).eval()
         with torch.no_grad():
             heat = model(torch.rand(1, vc.slices, 1, vc.size, vc.size))
         assert heat.shape == (1, len(VIEWS[view][1]), vc.slices, vc.size // vc.model.out_stride, vc.size // vc.model.out_stride)
     for member in cfg.grade:
         member = dataclasses.replace(member, model=offline(member.model))
-        model = GradeStage().build_model(FoldJob("grade", member.name, 0, cfg.folds, member, "", "", {})).eval()
+        model = GradeStage().build_model(member.name, member).eval()
         t, s = len(member.slots), 2 * member.k + 1
         with torch.no_grad():
             out = model(

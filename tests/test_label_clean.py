@@ -11,18 +11,15 @@ import pandas as pd
 import pytest
 
 from spine_ray.label_clean import (
-    FLAG_COLUMNS,
     clean_labels,
     ensemble_probs,
-    excluded_targets,
     find_latent,
     flag_counts,
     flag_labels,
     noise_recovery,
     noiseless_grades,
-    read_flags,
-    write_flags,
 )
+from spine_ray.label_flags import FLAG_COLUMNS, excluded_targets, read_flags, write_flags
 from spine_ray.schema import (
     LABEL_COLUMNS,
     N_TARGETS,
@@ -208,16 +205,17 @@ def test_exclusion_masks_training_labels_only_and_changes_the_train_cache_key(pr
 
 def test_pipeline_passes_a_valid_exclusion_to_grade_and_refuses_a_bad_one(tmp_path):
     from spine_ray.config import load
-    from spine_ray.pipeline import PipelineConfig, resolved, stage_for
+    from spine_ray.pipeline import resolved, stage_inputs
+    from spine_ray.run_config import PipelineConfig
 
     (tmp_path / "run" / "localize").mkdir(parents=True)
     pd.DataFrame({"study_id": [1]}).to_parquet(tmp_path / "run" / "localize" / "points.parquet")
     write_flags(pd.DataFrame({"study_id": [1], "target": [T0], "label": [2], "p_label": [0.01], "p_normal_mild": [0.9],
                               "p_moderate": [0.09], "p_severe": [0.01], "flagged": [True]}), str(tmp_path / "flags.parquet"))
     base = [f"run_dir={tmp_path / 'run'}"]
-    assert "exclude_labels" not in stage_for(resolved(load(PipelineConfig, None, base)), "grade")[1]
+    assert "exclude_labels" not in stage_inputs(resolved(load(PipelineConfig, None, base)), "grade")
     cfg = resolved(load(PipelineConfig, None, [*base, f"exclude_labels={tmp_path / 'flags.parquet'}"]))
-    assert stage_for(cfg, "grade")[1]["exclude_labels"] == str(tmp_path / "flags.parquet")
+    assert stage_inputs(cfg, "grade")["exclude_labels"] == str(tmp_path / "flags.parquet")
     cfg = resolved(load(PipelineConfig, None, [*base, f"exclude_labels={tmp_path / 'gone.parquet'}"]))
     with pytest.raises(SchemaError, match="gone.parquet: file not found"):
-        stage_for(cfg, "grade")
+        stage_inputs(cfg, "grade")

@@ -9,16 +9,12 @@ from torch import nn
 
 from spine_ray.crops import to_native
 from spine_ray.heatmap import gaussian_heatmap, scale_coords
-from spine_ray.localize import (
-    SPINAL,
-    LocalizeStage,
-    ViewConfig,
-    error_summary,
-    predict_points,
-)
+from spine_ray.localize import SPINAL, LocalizeStage, ViewConfig, error_summary, predict_points
 from spine_ray.models.localizer import LocalizerConfig
-from spine_ray.pipeline import PipelineConfig, setup_run
-from spine_ray.stage import FoldJob, samples
+from spine_ray.pipeline import setup_run
+from spine_ray.run_config import PipelineConfig
+from spine_ray.sample_cache import samples
+from spine_ray.stage import FoldJob
 from spine_ray.train_loop import TrainConfig
 from spine_ray.volumes import read_table
 
@@ -93,8 +89,9 @@ def test_axial_folds_follow_their_sagittal_t2_fold_in_one_run_or_all_sagittal_fo
     import pandas as pd
 
     import spine_ray.pipeline as pl
-    from spine_ray.distributed import ResourcesConfig, fold_dir
+    from spine_ray.distributed import ResourcesConfig
     from spine_ray.localize import POINT_COLUMNS
+    from spine_ray.stage import fold_dir
 
     calls = []
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spine_ray.grade import OOF_COLUMNS
+from spine_ray.fold import run_fold
 from spine_ray.heatmap import gaussian_heatmap
 from spine_ray.localize import FORAMINAL, SPINAL
 from spine_ray.models.localizer import LocalizerConfig
@@ -19,16 +19,18 @@ from spine_ray.onestage import (
     TARGETS,
     OneStageConfig,
     OneStageStage,
-    _forward,
     augment_samples,
     batch_tensors,
     flip_arrays,
+    forward,
     onestage_loss,
     predict_study,
 )
-from spine_ray.pipeline import PipelineConfig, setup_run
-from spine_ray.schema import LABEL_COLUMNS, target_index
-from spine_ray.stage import FoldJob, collate, columns, run_fold, samples
+from spine_ray.pipeline import setup_run
+from spine_ray.run_config import PipelineConfig
+from spine_ray.sample_cache import samples
+from spine_ray.schema import LABEL_COLUMNS, OOF_COLUMNS, target_index
+from spine_ray.stage import FoldJob, collate, columns
 from spine_ray.train_loop import TrainConfig
 from spine_ray.volumes import read_volumes
 
@@ -133,10 +135,10 @@ def test_loss_has_every_term_and_the_switch_changes_only_the_grades(prepared, ru
     batch = collate(OneStageStage(), job, columns(train.iloc[:2]), None)
     torch.manual_seed(0)
     model = OneStageNet(NET).eval()
-    parts = onestage_loss(TINY, _forward(TINY, model, batch), batch)
+    parts = onestage_loss(TINY, forward(TINY, model, batch), batch)
     assert all(torch.isfinite(v) for v in parts.values()) and parts["heat"] > 0 and parts["severity"] > 0
     gt_cfg = dataclasses.replace(TINY, gt_heatmap=True)
-    gt_parts = onestage_loss(gt_cfg, _forward(gt_cfg, model, batch), batch)
+    gt_parts = onestage_loss(gt_cfg, forward(gt_cfg, model, batch), batch)
     assert torch.isclose(gt_parts["heat"], parts["heat"]) and not torch.isclose(gt_parts["severity"], parts["severity"])
     assert batch_tensors(augment_samples(TINY, columns(train.iloc[:2]), None))["x_sag_t1"].shape == (2, 8, 1, 32, 32)
 
@@ -186,6 +188,6 @@ def test_a_step_on_cuda_under_autocast():
     a = {k: (np.repeat(np.repeat(v, 8, -1), 8, -2) if k.startswith("x_") else v) for k, v in a.items()}  # 4 → 32 px
     batch = {k: t.to(dev) for k, t in batch_tensors(a).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        parts = onestage_loss(TINY, _forward(TINY, model, batch), batch)
+        parts = onestage_loss(TINY, forward(TINY, model, batch), batch)
     parts["loss"].backward()
     assert all(torch.isfinite(v) for v in parts.values())

@@ -14,7 +14,7 @@ import pytest
 from spine_ray.config import load
 from spine_ray.infer import infer
 from spine_ray.metric import score_frames
-from spine_ray.pipeline import PipelineConfig
+from spine_ray.run_config import PipelineConfig
 from spine_ray.schema import N_TARGETS, read_labels, read_series, read_submission
 
 pytestmark = pytest.mark.slow
@@ -151,3 +151,22 @@ def test_missing_series_and_corrupt_study_fall_back_to_the_prior(smoke_run, synt
     # Without Sagittal T1 the 10 foraminal targets come from the prior; the rest are predicted.
     assert rep.notes[str(no_t1)].startswith("10 targets from the prior")
     assert json.loads(Path(str(out) + ".report.json").read_text())["fallback_studies"] == 1
+
+
+def test_two_step_member_keeps_its_best_auc_epoch_under_ray_train(smoke_run):
+    # `spine-ray train` trains through Ray Train workers: they validate after every epoch as the
+    # in-process driver does, so step 1 of a `select: auc` member keeps its best-AUC epoch.
+    run, cfg, _ = smoke_run
+    member = next(m for m in cfg.grade if m.two_step is not None and m.two_step.select == "auc")
+    selected = 0
+    for k in range(cfg.folds):
+        fold = run / "grade" / member.name / f"fold{k}"
+        rows = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+        step1 = [r for r in rows if r["phase"] == 0]
+        assert [r["epoch"] for r in step1] == list(range(member.train.epochs))  # step 2's epochs did not overwrite them
+        assert [r["phase"] for r in rows].count(1) == member.two_step.epochs
+        done = json.loads((fold / "done.json").read_text())
+        if all("val_auc" in r for r in step1):  # a held-out split with both classes
+            assert done["selected"] == {"phase0_selected_epoch": int(np.argmax([r["val_auc"] for r in step1]))}
+            selected += 1
+    assert selected, "no fold validated its two-step member under Ray Train"

@@ -125,10 +125,11 @@ def test_report_has_every_section_and_the_numbers_of_the_run(report):
     assert rep["localize"] == json.loads((out / "run" / "localize" / "summary.json").read_text())
     labels = pd.read_csv(out / "run" / "train_labels.csv")
     assert sum(sum(map(sum, m)) for m in rep["confusion"].values()) == int(labels.drop(columns="study_id").notna().sum().sum())
-    # Training curves: one row per fold and epoch of every model (smoke: 1 epoch, 2 folds; 3 views ×
-    # 2 stage-1 members, 2 graders, 1 one-stage member; the cross members a@s1, b@s1 train nothing).
+    # Training curves: one row per fold and epoch of every model (smoke: 2 folds; 1 epoch for 3 views ×
+    # 2 stage-1 members, grader a and the one-stage member; grader b trains 2 + 1 epochs in two steps;
+    # the cross members a@s1, b@s1 train nothing).
     t = pd.DataFrame(rep["training"])
-    assert len(t) == 2 * (3 * 2 + 2 + 1) and {"train_loss", "epoch_s"} <= set(t.columns)
+    assert len(t) == 2 * (3 * 2 + 1 + 3 + 1) and {"train_loss", "epoch_s"} <= set(t.columns)
     assert {"sag_t2", "sag_t2@s1"} <= set(t["member"])
     assert rep["blend"] == blend["blend"]
     assert rep["infer"]["studies"] == 3

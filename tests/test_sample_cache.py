@@ -11,8 +11,15 @@ import pytest
 from test_training_machinery import N_STUDIES, LinearStage, make_run
 
 from spine_ray.distributed import EPOCH, ResourcesConfig, StreamedBatches, epoch_parts, epoch_stream
-from spine_ray.sample_cache import MANIFEST, cache_input, ensure_cache, read_cache, with_caches
-from spine_ray.stage import samples, split_studies
+from spine_ray.sample_cache import (
+    MANIFEST,
+    cache_input,
+    ensure_cache,
+    read_cache,
+    samples,
+    split_studies,
+    with_caches,
+)
 
 
 class CountingStage(LinearStage):

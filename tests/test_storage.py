@@ -105,7 +105,8 @@ def test_retries_transient_errors_then_names_the_object():
 
 
 def test_local_paths_are_made_absolute_urls_are_not(tmp_path, monkeypatch):
-    from spine_ray.pipeline import PipelineConfig, resolved
+    from spine_ray.pipeline import resolved
+    from spine_ray.run_config import PipelineConfig
     from spine_ray.storage import absolute
 
     monkeypatch.chdir(tmp_path)

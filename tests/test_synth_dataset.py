@@ -30,6 +30,11 @@ SMALL = AcquisitionConfig(image_sizes=(64,), sagittal_slices=(15, 16))
 CFG = SynthConfig(studies=3, test_studies=2, seed=11, acquisition=SMALL)
 
 
+def is_finished(out: Path) -> bool:
+    """Whether `out` holds a completely written dataset: its manifest, written last, exists."""
+    return (out / gen.MANIFEST).exists()
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "ds"
@@ -68,7 +73,7 @@ def test_layout_passes_the_schema_readers(dataset):
         assert r.series_description == next(v for k, v in want.items() if r.condition.startswith(k))
         assert (dataset / "train_images" / str(r.study_id) / str(r.series_id) / f"{r.instance_number}.dcm").exists()
     manifest = json.loads((dataset / "manifest.json").read_text())
-    assert manifest["studies"] == 3 and gen.is_finished(str(dataset))
+    assert manifest["studies"] == 3 and is_finished(dataset)
 
 
 def test_every_file_decodes_strictly(dataset):
@@ -161,10 +166,10 @@ def test_interrupted_run_does_not_look_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "make_study", failing)
     with pytest.raises(RuntimeError):
         gen.generate(str(out), replace(CFG, studies=2, test_studies=0), workers=1)
-    assert not gen.is_finished(str(out)) and not (out / "train.csv").exists()
+    assert not is_finished(out) and not (out / "train.csv").exists()
     monkeypatch.undo()
     gen.generate(str(out), replace(CFG, studies=2, test_studies=0), workers=1)
-    assert gen.is_finished(str(out))
+    assert is_finished(out)
     with pytest.raises(FileExistsError):
         gen.generate(str(out), replace(CFG, studies=2, test_studies=0), workers=1)
 
@@ -233,7 +238,7 @@ def test_cli_synth_and_its_errors(tmp_path):
     cli = [sys.executable, "-m", "spine_ray.cli", "synth", str(tmp_path / "d"), "--studies", "1", "--test-studies", "1", "--image-size", "48"]
     r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "oracle" in r.stdout and gen.is_finished(str(tmp_path / "d"))
+    assert "oracle" in r.stdout and is_finished(tmp_path / "d")
     assert read_submission(str(tmp_path / "d" / "oracle_submission.csv"))["row_id"].size == 25
     again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr

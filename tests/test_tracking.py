@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from spine_ray.tracking import (
+    METRICS_FILE,
     flatten,
-    read_epochs,
     set_tracking_uri,
     tracking_uri,
     tune_callbacks,
@@ -14,15 +18,31 @@ from spine_ray.tracking import (
 )
 
 
+def read_epochs(fold_dir: str) -> list[dict[str, Any]]:
+    """A fold's metrics.jsonl rows, oldest first ([] when it has none)."""
+    path = Path(fold_dir, METRICS_FILE)
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def test_a_resumed_fold_replaces_the_epochs_it_trains_again(tmp_path):
     fold = str(tmp_path / "grade" / "a" / "fold0")
     for e in range(3):
-        write_epoch(fold, {"epoch": e, "train_loss": np.float32(1.0 - e / 10), "phase": "first"})
-    write_epoch(fold, {"epoch": 1, "train_loss": 0.5, "phase": "resumed"})  # restarted from epoch 0's checkpoint
+        write_epoch(fold, {"epoch": e, "train_loss": np.float32(1.0 - e / 10), "phase": 0})
+    write_epoch(fold, {"epoch": 1, "train_loss": 0.5, "phase": 0})  # restarted from epoch 0's checkpoint
     rows = read_epochs(fold)
     assert [r["epoch"] for r in rows] == [0, 1]
-    assert rows[1] == {"epoch": 1, "train_loss": 0.5, "phase": "resumed"}
+    assert rows[1] == {"epoch": 1, "train_loss": 0.5, "phase": 0}
     assert read_epochs(str(tmp_path / "nothing")) == []
+
+
+def test_a_second_training_step_keeps_the_first_steps_epochs(tmp_path):
+    # Epochs count from 0 again in step 2 (two-step training): (phase, epoch) orders them.
+    fold = str(tmp_path / "grade" / "a" / "fold0")
+    for phase, epoch in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        write_epoch(fold, {"epoch": epoch, "phase": phase})
+    write_epoch(fold, {"epoch": 1, "phase": 1, "resumed": True})
+    assert [(r["phase"], r["epoch"]) for r in read_epochs(fold)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert read_epochs(fold)[-1]["resumed"]
 
 
 def test_tracking_goes_to_the_run_dir_unless_told_otherwise(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from tinyruns import prepared_run
 
 from spine_ray.config import ConfigError, from_dict
+from spine_ray.fold import fit_fold, local_batches, run_fold
 from spine_ray.grade import (
     FreezeConfig,
     GradeConfig,
@@ -34,15 +35,8 @@ from spine_ray.losses import (
 )
 from spine_ray.models.freezing import backbone_blocks, eval_frozen_norms, freeze_backbone
 from spine_ray.models.grader import GraderConfig
-from spine_ray.stage import (
-    FoldJob,
-    fit_fold,
-    fold_epochs,
-    local_batches,
-    new_model,
-    run_fold,
-    samples,
-)
+from spine_ray.sample_cache import samples
+from spine_ray.stage import FoldJob, fold_epochs, new_model
 from spine_ray.train_loop import TrainConfig
 
 # dropout 0: a resumed fold then retraces the uninterrupted one exactly.
@@ -315,7 +309,9 @@ def test_run_fold_two_step_selects_step_1_by_auc_and_writes_oof(prepared):
 
 @pytest.mark.slow
 def test_ray_train_fold_with_two_step_and_cutmix_writes_its_oof(prepared, tmp_path):
-    from spine_ray.distributed import ResourcesConfig, fold_dir, read_oof, run_folds
+    from spine_ray.distributed import ResourcesConfig, run_folds
+    from spine_ray.fold import read_oof
+    from spine_ray.stage import fold_dir
 
     run = tmp_path / "run"
     run.mkdir()

@@ -22,19 +22,18 @@ import pytest
 import torch
 from torch import nn
 
-from spine_ray.distributed import (
-    ResourcesConfig,
-    fold_dir,
-    is_done,
-    lane_key,
-    lanes,
-    read_done,
-    run_folds,
-)
-from spine_ray.stage import FoldJob, collate, run_fold, samples, split_studies
+from spine_ray.distributed import ResourcesConfig, lane_key, lanes, run_folds
+from spine_ray.fold import run_fold
+from spine_ray.sample_cache import samples, split_studies
+from spine_ray.stage import FoldJob, collate, fold_dir, is_done
 from spine_ray.train_loop import TrainConfig, lr_factor
 
 N_STUDIES, DIM = 40, 6
+
+
+def read_done(job: FoldJob) -> dict:
+    """A finished fold's done marker."""
+    return json.loads((Path(fold_dir(job)) / "done.json").read_text())
 
 
 class LinearStage:
@@ -64,7 +63,7 @@ class LinearStage:
     def to_batch(self, job, arrays):
         return {"x": torch.from_numpy(np.asarray(arrays["x"], np.float32)), "y": torch.from_numpy(np.asarray(arrays["y"], np.float32))}
 
-    def build_model(self, job):
+    def build_model(self, member, config):
         return nn.Linear(DIM, 1)
 
     def loss(self, job, model, batch):

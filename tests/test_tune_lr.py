@@ -7,9 +7,10 @@ import json
 import pytest
 
 from spine_ray.config import ConfigError, load
-from spine_ray.localize import LocalizeConfig, LocalizeStage, ViewConfig
+from spine_ray.localize import LocalizeConfig, ViewConfig
 from spine_ray.models.localizer import LocalizerConfig
-from spine_ray.pipeline import PipelineConfig, setup_run
+from spine_ray.pipeline import setup_run
+from spine_ray.run_config import PipelineConfig
 from spine_ray.train_loop import TrainConfig
 from spine_ray.tune_lr import SearchParam, TuneLRConfig, member_config, tune_lr, with_values
 
@@ -21,7 +22,7 @@ def test_with_values_replaces_dotted_keys_and_validates():
     assert cfg.train.lr == 0.01 and cfg.train.weight_decay == 0.2 and cfg.model == TINY.model
     with pytest.raises(ConfigError, match="not in the ViewConfig"):
         with_values(TINY, {"train.momentum": 0.9})
-    with pytest.raises(ConfigError, match="expected localize"):
+    with pytest.raises(ConfigError, match="no member localize.coronal"):
         member_config(PipelineConfig(), "localize.coronal")
 
 
@@ -30,7 +31,7 @@ def test_search_writes_a_trainable_best_config(prepared, tmp_path):
     cfg = PipelineConfig(prepared=str(prepared), run_dir=str(tmp_path / "run"), folds=2, localize=LocalizeConfig(sag_t2=TINY))
     setup_run(cfg)
     space = (SearchParam("train.lr", 1e-4, 1e-2), SearchParam("train.weight_decay", 1e-4, 1e-1))
-    result = tune_lr(cfg, "localize.sag_t2", TuneLRConfig(trials=3, space=space), LocalizeStage(), {})
+    result = tune_lr(cfg, "localize.sag_t2", TuneLRConfig(trials=3, space=space))
     assert len(result["trials"]) == 3
     assert result["trials"][0]["train.lr"] == TINY.train.lr  # the current values are tried first
     assert result["best_val_loss"] == min(t["val_loss"] for t in result["trials"])

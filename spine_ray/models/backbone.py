@@ -9,12 +9,16 @@ timm's `forward_intermediates`). Families built for one input size (ViT, DeiT, B
 are built for the stage's crop or volume size, and with `dynamic_img_size=True` where the family
 supports it; `check_input_size` runs one probe so an impossible name/size pair fails with a
 one-line ValueError when the model is built, not in the middle of training.
+
+`BackboneConfig` holds the encoder settings both stages share and `build_encoder` turns it into
+the encoder and its input statistics; `GraderConfig` and `LocalizerConfig` extend it.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -33,6 +37,27 @@ def check_weights(pretrained: bool, weights: str | None) -> None:
     """Config validation shared by both stages: `weights` only makes sense with pretrained=True."""
     if weights is not None and not pretrained:
         raise ValueError(f"weights={weights!r} given but pretrained=False; set pretrained=True to load them")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The timm encoder settings of both stages: which backbone, its weights and how it takes its input.
+
+    Stage configs subclass it rather than nest it, so its fields stay at the top level of a stage's
+    `model:` mapping: YAML in jobs/, and the configs saved in old run dirs and model.pt files, load as is.
+    """
+
+    backbone: str = "convnext_small.fb_in22k_ft_in1k"
+    in_chans: int = 1
+    pretrained: bool = False
+    weights: str | None = None
+    # Extra timm constructor kwargs, e.g. {depth: 2}, {window_size: 8} or (maps) {out_indices: 1}; see README "Backbones".
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
+    grad_checkpointing: bool = False  # trade compute for memory in the encoder
+
+    def __post_init__(self) -> None:
+        check_weights(self.pretrained, self.weights)
 
 
 def _one_line(e: BaseException) -> str:
@@ -159,3 +184,23 @@ def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Te
     if len(mean) != in_chans:
         mean, std = mean.mean().expand(in_chans), std.mean().expand(in_chans)
     return mean.reshape(1, in_chans, 1, 1).clone(), std.reshape(1, in_chans, 1, 1).clone()
+
+
+def build_encoder(
+    cfg: BackboneConfig, img_size: int | None, maps: bool, **kwargs: Any
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """The config's encoder (feature maps if `maps`, else pooled features) with its input mean and std [1, C, 1, 1].
+
+    img_size: the stage's input side; the encoder is built for it and probed once
+    (`check_input_size`). kwargs (e.g. drop_path_rate) go to timm before the config's
+    backbone_kwargs; a key in both is a TypeError.
+    """
+    head: dict[str, Any] = {"features_only": True} if maps else {"num_classes": 0}
+    encoder = create_backbone(
+        cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, img_size, **head, **kwargs, **cfg.backbone_kwargs
+    )
+    if img_size is not None:
+        check_input_size(encoder, cfg.backbone, cfg.in_chans, img_size, maps=maps)
+    set_grad_checkpointing(encoder, cfg.grad_checkpointing)
+    mean, std = input_stats(encoder, cfg.in_chans)
+    return encoder, mean, std

@@ -13,31 +13,19 @@ mixer across the T targets of a sample (transformer or GRU, fifth place) before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import (
-    check_input_size,
-    check_weights,
-    create_backbone,
-    input_stats,
-    set_grad_checkpointing,
-)
+from spine_ray.models.backbone import BackboneConfig, build_encoder
 from spine_ray.schema import CONDITIONS, LEVELS
 
 
 @dataclass(frozen=True)
-class GraderConfig:
-    """Stage-2 network settings."""
+class GraderConfig(BackboneConfig):
+    """Stage-2 network settings: the encoder's (`BackboneConfig`), then the slice model's."""
 
-    backbone: str = "convnext_small.fb_in22k_ft_in1k"
-    in_chans: int = 1
-    pretrained: bool = False
-    weights: str | None = None
-    # Extra timm constructor kwargs, e.g. {depth: 2} or {window_size: 8}; see README "Backbones".
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     n_classes: int = 3
     dim: int = 256  # slice feature width fed to the LSTM
     lstm_hidden: int = 128  # per direction; pooled features are 2× this
@@ -50,11 +38,9 @@ class GraderConfig:
     target_mixer: Literal["none", "transformer", "gru"] = "none"
     mixer_layers: int = 1
     mixer_heads: int = 4
-    normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
-    grad_checkpointing: bool = False  # trade compute for memory in the encoder
 
     def __post_init__(self) -> None:
-        check_weights(self.pretrained, self.weights)
+        super().__post_init__()
         if min(self.n_classes, self.dim, self.lstm_hidden, self.lstm_layers, self.n_views) < 1:
             raise ValueError("n_classes, dim, lstm_hidden, lstm_layers and n_views must be positive")
         if self.target_mixer == "transformer" and (2 * self.lstm_hidden) % self.mixer_heads:
@@ -98,14 +84,7 @@ class Grader(nn.Module):
     def __init__(self, cfg: GraderConfig, img_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = create_backbone(
-            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, img_size,
-            num_classes=0, drop_path_rate=cfg.drop_path_rate, **cfg.backbone_kwargs,
-        )
-        if img_size is not None:
-            check_input_size(self.encoder, cfg.backbone, cfg.in_chans, img_size, maps=False)
-        set_grad_checkpointing(self.encoder, cfg.grad_checkpointing)
-        mean, std = input_stats(self.encoder, cfg.in_chans)
+        self.encoder, mean, std = build_encoder(cfg, img_size, maps=False, drop_path_rate=cfg.drop_path_rate)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         self.proj = nn.Sequential(nn.Linear(self.encoder.num_features, cfg.dim), nn.LayerNorm(cfg.dim))

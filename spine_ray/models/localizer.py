@@ -19,43 +19,28 @@ Heatmap voxel (s, i, j) is centred on input voxel (s, (i + 0.5)·stride − 0.5,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spine_ray.models.backbone import (
-    check_input_size,
-    check_weights,
-    create_backbone,
-    feature_maps,
-    input_stats,
-    set_grad_checkpointing,
-)
+from spine_ray.models.backbone import BackboneConfig, build_encoder, feature_maps
 
 
 @dataclass(frozen=True)
-class LocalizerConfig:
-    """Stage-1 network settings."""
+class LocalizerConfig(BackboneConfig):
+    """Stage-1 network settings: the encoder's (`BackboneConfig`), then the decoder's and head's."""
 
-    backbone: str = "convnext_small.fb_in22k_ft_in1k"
-    in_chans: int = 1
-    pretrained: bool = False
-    weights: str | None = None
-    # Extra timm constructor kwargs, e.g. {depth: 2} or {out_indices: 1}; see README "Backbones".
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     n_points: int = 5
     hidden: int = 64  # decoder / context channels
     out_stride: int = 4  # in-plane heatmap stride w.r.t. the input
     context: Literal["conv", "gru", "none"] = "conv"
     context_layers: int = 2
     dropout: float = 0.0
-    normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
-    grad_checkpointing: bool = False  # trade compute for memory in the encoder
 
     def __post_init__(self) -> None:
-        check_weights(self.pretrained, self.weights)
+        super().__post_init__()
         if self.n_points < 1 or self.hidden < 1 or self.context_layers < 0:
             raise ValueError("n_points and hidden must be positive, context_layers non-negative")
         if self.out_stride < 1 or self.out_stride & (self.out_stride - 1):
@@ -103,14 +88,7 @@ class Localizer(nn.Module):
     def __init__(self, cfg: LocalizerConfig, img_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = create_backbone(
-            cfg.backbone, cfg.pretrained, cfg.weights, cfg.in_chans, img_size,
-            features_only=True, **cfg.backbone_kwargs,
-        )
-        if img_size is not None:
-            check_input_size(self.encoder, cfg.backbone, cfg.in_chans, img_size, maps=True)
-        set_grad_checkpointing(self.encoder, cfg.grad_checkpointing)
-        mean, std = input_stats(self.encoder, cfg.in_chans)
+        self.encoder, mean, std = build_encoder(cfg, img_size, maps=True)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         reductions = self.encoder.feature_info.reduction()

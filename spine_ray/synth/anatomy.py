@@ -205,6 +205,24 @@ class Spine:
     def _column(self, u: np.ndarray, v: np.ndarray, w: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tissues of the vertebral column at local points [N] (painted over the trunk's `out`)."""
         out = out.copy()
+        p = self._column_points(u, v, w)
+        walls = self._canal_walls(p)
+        # Each part is painted over the ones before it where they overlap, so the order matters.
+        body = self._paint_bodies(p, out)
+        disc, bulge = self._paint_discs(p, out)
+        lf = self._paint_posterior_elements(p, walls, out)
+        facet = self._paint_facets(p, walls, out)
+        self._paint_foramina(p, out, bulge)
+        sac = self._paint_canal(p, walls, out, body | disc | facet | lf)
+        # Sacrum: fused segments, bone out to the alae.
+        au, v, w, pw, sv = p.au, p.v, p.w, p.pw, p.sv
+        ala = p.sacral & (au < 48.0) & (v > pw - 2 * float(self.body_v[-1]) + 6.0) & (v < sv + 12.0) & ~sac & (w > self.disc_s[-1] - 20.0)
+        out[ala & ~body & ~disc] = MARROW
+        mod = np.where(out == NUCLEUS, self.hydration[p.k], 0.0).astype(np.float32)
+        return out, mod
+
+    def _column_points(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> _ColumnPoints:
+        """Each point's nearest disc, its offset from it, and the body beside it (v moved by any slip above)."""
         au = np.abs(u)
         side = (u < 0).astype(np.intp)  # 0 = left (u > 0), 1 = right
         k = np.argmin(np.abs(w[:, None] - self.disc_s[None, :].astype(np.float32)), axis=1)
@@ -220,28 +238,51 @@ class Spine:
         sv, su = np.float32(self.sac_half_v), np.float32(self.sac_half_u)
         pw = -sv - 1.0  # posterior wall of the bodies: 1 mm of anterior epidural space
         sacral = w < self.s_sacrum - 2.0
-        # Vertebral bodies: a flat-backed ellipse, cortical rim and endplates, marrow inside.
         bc = pw - bv + 2.0
+        return _ColumnPoints(
+            u=u, v=v, w=w, au=au, side=side, k=k, dw=dw, half=half,
+            bu=bu, bv=bv, bc=bc, sv=sv, su=su, pw=pw, sacral=sacral,
+        )
+
+    def _canal_walls(self, p: _ColumnPoints) -> _CanalWalls:
+        """The dural sac's walls and width and the superior articular processes' front at each point."""
+        a, b = self._sac_walls(p.k)
+        a = np.where(np.abs(p.dw) < p.half + 2.0, a, -p.sv).astype(np.float32)
+        lf_zone = (p.dw > -p.half - 3.0) & (p.dw < p.half + 9.0)  # interlaminar window: ligamentum flavum, facets
+        b = np.where(lf_zone, b, p.sv).astype(np.float32)
+        recess = np.where(p.side == 0, self.recess[p.k, 0], self.recess[p.k, 1]).astype(np.float32)
+        keep = np.where(p.side == 0, self.sac_width[p.k, 0], self.sac_width[p.k, 1]).astype(np.float32)
+        su_eff = p.su * np.where(lf_zone, keep, 1.0).astype(np.float32)
+        return _CanalWalls(a=a, b=b, lf_zone=lf_zone, su_eff=su_eff, sap_front=a + recess)
+
+    def _paint_bodies(self, p: _ColumnPoints, out: np.ndarray) -> np.ndarray:
+        """Paint the vertebral bodies (flat-backed ellipses: marrow, cortical rim, endplates) into `out`; returns their mask."""
+        u, v, dw, half, bu, bv, bc, pw = p.u, p.v, p.dw, p.half, p.bu, p.bv, p.bc, p.pw
         rb = (u / bu) ** 2 + ((v - bc) / bv) ** 2
         body = (rb < 1.0) & (v < pw)
-        body &= w > self.disc_s[-1] - 25.0
+        body &= p.w > self.disc_s[-1] - 25.0
         out[body] = MARROW
         rim = body & ((rb > (1.0 - 2.4 / bv) ** 2) | (v > pw - 1.2) | (np.abs(dw) < half + 1.1))
         out[rim] = CORTEX
-        # Discs: biconvex, nucleus and annulus; the posterior margin bulges into the canal.
+        return body
+
+    def _paint_discs(self, p: _ColumnPoints, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paint the biconvex discs (annulus, nucleus) into `out`; returns their mask and posterior bulge (mm)."""
+        u, v, au, dw, half, bu, bv, bc, su, pw = p.u, p.v, p.au, p.dw, p.half, p.bu, p.bv, p.bc, p.su, p.pw
         rd = (u / (bu + 1.0)) ** 2 + ((v - bc) / (bv + 1.0)) ** 2
-        bulge = self.bulge[k].astype(np.float32) * np.clip(1.0 - (au / (su + 6.0)) ** 4, 0.0, 1.0)
+        bulge = self.bulge[p.k].astype(np.float32) * np.clip(1.0 - (au / (su + 6.0)) ** 4, 0.0, 1.0)
         in_disc_w = np.abs(dw) < half * (1.0 - 0.2 * np.minimum(rd, 1.0)) + 0.3
         disc = in_disc_w & (((rd < 1.0) & (v < pw)) | ((v >= pw - 0.1) & (v < pw + bulge) & (au < su + 8.0)))
         out[disc] = ANNULUS
         nuc = disc & (rd < 0.3) & (np.abs(dw) < 0.6 * half)
         out[nuc] = NUCLEUS
-        # Posterior elements.
-        a, b = self._sac_walls(k)
-        a = np.where(np.abs(dw) < half + 2.0, a, -sv).astype(np.float32)
-        lf_zone = (dw > -half - 3.0) & (dw < half + 9.0)  # interlaminar window: ligamentum flavum, facets
-        b = np.where(lf_zone, b, sv).astype(np.float32)
-        fat_pad = 2.0 * (1.0 - self.sac_lost[k] / (2 * sv)).astype(np.float32)
+        return disc, bulge
+
+    def _paint_posterior_elements(self, p: _ColumnPoints, walls: _CanalWalls, out: np.ndarray) -> np.ndarray:
+        """Paint the laminae, spines, ligaments, pedicles and transverse processes into `out`; returns the flavum's mask."""
+        v, au, dw, half, sv, su, pw, sacral = p.v, p.au, p.dw, p.half, p.sv, p.su, p.pw, p.sacral
+        b, lf_zone = walls.b, walls.lf_zone
+        fat_pad = 2.0 * (1.0 - self.sac_lost[p.k] / (2 * sv)).astype(np.float32)
         lamina_front = sv + 3.5 + 0.35 * au
         lamina = (~lf_zone) & (v > lamina_front) & (v < lamina_front + 7.0) & (au < su + 14.0)
         spinous = (au < 3.5) & (v > sv + 6.0) & (v < sv + 38.0) & (dw > half + 2.0) & (dw < half + 17.0)
@@ -255,18 +296,23 @@ class Spine:
         out[ped & (au > su - 1.0) & (au < su + 9.0) & ~sacral] = MARROW
         tp = (dw < -half - 4.0) & (dw > -half - 12.0) & (au >= su + 13.0) & (au < su + 34.0) & (np.abs(v - sv) < 3.5)
         out[tp & ~sacral] = CORTEX
-        # Facet joints at the disc level: superior articular process in front, inferior behind.
-        recess = np.where(side == 0, self.recess[k, 0], self.recess[k, 1]).astype(np.float32)
-        keep = np.where(side == 0, self.sac_width[k, 0], self.sac_width[k, 1]).astype(np.float32)
-        su_eff = su * np.where(lf_zone, keep, 1.0).astype(np.float32)
-        sap_front = a + recess
+        return lf
+
+    def _paint_facets(self, p: _ColumnPoints, walls: _CanalWalls, out: np.ndarray) -> np.ndarray:
+        """Paint the facets (superior articular process in front, inferior behind) into `out`; returns their mask."""
+        v, au, su, sacral = p.v, p.au, p.su, p.sacral
+        lf_zone, su_eff, sap_front = walls.lf_zone, walls.su_eff, walls.sap_front
         facet = lf_zone & (au > su_eff - 1.0) & (au < su + 15.0) & (v > sap_front) & (v < sap_front + 14.0)
         out[facet & ~sacral] = MARROW
         joint = facet & (np.abs((au - su - 5.0) - 0.8 * (v - sap_front - 6.0)) < 0.7)
         out[joint & ~sacral] = JOINT
-        # Neural foramina: perineural fat around the exiting root, which fills the foramen as it shrinks.
-        ft = np.where(side == 0, self.fat_t[k, 0], self.fat_t[k, 1]).astype(np.float32)
-        fv = np.where(side == 0, self.fat_v[k, 0], self.fat_v[k, 1]).astype(np.float32)
+        return facet
+
+    def _paint_foramina(self, p: _ColumnPoints, out: np.ndarray, bulge: np.ndarray) -> None:
+        """Paint the foramina into `out`: perineural fat around the exiting root, which fills the foramen as it shrinks."""
+        v, au, dw, half, sv, pw, sacral, k = p.v, p.au, p.dw, p.half, p.sv, p.pw, p.sacral, p.k
+        ft = np.where(p.side == 0, self.fat_t[k, 0], self.fat_t[k, 1]).astype(np.float32)
+        fv = np.where(p.side == 0, self.fat_v[k, 0], self.fat_v[k, 1]).astype(np.float32)
         root_r = 2.4
         fu = np.float32(self.foramen_u)
         fc_v, fc_w = -sv + 3.0, half + 4.0
@@ -281,8 +327,13 @@ class Spine:
         squash = np.clip((root_r + ft) / root_r, 0.35, 1.0)
         root = ((v - fc_v) / (root_r * squash)) ** 2 + ((dw - fc_w) / root_r) ** 2 < 1.0
         out[lat & fz & root & ~sacral] = NERVE
-        # Spinal canal: epidural fat, then the dural sac between the bulge and the flavum.
-        canal = (au < su + 2.0) & (v > a - 0.5) & (v < sv + 3.5) & ~body & ~disc & ~facet & ~lf
+
+    def _paint_canal(self, p: _ColumnPoints, walls: _CanalWalls, out: np.ndarray, solid: np.ndarray) -> np.ndarray:
+        """Paint the canal outside `solid` into `out`: epidural fat, dural sac and roots, lateral recesses; returns the sac's mask."""
+        u, v, w, au, sv, su, sacral = p.u, p.v, p.w, p.au, p.sv, p.su, p.sacral
+        a, b, lf_zone, su_eff, sap_front = walls.a, walls.b, walls.lf_zone, walls.su_eff, walls.sap_front
+        # Epidural fat, then the dural sac between the bulge and the flavum.
+        canal = (au < su + 2.0) & (v > a - 0.5) & (v < sv + 3.5) & ~solid
         out[canal & ~sacral] = FAT
         vcen, vh = (a + b) / 2, np.maximum((b - a) / 2, 0.6)
         sac = (u / su_eff) ** 2 + ((v - vcen) / vh) ** 2 < 1.0
@@ -301,11 +352,39 @@ class Spine:
         for ru, rv in ((-0.55, 0.35), (-0.2, 0.55), (0.2, 0.55), (0.55, 0.35), (-0.35, 0.05), (0.35, 0.05), (0.0, 0.25)):
             roots |= (u - ru * su_eff) ** 2 + (v - (vcen + rv * vh)) ** 2 < 1.3
         out[sac & (roots | cord)] = NERVE
-        # Sacrum: fused segments, bone out to the alae.
-        ala = sacral & (au < 48.0) & (v > pw - 2 * float(self.body_v[-1]) + 6.0) & (v < sv + 12.0) & ~sac & (w > self.disc_s[-1] - 20.0)
-        out[ala & ~body & ~disc] = MARROW
-        mod = np.where(out == NUCLEUS, self.hydration[k], 0.0).astype(np.float32)
-        return out, mod
+        return sac
+
+
+@dataclass(frozen=True)
+class _ColumnPoints:
+    """Local points [N] near the column, placed against their nearest disc and the body beside it (float32)."""
+
+    u: np.ndarray
+    v: np.ndarray  # moved forwards by any slip above
+    w: np.ndarray
+    au: np.ndarray  # |u|
+    side: np.ndarray  # 0 = left (u > 0), 1 = right
+    k: np.ndarray  # index of the nearest disc
+    dw: np.ndarray  # w from that disc's centre
+    half: np.ndarray  # that disc's half-height
+    bu: np.ndarray  # half-width of the body beside the point
+    bv: np.ndarray  # half-depth of that body
+    bc: np.ndarray  # v of that body's centre
+    sv: np.float32  # dural sac half AP
+    su: np.float32  # dural sac half-width
+    pw: np.float32  # v of the bodies' posterior wall
+    sacral: np.ndarray  # below the lumbosacral junction
+
+
+@dataclass(frozen=True)
+class _CanalWalls:
+    """Where the canal's narrowing structures stand at each of the `_ColumnPoints` (float32)."""
+
+    a: np.ndarray  # anterior wall of the dural sac (disc bulge)
+    b: np.ndarray  # posterior wall (ligamentum flavum)
+    lf_zone: np.ndarray  # in the interlaminar window: ligamentum flavum, facets
+    su_eff: np.ndarray  # the sac's half-width, less what facet overgrowth takes
+    sap_front: np.ndarray  # front of the superior articular process (a + lateral recess depth)
 
 
 def sample_spine(latent: np.ndarray, rng: np.random.Generator) -> Spine:

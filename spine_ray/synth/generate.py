@@ -139,8 +139,3 @@ def generate(out: str, cfg: SynthConfig, workers: int = 0, overwrite: bool = Fal
     body = {"format": "spine-ray-synth/1", "seed": cfg.seed, **scores}
     atomic_write_bytes(manifest, json.dumps(body, indent=2, sort_keys=True, allow_nan=False).encode())
     return summary
-
-
-def is_finished(out: str) -> bool:
-    """Whether `out` holds a completely written dataset (its manifest exists)."""
-    return exists(join(out, MANIFEST))
