@@ -52,7 +52,7 @@ SPECIAL = ("cross", "onestage", "label_clean")
 
 def arm_members(base: dict, arms: list[str]) -> list[dict]:
     """The grade members of one run: the base member, then one per switch arm (dicts for the config loader)."""
-    from spine_ray.config import _set_in, parse_override
+    from spine_ray.core.config import _set_in, parse_override
 
     out = []
     for arm in arms:
@@ -73,10 +73,10 @@ def reuse_stage1(src: str, dst: str) -> None:
 
 def score_test(run: str, prepared_test: str, labels: pd.DataFrame) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
     """Every member's test score, its [n, 25, 3] probabilities, and the prior's [n, 25, 3]."""
+    from spine_ray.core.schema import label_matrix
+    from spine_ray.data.volumes import read_volumes
+    from spine_ray.ensemble.metric import score_arrays
     from spine_ray.infer import StudyPredictor
-    from spine_ray.metric import score_arrays
-    from spine_ray.schema import label_matrix
-    from spine_ray.volumes import read_volumes
 
     predictor = StudyPredictor(run)
     studies = labels["study_id"].astype(int).tolist()
@@ -94,9 +94,9 @@ def score_test(run: str, prepared_test: str, labels: pd.DataFrame) -> tuple[dict
 
 def blend_scores(run: str, members: list[str], test_probs: dict[str, np.ndarray], y: np.ndarray, work: str, seed: int) -> dict[str, dict]:
     """`tune-ensemble` on every member and on every member but one: CV (held-out halves) and test score of each blend."""
-    from spine_ray.blend import apply_blend, load_blend
-    from spine_ray.metric import score_arrays
-    from spine_ray.tune_ensemble import tune_ensemble
+    from spine_ray.ensemble.blend import apply_blend, load_blend
+    from spine_ray.ensemble.metric import score_arrays
+    from spine_ray.ensemble.tune_ensemble import tune_ensemble
 
     out = {}
     oof = pd.read_parquet(Path(run) / "oof.parquet")
@@ -133,13 +133,13 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run, e.g. grade.0.train.epochs=2")
     args = ap.parse_args()
 
-    from spine_ray.config import from_dict, load, to_dict
-    from spine_ray.ingest import prepare
+    from spine_ray.core.config import from_dict, load, to_dict
+    from spine_ray.core.schema import label_matrix, read_labels, read_submission
+    from spine_ray.data.ingest import prepare
+    from spine_ray.ensemble.metric import score_arrays, score_frames
     from spine_ray.label_clean import clean_labels
-    from spine_ray.metric import score_arrays, score_frames
     from spine_ray.pipeline import train
     from spine_ray.run_config import PipelineConfig
-    from spine_ray.schema import label_matrix, read_labels, read_submission
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
 

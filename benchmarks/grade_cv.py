@@ -38,15 +38,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from spine_ray.config import from_dict
-    from spine_ray.fold import run_fold
-    from spine_ray.folds import assign_folds
-    from spine_ray.grade import GradeConfig, GradeStage, fake_points
-    from spine_ray.metric import score_arrays, score_frames
-    from spine_ray.onestage import OneStageConfig, OneStageStage
-    from spine_ray.prior import oof_prior
-    from spine_ray.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, read_labels
-    from spine_ray.stage import FoldJob
+    from spine_ray.core.config import from_dict
+    from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, read_labels
+    from spine_ray.engine.fold import run_fold
+    from spine_ray.engine.folds import assign_folds
+    from spine_ray.engine.stage import FoldJob
+    from spine_ray.ensemble.metric import score_arrays, score_frames
+    from spine_ray.ensemble.prior import oof_prior
+    from spine_ray.stages.grade.config import GradeConfig
+    from spine_ray.stages.grade.samples import fake_points
+    from spine_ray.stages.grade.stage import GradeStage
+    from spine_ray.stages.onestage import OneStageConfig, OneStageStage
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)

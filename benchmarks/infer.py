@@ -63,9 +63,9 @@ def plain(data: str, run: str, split: str) -> tuple[float, int]:
 
     import pandas as pd
 
+    from spine_ray.core.schema import read_series
+    from spine_ray.core.storage import join
     from spine_ray.infer import StudyPredictor, decode_study
-    from spine_ray.schema import read_series
-    from spine_ray.storage import join
 
     series = read_series(join(data, f"{split}_series_descriptions.csv"))
     predictor = StudyPredictor(run)
@@ -87,8 +87,8 @@ def main() -> None:
     import ray
     import torch
 
+    from spine_ray.core.raycluster import init_ray
     from spine_ray.infer import infer
-    from spine_ray.raycluster import init_ray
 
     torch.set_num_threads(1)  # one core per predictor, in every mode
     splits = args.splits.split(",")

@@ -43,11 +43,11 @@ import pydicom
 from pydicom.encaps import generate_frames
 from rle.utils import decode_frame
 
-from spine_ray import ingest
-from spine_ray.dicom import decode_series
-from spine_ray.ingest import VolumeCodec, decode_group, make_plan, prepare
-from spine_ray.schema import read_series
-from spine_ray.storage import DirectFile
+from spine_ray.core.schema import read_series
+from spine_ray.core.storage import DirectFile
+from spine_ray.data import ingest
+from spine_ray.data.dicom import decode_series
+from spine_ray.data.ingest import VolumeCodec, decode_group, make_plan, prepare
 from tests.dicomfiles import write_series_csv, write_study  # run from the repository root
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spine_ray.folds import assign_folds
+from spine_ray.core.schema import LABEL_COLUMNS, label_matrix, labels_from_matrix, read_labels
+from spine_ray.engine.folds import assign_folds
+from spine_ray.ensemble.prior import oof_prior
 from spine_ray.label_clean import clean_labels, flag_labels, noise_recovery
-from spine_ray.prior import oof_prior
-from spine_ray.schema import LABEL_COLUMNS, label_matrix, labels_from_matrix, read_labels
 from spine_ray.synth.labels import sample_labels
 from spine_ray.synth.oof import MemberSpec, synthetic_run
 

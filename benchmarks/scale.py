@@ -4,7 +4,7 @@ In one run, on synthetic studies written at real image sizes (DICOM → `prepare
   1. per unit (each stage-1 view, the first stage-2 member): sample-cache CPU-seconds and bytes per
      sample, and the input pipeline's augmentation rate per CPU core (samples/s, one thread);
   2. the recipe's real networks (pretrained=False) take `--model-steps` training steps on this CPU;
-  3. a simulated accelerator (a trainer whose step takes a fixed time, `spine_ray.train_loop.fit`
+  3. a simulated accelerator (a trainer whose step takes a fixed time, `spine_ray.engine.train_loop.fit`
      all the same) fed by the streamed pipeline (`distributed.StreamedBatches`), at the speed the
      pipeline's cores should sustain with 25 % headroom: the trainer's `data_wait_frac`;
   4. object-store peak of a fold set trained on this node with 2 and with 4 folds, for the old path
@@ -99,27 +99,29 @@ def main() -> None:
 
     import ray
 
-    from spine_ray.config import from_dict, load
-    from spine_ray.distributed import ResourcesConfig, StreamedBatches
-    from spine_ray.grade import GradeStage, fake_points
-    from spine_ray.ingest import prepare
-    from spine_ray.localize import LocalizeStage
-    from spine_ray.pipeline import fold_jobs, setup_run
-    from spine_ray.raycluster import init_ray
-    from spine_ray.run_config import PipelineConfig
-    from spine_ray.sample_cache import (
+    from spine_ray.core.config import from_dict, load
+    from spine_ray.core.raycluster import init_ray
+    from spine_ray.core.schema import with_target
+    from spine_ray.data.ingest import prepare
+    from spine_ray.data.volumes import read_table
+    from spine_ray.engine.resources import ResourcesConfig
+    from spine_ray.engine.sample_cache import (
         cache_input,
         count_samples,
         ensure_cache,
         read_cache,
         split_studies,
     )
-    from spine_ray.schema import with_target
-    from spine_ray.stage import collate, columns, epoch_rng, steps_per_epoch
+    from spine_ray.engine.stage import collate, columns, epoch_rng, steps_per_epoch
+    from spine_ray.engine.stream import StreamedBatches
+    from spine_ray.engine.train_loop import TrainConfig, fit
+    from spine_ray.pipeline import fold_jobs, setup_run
+    from spine_ray.run_config import PipelineConfig
+    from spine_ray.stages.grade.samples import fake_points
+    from spine_ray.stages.grade.stage import GradeStage
+    from spine_ray.stages.localize import LocalizeStage
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
-    from spine_ray.train_loop import TrainConfig, fit
-    from spine_ray.volumes import read_table
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     torch.set_num_threads(1)
@@ -265,7 +267,7 @@ def _replicated(g: dict, replicas: int, tmp: Path):
 
     import pandas as pd
 
-    from spine_ray.sample_cache import (
+    from spine_ray.engine.sample_cache import (
         cache_input,
         chunks,
         read_cache,
@@ -308,8 +310,8 @@ def _fold_set_peak(mode: str, folds: int, stage: object, job: object, res: objec
     import pandas as pd
     import ray
 
-    from spine_ray.distributed import StreamedBatches
-    from spine_ray.sample_cache import cache_input, count_samples, read_cache, split_studies
+    from spine_ray.engine.sample_cache import cache_input, count_samples, read_cache, split_studies
+    from spine_ray.engine.stream import StreamedBatches
 
     run = tmp / f"peak-{mode}-{folds}"
     run.mkdir()

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import replace
 
-from spine_ray.config import load
+from spine_ray.core.config import load
 from spine_ray.synth.generate import generate
 from spine_ray.synth.study import PRESETS, SynthConfig
 

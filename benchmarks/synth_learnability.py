@@ -24,9 +24,15 @@ import pydicom
 import torch
 from torch import nn
 
-from spine_ray.metric import score_arrays
-from spine_ray.prior import fit_prior, predict_prior
-from spine_ray.schema import CONDITIONS, LABEL_COLUMNS, label_matrix, read_coordinates, read_labels
+from spine_ray.core.schema import (
+    CONDITIONS,
+    LABEL_COLUMNS,
+    label_matrix,
+    read_coordinates,
+    read_labels,
+)
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.prior import fit_prior, predict_prior
 from spine_ray.synth.labels import LabelConfig, column_params, oracle_probs
 
 HALF = 24

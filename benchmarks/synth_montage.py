@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from spine_ray.config import load
-from spine_ray.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+from spine_ray.core.config import load
+from spine_ray.core.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.synth.generate import generate
 from spine_ray.synth.study import PRESETS, SynthConfig
 

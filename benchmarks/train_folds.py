@@ -46,14 +46,15 @@ def main() -> None:
 
     import ray
 
-    from spine_ray.config import from_dict, load
-    from spine_ray.distributed import ResourcesConfig, run_folds
-    from spine_ray.fold import run_fold
-    from spine_ray.ingest import prepare
-    from spine_ray.localize import LocalizeStage
+    from spine_ray.core.config import from_dict, load
+    from spine_ray.core.raycluster import init_ray
+    from spine_ray.data.ingest import prepare
+    from spine_ray.engine.fold import run_fold
+    from spine_ray.engine.resources import ResourcesConfig
+    from spine_ray.engine.schedule import run_folds
     from spine_ray.pipeline import fold_jobs, setup_run
-    from spine_ray.raycluster import init_ray
     from spine_ray.run_config import PipelineConfig
+    from spine_ray.stages.localize import LocalizeStage
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
 
@@ -69,8 +70,9 @@ def main() -> None:
     else:
         import numpy as np
 
-        from spine_ray.grade import GradeStage, fake_points
-        from spine_ray.volumes import read_table
+        from spine_ray.data.volumes import read_table
+        from spine_ray.stages.grade.samples import fake_points
+        from spine_ray.stages.grade.stage import GradeStage
 
         member, model_cfg, stage = base.grade[0].name, base.grade[0], GradeStage()
     model_cfg = dataclasses.replace(model_cfg, train=dataclasses.replace(model_cfg.train, epochs=args.epochs))
@@ -85,7 +87,7 @@ def main() -> None:
         setup_run(cfg)
         return fold_jobs(cfg, args.stage, member, model_cfg, inputs)
 
-    from spine_ray.sample_cache import samples
+    from spine_ray.engine.sample_cache import samples
 
     trained = args.epochs * sum(len(samples(stage, j, "train")) for j in jobs_for("count"))
     results: dict[str, float] = {}

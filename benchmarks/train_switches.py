@@ -22,17 +22,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from spine_ray.grade import (
-    FreezeConfig,
-    GradeConfig,
-    GradeStage,
-    MixConfig,
-    augment_samples,
-    batch_tensors,
-)
+from spine_ray.core.schema import LEVELS
+from spine_ray.engine.stage import FoldJob
 from spine_ray.models.grader import GraderConfig
-from spine_ray.schema import LEVELS
-from spine_ray.stage import FoldJob
+from spine_ray.stages.grade.augment import augment_samples, batch_tensors
+from spine_ray.stages.grade.config import FreezeConfig, GradeConfig, MixConfig
+from spine_ray.stages.grade.stage import GradeStage
 
 
 def sample_rows(cfg: GradeConfig, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

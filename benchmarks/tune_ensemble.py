@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from spine_ray.blend import (
+from spine_ray.core.schema import GROUPS
+from spine_ray.ensemble.blend import (
     SEVERE_RANGE,
     Blend,
     FitConfig,
@@ -41,10 +42,9 @@ from spine_ray.blend import (
     one_hot_blend,
     score_blend,
 )
-from spine_ray.metric import score_arrays
-from spine_ray.schema import GROUPS
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.tune_ensemble import load_run, split_masks, tune_ensemble
 from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
-from spine_ray.tune_ensemble import load_run, split_masks, tune_ensemble
 
 TEMPERATURE_RANGE: tuple[float, float] = (0.5, 2.0)  # the old search's temperature range
 
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from spine_ray.raycluster import init_ray
+    from spine_ray.core.raycluster import init_ray
 
     t0 = time.perf_counter()
     init_ray()

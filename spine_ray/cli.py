@@ -9,13 +9,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from spine_ray.config import ConfigError
+from spine_ray.core.config import ConfigError
+from spine_ray.core.schema import SchemaError
+from spine_ray.core.storage import StorageError
 from spine_ray.demo import DemoConfig
+from spine_ray.engine.tracking import set_tracking_uri
 from spine_ray.label_clean import DEFAULT_THRESHOLD
-from spine_ray.report import ReportConfig
-from spine_ray.schema import SchemaError
-from spine_ray.storage import StorageError
-from spine_ray.tracking import set_tracking_uri
+from spine_ray.report.build import ReportConfig
 
 app = typer.Typer(
     help="Lumbar-spine MRI degenerative grading (RSNA 2024) on Ray.",
@@ -46,8 +46,8 @@ def score(
     labels: str = typer.Option(..., "--labels", help="Labels in train.csv format; path or URL."),
 ) -> None:
     """Score a submission with the competition's exact metric."""
-    from spine_ray.metric import score_frames
-    from spine_ray.schema import read_labels, read_submission
+    from spine_ray.core.schema import read_labels, read_submission
+    from spine_ray.ensemble.metric import score_frames
 
     result = score_frames(read_labels(labels), read_submission(submission))
     out.print(score_table(f"score of {submission}", {"submission": result.as_dict()}))
@@ -61,9 +61,9 @@ def baseline(
     out_dir: str = typer.Option(None, "--out", help="Where to write prior.csv, folds.csv and oof_prior.csv."),
 ) -> None:
     """Fit the prior baseline (p ∝ weight × frequency) and score it out-of-fold."""
-    from spine_ray.baseline import run_baseline, write_prior
-    from spine_ray.schema import read_labels, submission_frame, write_submission
-    from spine_ray.storage import atomic_write_bytes, join
+    from spine_ray.core.schema import read_labels, submission_frame, write_submission
+    from spine_ray.core.storage import atomic_write_bytes, join
+    from spine_ray.ensemble.baseline import run_baseline, write_prior
 
     table = read_labels(labels)
     result = run_baseline(table, folds, seed)
@@ -92,7 +92,7 @@ def prepare_cmd(
     """Decode every DICOM series into Parquet volumes, labels and an errors table (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from spine_ray.ingest import VolumeCodec, prepare
+    from spine_ray.data.ingest import VolumeCodec, prepare
 
     try:
         volume_codec = VolumeCodec(codec, codec_level)
@@ -138,7 +138,7 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished dataset at OUT."),
 ) -> None:
     """Write a synthetic dataset with known labels, coordinates and the Bayes-optimal oracle."""
-    from spine_ray.config import load
+    from spine_ray.core.config import load
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import PRESETS, SynthConfig
 
@@ -169,7 +169,7 @@ def train(
     tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
     """Train every model stage, all folds in parallel, and write out-of-fold tables."""
-    from spine_ray.config import load
+    from spine_ray.core.config import load
     from spine_ray.pipeline import train as run_train
     from spine_ray.run_config import PipelineConfig
 
@@ -202,10 +202,10 @@ def tune_lr_cmd(
 ) -> None:
     """Search a model's learning rate and weight decay with Ray Tune, Optuna and ASHA."""
     set_tracking_uri(tracking_uri)
-    from spine_ray.config import load
+    from spine_ray.core.config import load
+    from spine_ray.core.storage import join
     from spine_ray.pipeline import resolved, setup_run
     from spine_ray.run_config import PipelineConfig
-    from spine_ray.storage import join
     from spine_ray.tune_lr import TuneLRConfig, member_config, tune_lr
 
     cfg = resolved(load(PipelineConfig, config, overrides))
@@ -231,8 +231,8 @@ def tune_ensemble_cmd(
 ) -> None:
     """Fit per-group member weights, temperatures and a spinal severe factor exactly on OOF predictions; Ray Tune picks shrinkage, cap, per-level temperatures and clip held-out; write blend.json."""
     set_tracking_uri(tracking_uri)
-    from spine_ray.storage import join
-    from spine_ray.tune_ensemble import MODES, tune_ensemble
+    from spine_ray.core.storage import join
+    from spine_ray.ensemble.tune_ensemble import MODES, tune_ensemble
 
     if mode not in MODES or trials < 1:
         raise typer.BadParameter(f"--mode must be one of {list(MODES)} and --trials ≥ 1")
@@ -258,8 +258,8 @@ def clean_labels_cmd(
     synthetic: str = typer.Option("", "--synthetic", help="The `spine-ray synth` dataset behind the run (default: found through the run's prepared manifest)."),
 ) -> None:
     """Flag labels the out-of-fold ensemble disbelieves (p(label) < threshold); on synthetic data, score them against the known flips."""
+    from spine_ray.core.storage import join
     from spine_ray.label_clean import clean_labels
-    from spine_ray.storage import join
 
     if not 0.0 < threshold < 1.0:
         raise typer.BadParameter("--threshold must be in (0, 1)")
@@ -358,8 +358,8 @@ def report(
     studies: int = typer.Option(ReportConfig.studies, "--studies", help="Pictures of this many worst and this many random studies."),
 ) -> None:
     """Write a static HTML report of a run: scores, confusion matrices, calibration, localisation, pictures, curves, blend."""
-    from spine_ray.report import build_report
-    from spine_ray.storage import join
+    from spine_ray.core.storage import join
+    from spine_ray.report.build import build_report
 
     if studies < 0:
         raise typer.BadParameter("--studies must be ≥ 0")

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from spine_ray.config import from_dict, load
-from spine_ray.storage import atomic_write_text, exists, join
+from spine_ray.core.config import from_dict, load
+from spine_ray.core.storage import atomic_write_text, exists, join
 
 RUN_README = """# spine-ray demo run
 
@@ -58,19 +58,19 @@ class DemoConfig:
 def run_demo(out: str, config: str, demo: DemoConfig, overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step into `out`; returns the summary (also written as summary.json)."""
 
-    from spine_ray.baseline import read_prior
+    from spine_ray.core.schema import read_labels, read_submission, submission_frame
+    from spine_ray.core.storage import absolute
+    from spine_ray.data.ingest import prepare
+    from spine_ray.ensemble.baseline import read_prior
+    from spine_ray.ensemble.metric import score_frames
+    from spine_ray.ensemble.prior import predict_prior
+    from spine_ray.ensemble.tune_ensemble import tune_ensemble
     from spine_ray.infer import infer
-    from spine_ray.ingest import prepare
-    from spine_ray.metric import score_frames
     from spine_ray.pipeline import train
-    from spine_ray.prior import predict_prior
-    from spine_ray.report import ReportConfig, build_report
+    from spine_ray.report.build import ReportConfig, build_report
     from spine_ray.run_config import PipelineConfig
-    from spine_ray.schema import read_labels, read_submission, submission_frame
-    from spine_ray.storage import absolute
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
-    from spine_ray.tune_ensemble import tune_ensemble
 
     out = absolute(out)
     data, run = join(out, "data"), join(out, "run")

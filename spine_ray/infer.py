@@ -25,12 +25,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from spine_ray.baseline import read_prior
-from spine_ray.config import load
-from spine_ray.localize import VIEWS, variant_member
+from spine_ray.core.config import load
+from spine_ray.core.schema import N_TARGETS, read_series, submission_frame, write_submission
+from spine_ray.core.storage import atomic_write_text, exists, join
+from spine_ray.ensemble.baseline import read_prior
 from spine_ray.run_config import Member, PipelineConfig
-from spine_ray.schema import N_TARGETS, read_series, submission_frame, write_submission
-from spine_ray.storage import atomic_write_text, exists, join
+from spine_ray.stages.localize import VIEWS, variant_member
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def decode_study(data_dir: str, split: str, study_id: int, series: list[tuple[in
 
     Problems name every unusable file and every listed series without files on disk.
     """
-    from spine_ray.ingest import decode_study as decode
+    from spine_ray.data.ingest import decode_study as decode
 
     volumes, errors = decode(data_dir, split, study_id, dict(series))
     problems = [f"{e.path}: {e.reason}" for e in errors.itertuples()]
@@ -60,7 +60,7 @@ class StudyPredictor:
     """All models of a run, loaded once: one study's volume rows → blended probabilities [25, 3]."""
 
     def __init__(self, run_dir: str, device: str = "cpu") -> None:
-        from spine_ray.registry import load_member
+        from spine_ray.stages.registry import load_member
 
         self.device = torch.device(device)
         cfg = load(PipelineConfig, join(run_dir, "config.yaml"))
@@ -76,7 +76,7 @@ class StudyPredictor:
         self.onestage = {name: v for (stage, name), v in loaded.items() if stage == "onestage"}  # no stage-1 points needed
         self.blend = None
         if exists(join(run_dir, "blend.json")):
-            from spine_ray.blend import load_blend
+            from spine_ray.ensemble.blend import load_blend
 
             self.blend = load_blend(join(run_dir, "blend.json"))
 
@@ -87,7 +87,7 @@ class StudyPredictor:
             return self.prior.copy(), np.zeros(N_TARGETS, bool)
         members, masks = self.member_probs(volumes)
         if self.blend is not None:
-            from spine_ray.blend import apply_blend
+            from spine_ray.ensemble.blend import apply_blend
 
             blended = apply_blend(self.blend, {k: v[None] for k, v in members.items()})[0]
         else:
@@ -98,9 +98,9 @@ class StudyPredictor:
     @torch.no_grad()
     def member_probs(self, volumes: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Volume rows of one study → every member's probabilities [25, 3] (prior where it predicted nothing) and mask [25]."""
-        from spine_ray.grade import predict_study
-        from spine_ray.localize import locate_study
-        from spine_ray.onestage import predict_study as onestage_study
+        from spine_ray.stages.grade.predict import predict_study
+        from spine_ray.stages.localize import locate_study
+        from spine_ray.stages.onestage import predict_study as onestage_study
 
         members, masks = {}, {}
         for variant, (localizers, configs) in self.localizers.items():
@@ -167,10 +167,10 @@ def infer(data_dir: str, run_dir: str, out: str, split: str = "test", num_gpus: 
     """Score every study listed in `{split}_series_descriptions.csv` into the submission at `out`."""
     import ray
 
-    from spine_ray.raycluster import init_ray
-    from spine_ray.registry import model_url
-    from spine_ray.storage import absolute
-    from spine_ray.train_loop import check_checkpoint
+    from spine_ray.core.raycluster import init_ray
+    from spine_ray.core.storage import absolute
+    from spine_ray.engine.train_loop import check_checkpoint
+    from spine_ray.stages.registry import model_url
 
     t0 = time.perf_counter()
     data_dir, run_dir, out = absolute(data_dir), absolute(run_dir), absolute(out)

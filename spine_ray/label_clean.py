@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from spine_ray.blend import member_matrix
-from spine_ray.label_flags import FLAG_COLUMNS, write_flags
-from spine_ray.schema import (
+from spine_ray.core.schema import (
     CONDITIONS,
     LABEL_COLUMNS,
     N_TARGETS,
@@ -36,7 +34,9 @@ from spine_ray.schema import (
     label_matrix,
     read_labels,
 )
-from spine_ray.storage import exists, join, read_bytes, read_text
+from spine_ray.core.storage import exists, join, read_bytes, read_text
+from spine_ray.data.label_flags import FLAG_COLUMNS, write_flags
+from spine_ray.ensemble.blend import member_matrix
 
 FLAGS_FILE = "label_flags.parquet"
 # Conservative: a calibrated ensemble keeps ~100% precision up to 0.3 on synthetic data, but a noisy

@@ -7,12 +7,12 @@ A run directory holds everything a run produced (paths or URLs):
     folds.parquet         study_id, fold: study-level folds, stratified, fixed by the seed
     prior.csv             the prior fitted on all training labels (target, normal_mild, moderate, severe)
     localize/{view}/fold{k}/   model.pt, oof.parquet, done.json (stage 1, per view and fold)
-    localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.localize)
+    localize/points.parquet    stage-1 out-of-fold points of every view (see spine_ray.stages.localize)
     localize/summary.json      out-of-fold localisation error per view
     localize/{view}@{variant}/fold{k}/, localize/points@{variant}.parquet, localize/summary@{variant}.json
                           the same for each stage-1 variant (`localize_variants`, cross-ensembling)
     grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold);
-                          oof@{variant}.parquet: the fold's model on a variant's points (spine_ray.cross)
+                          oof@{variant}.parquet: the fold's model on a variant's points (spine_ray.stages.cross)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe; a member run on
                           a variant's points is named `{member}@{variant}`
     onestage/{member}/fold{k}/ model.pt, oof.parquet, done.json (one-stage members, spinal + foraminal rows)
@@ -32,21 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spine_ray.baseline import write_prior
-from spine_ray.blend import member_matrix
-from spine_ray.config import save
-from spine_ray.distributed import run_folds
-from spine_ray.folds import assign_folds
-from spine_ray.label_flags import read_flags
-from spine_ray.localize import (
-    error_summary,
-    variant_member,
-)
-from spine_ray.metric import score_arrays
-from spine_ray.prior import fit_prior, oof_prior
-from spine_ray.registry import STAGES, stage_named
-from spine_ray.run_config import PipelineConfig
-from spine_ray.schema import (
+from spine_ray.core.config import save
+from spine_ray.core.schema import (
     LABEL_COLUMNS,
     SchemaError,
     label_matrix,
@@ -54,8 +41,7 @@ from spine_ray.schema import (
     read_labels,
     with_target,
 )
-from spine_ray.stage import FoldJob, fold_dir, job_key
-from spine_ray.storage import (
+from spine_ray.core.storage import (
     absolute,
     atomic_write_bytes,
     atomic_write_parquet,
@@ -64,7 +50,18 @@ from spine_ray.storage import (
     join,
     read_parquet,
 )
-from spine_ray.volumes import LABELS_FILE, read_manifest
+from spine_ray.data.label_flags import read_flags
+from spine_ray.data.volumes import LABELS_FILE, read_manifest
+from spine_ray.engine.folds import assign_folds
+from spine_ray.engine.schedule import run_folds
+from spine_ray.engine.stage import FoldJob, fold_dir, job_key
+from spine_ray.ensemble.baseline import write_prior
+from spine_ray.ensemble.blend import member_matrix
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.prior import fit_prior, oof_prior
+from spine_ray.run_config import PipelineConfig
+from spine_ray.stages.localize import error_summary, variant_member
+from spine_ray.stages.registry import STAGES, stage_named
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +184,7 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
     tables = run_folds(stage, jobs, cfg.resources, cfg.samples_dir)
     if cfg.localize_variants:
-        from spine_ray.cross import run_cross
+        from spine_ray.stages.cross import run_cross
 
         variants = {v.name: points_url(cfg, v.name) for v in cfg.localize_variants}
         missing = [u for u in variants.values() if not exists(u)]
@@ -211,8 +208,8 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
         report["members"][m] = score_arrays(lm, probs).as_dict()
         report["filled_from_prior"][m] = mm.filled[m]
     if cfg.oracle:
-        from spine_ray.metric import score_frames
-        from spine_ray.schema import read_submission
+        from spine_ray.core.schema import read_submission
+        from spine_ray.ensemble.metric import score_frames
 
         report["oracle"] = score_frames(labels, read_submission(cfg.oracle)).as_dict()
     atomic_write_text(join(cfg.run_dir, "cv.json"), json.dumps(report, indent=2))

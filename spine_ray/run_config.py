@@ -11,15 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from spine_ray.config import ConfigError
-from spine_ray.distributed import ResourcesConfig
-from spine_ray.grade import GradeConfig
-from spine_ray.localize import VIEWS, LocalizeConfig, LocalizeVariant, variant_member
-from spine_ray.onestage import OneStageConfig
+from spine_ray.core.config import ConfigError
+from spine_ray.engine.resources import ResourcesConfig
+from spine_ray.stages.grade.config import GradeConfig
+from spine_ray.stages.localize import VIEWS, LocalizeConfig, LocalizeVariant, variant_member
+from spine_ray.stages.onestage import OneStageConfig
 
 
 class Member(NamedTuple):
-    """One trained member: its stage (a name in `spine_ray.registry.STAGES`), its name and config."""
+    """One trained member: its stage (a name in `spine_ray.stages.registry.STAGES`), its name and config."""
 
     stage: str
     name: str

@@ -1,7 +1,7 @@
 """`spine-ray tune-lr`: Ray Tune with Optuna and ASHA over one model's optimisation settings.
 
 Each trial is a real training run of the chosen member (`{stage}.{member}` of any stage in
-`spine_ray.registry.STAGES`: `localize.sag_t2`, `localize.axial@v1`, `grade.<name>`,
+`spine_ray.stages.registry.STAGES`: `localize.sag_t2`, `localize.axial@v1`, `grade.<name>`,
 `onestage.<name>`) on one fold with the plain loop, reporting its validation loss after every epoch; ASHA stops poor
 trials early, Optuna proposes the next ones. The samples are built once and shared through the
 object store. The best values are written back into a full pipeline config the user can train
@@ -19,15 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spine_ray.config import ConfigError, from_dict, save, to_dict
-from spine_ray.fold import fit_fold, local_batches
+from spine_ray.core.config import ConfigError, from_dict, save, to_dict
+from spine_ray.core.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
+from spine_ray.engine.fold import fit_fold, local_batches
+from spine_ray.engine.sample_cache import samples
+from spine_ray.engine.stage import FoldJob, Stage, collate, fold_epochs, numpy_batches
+from spine_ray.engine.tracking import tune_callbacks
 from spine_ray.pipeline import resolved, stage_inputs
-from spine_ray.registry import STAGES
 from spine_ray.run_config import PipelineConfig
-from spine_ray.sample_cache import samples
-from spine_ray.stage import FoldJob, Stage, collate, fold_epochs, numpy_batches
-from spine_ray.storage import atomic_write_bytes, atomic_write_text, join, read_bytes
-from spine_ray.tracking import tune_callbacks
+from spine_ray.stages.registry import STAGES
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ def tune_lr(pipeline: PipelineConfig, target: str, tcfg: TuneLRConfig) -> dict[s
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from spine_ray.distributed import storage_root
-    from spine_ray.raycluster import init_ray
-    from spine_ray.sample_cache import with_caches
+    from spine_ray.core.raycluster import init_ray
+    from spine_ray.engine.sample_cache import with_caches
+    from spine_ray.engine.schedule import storage_root
 
     pipeline = resolved(pipeline)
     stage_name, member, member_cfg = member_config(pipeline, target)

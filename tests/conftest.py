@@ -111,7 +111,7 @@ def job_head(s3_server):
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in the Kaggle layout: 6 train + 2 test studies at 64 px."""
-    from spine_ray.config import from_dict
+    from spine_ray.core.config import from_dict
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
 
@@ -124,7 +124,7 @@ def synthetic(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(synthetic, ray_local, tmp_path_factory) -> Path:
     """The tiny synthetic train split, prepared into volumes and labels."""
-    from spine_ray.ingest import prepare
+    from spine_ray.data.ingest import prepare
 
     out = tmp_path_factory.mktemp("prepared")
     prepare(str(synthetic), str(out), "train", workers=1)

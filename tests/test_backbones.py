@@ -8,13 +8,13 @@ import pytest
 import timm
 import torch
 
-from spine_ray.config import ConfigError, from_dict, to_dict
-from spine_ray.heatmap import keypoint_loss
-from spine_ray.localize import ViewConfig, view_model
-from spine_ray.losses import grader_loss
+from spine_ray.core.config import ConfigError, from_dict, to_dict
 from spine_ray.models.backbone import feature_maps
 from spine_ray.models.grader import Grader, GraderConfig
+from spine_ray.models.heatmap import keypoint_loss
 from spine_ray.models.localizer import Localizer, LocalizerConfig
+from spine_ray.stages.localize import ViewConfig, view_model
+from spine_ray.stages.losses import grader_loss
 
 # name → (timm kwargs for both stages, extra localizer kwargs, grader crop side). Reduced real
 # configs where timm has no test_* model. timm's caformer_* entrypoints fix depths and dims

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray.blend import (
+from spine_ray.core.schema import PROB_COLUMNS, row_ids
+from spine_ray.ensemble.blend import (
     SPINAL,
     Blend,
     FitConfig,
@@ -28,10 +29,8 @@ from spine_ray.blend import (
     save_blend,
     score_blend,
 )
-from spine_ray.metric import EPS, TARGET_GROUP, normalise, score_arrays
-from spine_ray.schema import PROB_COLUMNS, row_ids
-from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
-from spine_ray.tune_ensemble import (
+from spine_ray.ensemble.metric import EPS, TARGET_GROUP, normalise, score_arrays
+from spine_ray.ensemble.tune_ensemble import (
     SearchConfig,
     choose,
     cross_data,
@@ -39,6 +38,7 @@ from spine_ray.tune_ensemble import (
     load_run,
     score_candidate,
 )
+from spine_ray.synth.oof import STRESS_MEMBERS, synthetic_run
 
 MEMBERS = ("a", "b", "c")
 
@@ -249,7 +249,7 @@ def test_search_config_grid(grid):
 
 
 def test_tune_ensemble_writes_blend_json_both_modes_agree(ray_local, stress_dir):
-    from spine_ray.tune_ensemble import tune_ensemble
+    from spine_ray.ensemble.tune_ensemble import tune_ensemble
 
     old_keys = {"blend", "scores", "best_member", "halves", "half_blends", "filled_from_prior", "studies", "prior", "search"}
     written = {}

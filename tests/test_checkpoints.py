@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spine_ray.schema import SchemaError
-from spine_ray.train_loop import UnsafeCheckpointError, check_checkpoint, load_state, save_state
+from spine_ray.core.schema import SchemaError
+from spine_ray.engine.train_loop import (
+    UnsafeCheckpointError,
+    check_checkpoint,
+    load_state,
+    save_state,
+)
 
 
 class _RunsCode:

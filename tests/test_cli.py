@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from spine_ray.schema import labels_from_matrix, submission_frame
+from spine_ray.core.schema import labels_from_matrix, submission_frame
 
 CLI = [sys.executable, "-m", "spine_ray.cli"]
 

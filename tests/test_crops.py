@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spine_ray.crops import (
+from spine_ray.data.crops import (
     crop_stack,
     normalise_intensity,
     resample_volume,

@@ -18,7 +18,7 @@ from dicomfiles import (
 )
 from pydicom.uid import RLELossless
 
-from spine_ray import dicom, geometry
+from spine_ray.data import dicom, geometry
 
 H, W = 24, 32  # non-square images catch rows/columns swaps
 
@@ -235,7 +235,7 @@ def test_header_from_an_in_memory_dataset_matches_the_file(tmp_path):
 
 
 def test_intensity_percentiles_match_numpy():
-    from spine_ray.volumes import intensity_percentiles
+    from spine_ray.data.volumes import intensity_percentiles
 
     rng = np.random.default_rng(0)
     for vol in (rng.integers(0, 4096, (3, 20, 30)).astype(np.uint16), rng.integers(-2000, 900, (2, 16, 16)).astype(np.int16)):

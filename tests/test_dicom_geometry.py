@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dicomfiles import axial, rotation, sagittal
 
-from spine_ray import geometry
+from spine_ray.data import geometry
 
 
 def test_affine_matches_the_dicom_formula_with_non_square_pixels():

@@ -9,28 +9,20 @@ import pytest
 import torch
 from tinyruns import prepared_run
 
-from spine_ray.fold import run_fold
-from spine_ray.grade import (
-    SAMPLE_COLUMNS,
-    SLOTS,
-    GradeConfig,
-    GradeStage,
-    collate_samples,
-    flip_batch,
-    flip_sample,
-    forward,
-    predict_study,
-    sample_probs,
-    study_samples,
-)
-from spine_ray.losses import grader_loss
+from spine_ray.core.schema import LABEL_COLUMNS, OOF_COLUMNS
+from spine_ray.data.transforms import mirror_name
+from spine_ray.data.volumes import read_volumes
+from spine_ray.engine.fold import run_fold
+from spine_ray.engine.sample_cache import samples
+from spine_ray.engine.stage import FoldJob, collate
+from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models.grader import Grader, GraderConfig
-from spine_ray.sample_cache import samples
-from spine_ray.schema import LABEL_COLUMNS, OOF_COLUMNS
-from spine_ray.stage import FoldJob, collate
-from spine_ray.train_loop import TrainConfig
-from spine_ray.transforms import mirror_name
-from spine_ray.volumes import read_volumes
+from spine_ray.stages.grade.augment import collate_samples, flip_sample
+from spine_ray.stages.grade.config import SAMPLE_COLUMNS, SLOTS, GradeConfig
+from spine_ray.stages.grade.predict import flip_batch, forward, predict_study, sample_probs
+from spine_ray.stages.grade.samples import study_samples
+from spine_ray.stages.grade.stage import GradeStage
+from spine_ray.stages.losses import grader_loss
 
 TINY = GraderConfig(backbone="test_resnet", dim=16, lstm_hidden=8, level_embedding=True, condition_embedding=True, n_views=3)
 CFG = GradeConfig(model=TINY, train=TrainConfig(epochs=1, batch_size=4, lr=1e-3), out_px=32)

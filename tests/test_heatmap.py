@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spine_ray.heatmap import (
+from spine_ray.models.heatmap import (
     decode_points,
     dsnt,
     gaussian_heatmap,

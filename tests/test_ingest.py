@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from dicomfiles import truncate, write_non_image, write_study_tree
 
-from spine_ray import dicom, geometry, ingest
-from spine_ray.schema import LABEL_COLUMNS
-from spine_ray.volumes import (
+from spine_ray.core.schema import LABEL_COLUMNS
+from spine_ray.data import dicom, geometry, ingest
+from spine_ray.data.volumes import (
     VOLUME_SCHEMA,
     IncompleteOutput,
     load_volume,

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from dicomfiles import truncate, write_study_tree
 
-from spine_ray import ingest
-from spine_ray.storage import fs_for
-from spine_ray.volumes import load_volume, read_manifest, read_table, read_volumes
+from spine_ray.core.storage import fs_for
+from spine_ray.data import ingest
+from spine_ray.data.volumes import load_volume, read_manifest, read_table, read_volumes
 
 
 def test_s3_round_trip_matches_local(tmp_path, s3_bucket, ray_local):

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spine_ray.config import load
-from spine_ray.grade import GradeStage
-from spine_ray.localize import VIEWS, LocalizeStage
+from spine_ray.core.config import load
+from spine_ray.engine.stage import FoldJob
 from spine_ray.models.onestage import OneStageNet
 from spine_ray.run_config import PipelineConfig
-from spine_ray.stage import FoldJob
+from spine_ray.stages.grade.stage import GradeStage
+from spine_ray.stages.localize import VIEWS, LocalizeStage
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 CONFIGS = sorted(p.name for p in JOBS.glob("*.yaml") if "name:" in p.read_text() and "localize:" in p.read_text())

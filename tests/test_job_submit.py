@@ -10,9 +10,9 @@ import pytest
 from ray.job_submission import JobStatus
 from ray_head import AUTH_ENV_VARS, RAY, job_client, ray_head, submit_job
 
+from spine_ray.core.schema import read_series, read_submission
+from spine_ray.data.ingest import prepare
 from spine_ray.infer import infer
-from spine_ray.ingest import prepare
-from spine_ray.schema import read_series, read_submission
 
 REPO = Path(__file__).resolve().parents[1]
 # The runtime env users pass: `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`.

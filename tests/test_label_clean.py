@@ -10,6 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spine_ray.core.schema import (
+    LABEL_COLUMNS,
+    N_TARGETS,
+    SchemaError,
+    label_matrix,
+    read_labels,
+    row_id,
+)
+from spine_ray.data.label_flags import FLAG_COLUMNS, excluded_targets, read_flags, write_flags
 from spine_ray.label_clean import (
     clean_labels,
     ensemble_probs,
@@ -18,15 +27,6 @@ from spine_ray.label_clean import (
     flag_labels,
     noise_recovery,
     noiseless_grades,
-)
-from spine_ray.label_flags import FLAG_COLUMNS, excluded_targets, read_flags, write_flags
-from spine_ray.schema import (
-    LABEL_COLUMNS,
-    N_TARGETS,
-    SchemaError,
-    label_matrix,
-    read_labels,
-    row_id,
 )
 
 T0, T1, T2 = LABEL_COLUMNS[0], LABEL_COLUMNS[7], LABEL_COLUMNS[24]
@@ -122,7 +122,7 @@ def test_bad_or_missing_flags_table_is_one_clear_error(tmp_path):
 
 
 def test_real_labels_with_the_prior_as_oof(real_tables):
-    from spine_ray.prior import fit_prior, predict_prior
+    from spine_ray.ensemble.prior import fit_prior, predict_prior
 
     table = read_labels(str(real_tables / "train.csv"))
     labels = label_matrix(table)
@@ -136,7 +136,7 @@ def test_real_labels_with_the_prior_as_oof(real_tables):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Two synthetic studies at 64 px, prepared in this process (plan, decode each group, finalise: no Ray)."""
-    from spine_ray.ingest import decode_group, finalise, make_plan
+    from spine_ray.data.ingest import decode_group, finalise, make_plan
     from spine_ray.synth.acquisition import AcquisitionConfig
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig
@@ -152,11 +152,13 @@ def prepared(tmp_path_factory):
 
 
 def test_exclusion_masks_training_labels_only_and_changes_the_train_cache_key(prepared, tmp_path):
-    from spine_ray.grade import SLOTS, GradeConfig, GradeStage, fake_points
+    from spine_ray.data.volumes import read_volumes
+    from spine_ray.engine.sample_cache import cache_key
+    from spine_ray.engine.stage import FoldJob
     from spine_ray.models.grader import GraderConfig
-    from spine_ray.sample_cache import cache_key
-    from spine_ray.stage import FoldJob
-    from spine_ray.volumes import read_volumes
+    from spine_ray.stages.grade.config import SLOTS, GradeConfig
+    from spine_ray.stages.grade.samples import fake_points
+    from spine_ray.stages.grade.stage import GradeStage
 
     prep = str(prepared)
     lab = pd.read_parquet(f"{prep}/labels.parquet")
@@ -204,7 +206,7 @@ def test_exclusion_masks_training_labels_only_and_changes_the_train_cache_key(pr
 
 
 def test_pipeline_passes_a_valid_exclusion_to_grade_and_refuses_a_bad_one(tmp_path):
-    from spine_ray.config import load
+    from spine_ray.core.config import load
     from spine_ray.pipeline import resolved, stage_inputs
     from spine_ray.run_config import PipelineConfig
 

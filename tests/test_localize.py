@@ -7,16 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from spine_ray.crops import to_native
-from spine_ray.heatmap import gaussian_heatmap, scale_coords
-from spine_ray.localize import SPINAL, LocalizeStage, ViewConfig, error_summary, predict_points
+from spine_ray.data.crops import to_native
+from spine_ray.data.volumes import read_table
+from spine_ray.engine.sample_cache import samples
+from spine_ray.engine.stage import FoldJob
+from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.models.heatmap import gaussian_heatmap, scale_coords
 from spine_ray.models.localizer import LocalizerConfig
 from spine_ray.pipeline import setup_run
 from spine_ray.run_config import PipelineConfig
-from spine_ray.sample_cache import samples
-from spine_ray.stage import FoldJob
-from spine_ray.train_loop import TrainConfig
-from spine_ray.volumes import read_table
+from spine_ray.stages.localize import (
+    SPINAL,
+    LocalizeStage,
+    ViewConfig,
+    error_summary,
+    predict_points,
+)
 
 TINY = ViewConfig(model=LocalizerConfig(backbone="resnet10t", hidden=16, out_stride=2), train=TrainConfig(epochs=1, batch_size=2), slices=8, size=32)
 
@@ -89,9 +95,9 @@ def test_axial_folds_follow_their_sagittal_t2_fold_in_one_run_or_all_sagittal_fo
     import pandas as pd
 
     import spine_ray.pipeline as pl
-    from spine_ray.distributed import ResourcesConfig
-    from spine_ray.localize import POINT_COLUMNS
-    from spine_ray.stage import fold_dir
+    from spine_ray.engine.resources import ResourcesConfig
+    from spine_ray.engine.stage import fold_dir
+    from spine_ray.stages.localize import POINT_COLUMNS
 
     calls = []
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from spine_ray.losses import any_severe_spinal_loss, grader_loss, severity_loss, slice_loss
-from spine_ray.metric import score_arrays
-from spine_ray.schema import N_TARGETS
+from spine_ray.core.schema import N_TARGETS
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.stages.losses import any_severe_spinal_loss, grader_loss, severity_loss, slice_loss
 
 
 @pytest.fixture()

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray.metric import score_arrays, score_frames
-from spine_ray.schema import N_TARGETS, label_matrix, read_labels, row_ids, submission_frame
+from spine_ray.core.schema import N_TARGETS, label_matrix, read_labels, row_ids, submission_frame
+from spine_ray.ensemble.metric import score_arrays, score_frames
 
 
 def uniform(n: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_row_order_of_the_submission_does_not_matter():
     y = rng.integers(0, 3, size=(5, N_TARGETS)).astype(np.int8)
     studies = [11, 22, 33, 44, 55]
     labels = pd.DataFrame({"study_id": studies})
-    from spine_ray.schema import labels_from_matrix
+    from spine_ray.core.schema import labels_from_matrix
 
     labels = labels_from_matrix(studies, y)
     sub = submission_frame(studies, rng.random((5, N_TARGETS, 3)) + 0.05)
@@ -86,7 +86,7 @@ def test_perfect_and_confident_wrong_are_finite():
 
 def test_scoring_missing_a_labelled_row_raises():
     y = np.zeros((1, N_TARGETS), dtype=np.int8)
-    from spine_ray.schema import labels_from_matrix
+    from spine_ray.core.schema import labels_from_matrix
 
     labels = labels_from_matrix([7], y)
     sub = submission_frame([7], uniform(1)).iloc[1:]
@@ -97,7 +97,7 @@ def test_scoring_missing_a_labelled_row_raises():
 def test_score_frames_matches_score_arrays():
     rng = np.random.default_rng(4)
     y = rng.integers(-1, 3, size=(6, N_TARGETS)).astype(np.int8)
-    from spine_ray.schema import labels_from_matrix
+    from spine_ray.core.schema import labels_from_matrix
 
     studies = list(range(100, 106))
     labels = labels_from_matrix(studies, y)

@@ -9,12 +9,12 @@ import pytest
 import timm
 import torch
 
-from spine_ray.config import ConfigError, from_dict, to_dict
-from spine_ray.crops import crop_stack, resample_volume, stack_slices, to_native
-from spine_ray.heatmap import decode_points, keypoint_loss, scale_coords
-from spine_ray.losses import grader_loss, severity_loss, slice_loss
+from spine_ray.core.config import ConfigError, from_dict, to_dict
+from spine_ray.data.crops import crop_stack, resample_volume, stack_slices, to_native
 from spine_ray.models.grader import Grader, GraderConfig
+from spine_ray.models.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.models.localizer import Localizer, LocalizerConfig
+from spine_ray.stages.losses import grader_loss, severity_loss, slice_loss
 
 TINY = ("test_resnet", "resnet10t", "test_convnext")
 REAL = ("convnext_small.fb_in22k_ft_in1k", "tf_efficientnet_b3.ns_jft_in1k")

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from spine_ray.fold import run_fold
-from spine_ray.heatmap import gaussian_heatmap
-from spine_ray.localize import FORAMINAL, SPINAL
+from spine_ray.core.schema import LABEL_COLUMNS, OOF_COLUMNS, target_index
+from spine_ray.data.volumes import read_volumes
+from spine_ray.engine.fold import run_fold
+from spine_ray.engine.sample_cache import samples
+from spine_ray.engine.stage import FoldJob, collate, columns
+from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.models.heatmap import gaussian_heatmap
 from spine_ray.models.localizer import LocalizerConfig
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig, PointGrader, pool_grades
-from spine_ray.onestage import (
+from spine_ray.pipeline import setup_run
+from spine_ray.run_config import PipelineConfig
+from spine_ray.stages.localize import FORAMINAL, SPINAL
+from spine_ray.stages.onestage import (
     MIRROR,
     TARGETS,
     OneStageConfig,
@@ -26,13 +33,6 @@ from spine_ray.onestage import (
     onestage_loss,
     predict_study,
 )
-from spine_ray.pipeline import setup_run
-from spine_ray.run_config import PipelineConfig
-from spine_ray.sample_cache import samples
-from spine_ray.schema import LABEL_COLUMNS, OOF_COLUMNS, target_index
-from spine_ray.stage import FoldJob, collate, columns
-from spine_ray.train_loop import TrainConfig
-from spine_ray.volumes import read_volumes
 
 NET = OneStageNetConfig(net=LocalizerConfig(backbone="resnet10t", hidden=16, out_stride=2))
 TINY = OneStageConfig(model=NET, train=TrainConfig(epochs=1, batch_size=2, lr=3e-3), slices=8, size=32)

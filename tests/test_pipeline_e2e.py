@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray.config import load
+from spine_ray.core.config import load
+from spine_ray.core.schema import N_TARGETS, read_labels, read_series, read_submission
+from spine_ray.ensemble.metric import score_frames
 from spine_ray.infer import infer
-from spine_ray.metric import score_frames
 from spine_ray.run_config import PipelineConfig
-from spine_ray.schema import N_TARGETS, read_labels, read_series, read_submission
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_cross_members_are_the_trained_graders_on_the_variant_points(smoke_run):
 
 
 def test_the_one_stage_member_predicts_the_sagittal_targets_out_of_fold(smoke_run):
-    from spine_ray.localize import FORAMINAL, SPINAL
+    from spine_ray.stages.localize import FORAMINAL, SPINAL
 
     run, _, report = smoke_run
     oof = pd.read_parquet(run / "oof.parquet")

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from spine_ray.baseline import run_baseline
-from spine_ray.config import ConfigError, from_dict, load, save, to_dict
-from spine_ray.folds import assign_folds
-from spine_ray.metric import score_arrays
-from spine_ray.prior import fit_prior, predict_prior
-from spine_ray.schema import labels_from_matrix, read_labels
+from spine_ray.core.config import ConfigError, from_dict, load, save, to_dict
+from spine_ray.core.schema import labels_from_matrix, read_labels
+from spine_ray.engine.folds import assign_folds
+from spine_ray.ensemble.baseline import run_baseline
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.prior import fit_prior, predict_prior
 
 
 def test_prior_is_weight_times_frequency():

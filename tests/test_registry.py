@@ -12,18 +12,19 @@ import pandas as pd
 import pytest
 import torch
 
-from spine_ray.config import ConfigError, load
-from spine_ray.fold import finish_fold
-from spine_ray.grade import GradeConfig, GradeStage
-from spine_ray.localize import LocalizeStage, ViewConfig
+from spine_ray.core.config import ConfigError, load
+from spine_ray.core.schema import SchemaError
+from spine_ray.engine.fold import finish_fold
+from spine_ray.engine.stage import FoldJob
 from spine_ray.models.grader import Grader
 from spine_ray.models.localizer import Localizer
 from spine_ray.models.onestage import OneStageNet
-from spine_ray.onestage import OneStageConfig, OneStageStage
-from spine_ray.registry import STAGES, load_fold_model, load_member, stage_named
 from spine_ray.run_config import PipelineConfig
-from spine_ray.schema import SchemaError
-from spine_ray.stage import FoldJob
+from spine_ray.stages.grade.config import GradeConfig
+from spine_ray.stages.grade.stage import GradeStage
+from spine_ray.stages.localize import LocalizeStage, ViewConfig
+from spine_ray.stages.onestage import OneStageConfig, OneStageStage
+from spine_ray.stages.registry import STAGES, load_fold_model, load_member, stage_named
 from spine_ray.tune_lr import member_config
 
 # Written by the code of commit c91bb8d (before this registry), as its finish_fold wrote model.pt:

@@ -14,17 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray import plots
-from spine_ray.metric import score_arrays
-from spine_ray.report import (
+from spine_ray.core.schema import LEVELS, N_TARGETS, SEVERITY_WEIGHTS
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.report import plots
+from spine_ray.report.build import (
     calibration,
     condition_confusions,
     grade_scores,
     roc_auc,
     target_logloss,
 )
-from spine_ray.report_studies import reformat, study_panels
-from spine_ray.schema import LEVELS, N_TARGETS, SEVERITY_WEIGHTS
+from spine_ray.report.studies import reformat, study_panels
 
 SECTIONS = ["summary", "conditions", "calibration", "localize", "studies", "training", "blend"]
 
@@ -148,7 +148,7 @@ def test_a_known_point_of_a_synthetic_study_is_drawn_on_its_slice(smoke_demo):
         "stack": gt.stack, "slice": gt.slice, "row": gt.row, "col": gt.col, "x_mm": gt.x_mm, "y_mm": gt.y_mm, "z_mm": gt.z_mm,
         "gt_slice": gt.slice, "gt_row": gt.row, "gt_col": gt.col,
     }])
-    from spine_ray.volumes import read_volumes
+    from spine_ray.data.volumes import read_volumes
 
     panels = study_panels(read_volumes(str(out / "prepared"), filters=[("study_id", "=", int(gt.study_id))]), points)
     rgb = panels[0]["rgb"]

@@ -1,4 +1,4 @@
-"""Samples built once for all folds (spine_ray.sample_cache) and streamed per epoch (distributed.epoch_stream)."""
+"""Samples built once for all folds (spine_ray.engine.sample_cache) and streamed per epoch (distributed.epoch_stream)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_training_machinery import N_STUDIES, LinearStage, make_run
 
-from spine_ray.distributed import EPOCH, ResourcesConfig, StreamedBatches, epoch_parts, epoch_stream
-from spine_ray.sample_cache import (
+from spine_ray.engine.resources import ResourcesConfig
+from spine_ray.engine.sample_cache import (
     MANIFEST,
     cache_input,
     ensure_cache,
@@ -20,6 +20,7 @@ from spine_ray.sample_cache import (
     split_studies,
     with_caches,
 )
+from spine_ray.engine.stream import EPOCH, StreamedBatches, epoch_parts, epoch_stream
 
 
 class CountingStage(LinearStage):

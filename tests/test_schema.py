@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray.schema import (
+from spine_ray.core.schema import (
     CONDITION_TITLES,
     LABEL_COLUMNS,
     LEVEL_TITLES,

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from spine_ray.schema import label_matrix, labels_from_matrix, read_labels
-from spine_ray.storage import (
+from spine_ray.core.schema import label_matrix, labels_from_matrix, read_labels
+from spine_ray.core.storage import (
     DirectFile,
     StorageError,
     atomic_write_bytes,
@@ -105,9 +105,9 @@ def test_retries_transient_errors_then_names_the_object():
 
 
 def test_local_paths_are_made_absolute_urls_are_not(tmp_path, monkeypatch):
+    from spine_ray.core.storage import absolute
     from spine_ray.pipeline import resolved
     from spine_ray.run_config import PipelineConfig
-    from spine_ray.storage import absolute
 
     monkeypatch.chdir(tmp_path)
     assert absolute("runs/x") == str(tmp_path / "runs" / "x")

@@ -11,8 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from spine_ray.metric import score_frames
-from spine_ray.schema import (
+from spine_ray.core.schema import (
     AXIAL_T2,
     SAGITTAL_T1,
     SAGITTAL_T2,
@@ -21,6 +20,7 @@ from spine_ray.schema import (
     read_series,
     read_submission,
 )
+from spine_ray.ensemble.metric import score_frames
 from spine_ray.synth import generate as gen
 from spine_ray.synth.acquisition import AcquisitionConfig
 from spine_ray.synth.geometry import pixel_to_patient

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine_ray.metric import score_arrays
-from spine_ray.prior import fit_prior, predict_prior
-from spine_ray.schema import label_matrix, read_labels
+from spine_ray.core.schema import label_matrix, read_labels
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.prior import fit_prior, predict_prior
 from spine_ray.synth.labels import REAL_FREQ, LabelConfig, narrowing, sample_labels
 from spine_ray.synth.phantom import CSF, FAT, NERVE, sample_phantom
 

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 import yaml
 
-from spine_ray.config import load
-from spine_ray.schema import LEVEL_TITLES, read_coordinates, read_labels
+from spine_ray.core.config import load
+from spine_ray.core.schema import LEVEL_TITLES, read_coordinates, read_labels
 from spine_ray.synth import generate as gen
 from spine_ray.synth.anatomy import N_TISSUES, THORACIC_ABOVE, measure_level, sample_spine
 from spine_ray.synth.geometry import pixel_to_patient

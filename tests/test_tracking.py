@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from spine_ray.tracking import (
+from spine_ray.engine.tracking import (
     METRICS_FILE,
     flatten,
     set_tracking_uri,
@@ -49,7 +49,7 @@ def test_tracking_goes_to_the_run_dir_unless_told_otherwise(tmp_path, monkeypatc
     import mlflow
 
     monkeypatch.setenv("SPINE_RAY_TRACKING_URI", "")  # unset; restored after the test, whatever --tracking-uri sets below
-    monkeypatch.setattr("spine_ray.tracking._ENV_URI", "")
+    monkeypatch.setattr("spine_ray.engine.tracking._ENV_URI", "")
     assert tracking_uri(str(tmp_path / "run")) == f"file://{tmp_path / 'run' / 'mlruns'}"
     assert tracking_uri("s3://bucket/run") == ""  # no file store beside a remote run: off unless a server is given
     # Ray's callback sets MLflow's URI for a run, and MLflow writes it into MLFLOW_TRACKING_URI:

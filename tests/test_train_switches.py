@@ -14,30 +14,24 @@ import timm
 import torch
 from tinyruns import prepared_run
 
-from spine_ray.config import ConfigError, from_dict
-from spine_ray.fold import fit_fold, local_batches, run_fold
-from spine_ray.grade import (
-    FreezeConfig,
-    GradeConfig,
-    GradeStage,
-    MixConfig,
-    TwoStepConfig,
-    collate_samples,
-    mix_batch,
-    severity_auc,
-)
-from spine_ray.losses import (
+from spine_ray.core.config import ConfigError, from_dict
+from spine_ray.engine.fold import fit_fold, local_batches, run_fold
+from spine_ray.engine.sample_cache import samples
+from spine_ray.engine.stage import FoldJob, fold_epochs, new_model
+from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.models.freezing import backbone_blocks, eval_frozen_norms, freeze_backbone
+from spine_ray.models.grader import GraderConfig
+from spine_ray.stages.grade.augment import collate_samples, mix_batch
+from spine_ray.stages.grade.config import FreezeConfig, GradeConfig, MixConfig, TwoStepConfig
+from spine_ray.stages.grade.predict import severity_auc
+from spine_ray.stages.grade.stage import GradeStage
+from spine_ray.stages.losses import (
     any_severe_spinal_loss,
     grader_loss,
     severity_loss,
     slice_loss,
     soft_targets,
 )
-from spine_ray.models.freezing import backbone_blocks, eval_frozen_norms, freeze_backbone
-from spine_ray.models.grader import GraderConfig
-from spine_ray.sample_cache import samples
-from spine_ray.stage import FoldJob, fold_epochs, new_model
-from spine_ray.train_loop import TrainConfig
 
 # dropout 0: a resumed fold then retraces the uninterrupted one exactly.
 TINY = GraderConfig(backbone="test_resnet", dim=16, lstm_hidden=8, dropout=0.0, level_embedding=True, condition_embedding=True, n_views=3)
@@ -309,9 +303,10 @@ def test_run_fold_two_step_selects_step_1_by_auc_and_writes_oof(prepared):
 
 @pytest.mark.slow
 def test_ray_train_fold_with_two_step_and_cutmix_writes_its_oof(prepared, tmp_path):
-    from spine_ray.distributed import ResourcesConfig, run_folds
-    from spine_ray.fold import read_oof
-    from spine_ray.stage import fold_dir
+    from spine_ray.engine.fold import read_oof
+    from spine_ray.engine.resources import ResourcesConfig
+    from spine_ray.engine.schedule import run_folds
+    from spine_ray.engine.stage import fold_dir
 
     run = tmp_path / "run"
     run.mkdir()

@@ -22,11 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-from spine_ray.distributed import ResourcesConfig, lane_key, lanes, run_folds
-from spine_ray.fold import run_fold
-from spine_ray.sample_cache import samples, split_studies
-from spine_ray.stage import FoldJob, collate, fold_dir, is_done
-from spine_ray.train_loop import TrainConfig, lr_factor
+from spine_ray.engine.fold import finish_fold, run_fold
+from spine_ray.engine.resources import ResourcesConfig
+from spine_ray.engine.sample_cache import samples, split_studies
+from spine_ray.engine.schedule import lane_key, lanes, run_folds
+from spine_ray.engine.stage import FoldJob, collate, fold_dir, is_done
+from spine_ray.engine.train_loop import TrainConfig, lr_factor
 
 N_STUDIES, DIM = 40, 6
 
@@ -211,7 +212,7 @@ def test_folds_that_need_others_start_after_them_in_their_lane(ray_local, tmp_pa
 
 def test_with_one_trial_per_fold_a_fold_that_needs_others_starts_in_a_later_run(tmp_path, monkeypatch):
     """The GPU path (no lanes): Tune runs in waves, each of the folds whose needs are done."""
-    import spine_ray.distributed as dist
+    import spine_ray.engine.schedule as dist
 
     first = make_run(tmp_path, n_folds=3)
     second = [dataclasses.replace(j, member="after", needs=(f"linear-fold{j.fold}",)) for j in first]
@@ -221,7 +222,7 @@ def test_with_one_trial_per_fold_a_fold_that_needs_others_starts_in_a_later_run(
     def fake_run(stage, jobs, ready, resources, slots, limit):  # trains nothing: marks each fold done
         waves.append(([j.member for j in jobs], slots))
         for j in jobs:
-            dist.finish_fold(stage, j, torch.nn.Linear(DIM, 1), samples(stage, j, "val"))
+            finish_fold(stage, j, torch.nn.Linear(DIM, 1), samples(stage, j, "val"))
 
     monkeypatch.setattr(dist, "init_ray", lambda: None)
     monkeypatch.setattr(dist, "with_caches", lambda stage, jobs, root: jobs)

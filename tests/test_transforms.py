@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spine_ray.schema import LABEL_COLUMNS
-from spine_ray.transforms import intensity, mirror_name, random_angle, sample_slice_shift
+from spine_ray.core.schema import LABEL_COLUMNS
+from spine_ray.data.transforms import intensity, mirror_name, random_angle, sample_slice_shift
 
 
 def test_mirror_name_pairs_left_and_right():

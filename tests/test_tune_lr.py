@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from spine_ray.config import ConfigError, load
-from spine_ray.localize import LocalizeConfig, ViewConfig
+from spine_ray.core.config import ConfigError, load
+from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models.localizer import LocalizerConfig
 from spine_ray.pipeline import setup_run
 from spine_ray.run_config import PipelineConfig
-from spine_ray.train_loop import TrainConfig
+from spine_ray.stages.localize import LocalizeConfig, ViewConfig
 from spine_ray.tune_lr import SearchParam, TuneLRConfig, member_config, tune_lr, with_values
 
 TINY = ViewConfig(model=LocalizerConfig(backbone="resnet10t", hidden=16, out_stride=2), train=TrainConfig(epochs=2, batch_size=2), slices=8, size=32)

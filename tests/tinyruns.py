@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spine_ray.folds import assign_folds
-from spine_ray.grade import fake_points
-from spine_ray.schema import read_labels
+from spine_ray.core.schema import read_labels
+from spine_ray.engine.folds import assign_folds
+from spine_ray.stages.grade.samples import fake_points
 
 
 def prepared_run(root: Path, studies: int, seed: int) -> dict:
     """`studies` synthetic studies at 64 px, prepared; 2 folds and a fake stage-1 points table in `root/run`."""
-    from spine_ray.ingest import prepare
+    from spine_ray.data.ingest import prepare
     from spine_ray.synth.acquisition import AcquisitionConfig
     from spine_ray.synth.generate import generate
     from spine_ray.synth.study import SynthConfig

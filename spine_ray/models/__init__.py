@@ -1,6 +1,3 @@
-"""Stage-1 (keypoint localizer) and stage-2 (severity grader) networks: plain nn.Modules, no Ray."""
-
-from spine_ray.models.grader import Grader, GraderConfig
-from spine_ray.models.localizer import Localizer, LocalizerConfig
-
-__all__ = ["Grader", "GraderConfig", "Localizer", "LocalizerConfig"]
+"""The networks: plain nn.Modules with typed configs, no Ray. The shared backbone (`backbone`),
+stage 1's keypoint localiser, stage 2's grader, the one-stage net, heatmap decoding and losses,
+backbone freezing."""

@@ -175,7 +175,7 @@ def check_input_size(encoder: nn.Module, name: str, in_chans: int, img_size: int
 def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's pretraining mean and std as [1, in_chans, 1, 1] (RGB averaged when in_chans ≠ 3).
 
-    Both stages take [0, 1] inputs (see `spine_ray.crops.normalise_intensity`) and standardise
+    Both stages take [0, 1] inputs (see `spine_ray.data.crops.normalise_intensity`) and standardise
     them with these, so pretrained filters see the statistics they were trained on.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(_inner(model), "pretrained_cfg", None) or {}

@@ -4,7 +4,7 @@ Each sample holds T targets (e.g. the five conditions at one level, or one condi
 levels), each a stack of S crops (slice ± k) of C channels. Per target: a timm encoder embeds
 every slice → a bidirectional LSTM runs across the slices → attention pools the slices → a
 3-class head. The attention logits double as an auxiliary head that finds the annotated slice
-(`spine_ray.losses.slice_loss`; first place: CV 0.262 → 0.252).
+(`spine_ray.stages.losses.slice_loss`; first place: CV 0.262 → 0.252).
 
 Switches (GraderConfig): a learned level embedding, a condition embedding and a view embedding
 (for samples that mix sagittal and axial crops of one level) added to every slice feature; and a
@@ -18,8 +18,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from spine_ray.core.schema import CONDITIONS, LEVELS
 from spine_ray.models.backbone import BackboneConfig, build_encoder
-from spine_ray.schema import CONDITIONS, LEVELS
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,18 @@
 A timm encoder runs on every slice; a small FPN decoder brings its maps to one resolution
 (stride `out_stride`); a light context block mixes neighbouring slices; a 1×1×1 head gives one
 heatmap logit volume per point over (slice, row, col). Train it with
-`spine_ray.heatmap.keypoint_loss` and decode with `decode_points`. Uses:
+`spine_ray.models.heatmap.keypoint_loss` and decode with `decode_points`. Uses:
 
 - sagittal T2/STIR: n_points=5 (spinal canal at each level);
 - sagittal T1: n_points=10 (left foramina L1/L2…L5/S1, then right);
 - axial T2: n_points=2 (left, right subarticular) on the few slices around the axial slice that
   stage 1 finds geometrically from the sagittal spinal point — the same network on S = 5.
 
-`spine_ray.localize.VIEWS[view]` gives each view's series description and names its heatmap
+`spine_ray.stages.localize.VIEWS[view]` gives each view's series description and names its heatmap
 channels in that order.
 
 Heatmap voxel (s, i, j) is centred on input voxel (s, (i + 0.5)·stride − 0.5, …): map with
-`spine_ray.heatmap.scale_coords(coords, model.stride)`.
+`spine_ray.models.heatmap.scale_coords(coords, model.stride)`.
 """
 
 from __future__ import annotations

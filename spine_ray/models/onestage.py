@@ -7,8 +7,8 @@ softmax of its logits (or, as a diagnostic, the ground-truth Gaussian) times the
 summed over the volume — an attention-weighted mean of per-voxel logits, [B, P, 3].
 
 Two views by default: Sagittal T2/STIR with 5 points (spinal canal per level) and Sagittal T1 with
-10 (left foramina L1/L2…L5/S1, then right), in `spine_ray.localize.VIEWS` order. The heatmaps train
-with `spine_ray.heatmap.keypoint_loss`, the pooled grades with the metric-weighted losses.
+10 (left foramina L1/L2…L5/S1, then right), in `spine_ray.stages.localize.VIEWS` order. The heatmaps train
+with `spine_ray.models.heatmap.keypoint_loss`, the pooled grades with the metric-weighted losses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from spine_ray.heatmap import spatial_softmax
+from spine_ray.models.heatmap import spatial_softmax
 from spine_ray.models.localizer import Localizer, LocalizerConfig
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spine_ray.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+from spine_ray.core.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.synth.anatomy import Spine
 from spine_ray.synth.geometry import SeriesGeometry, Slice, plane_stack
 from spine_ray.synth.phantom import N_LEVELS, Phantom

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from spine_ray.config import save
-from spine_ray.metric import score_arrays
-from spine_ray.prior import fit_prior, predict_prior
-from spine_ray.schema import (
+from spine_ray.core.config import save
+from spine_ray.core.schema import (
     COORDINATE_COLUMNS,
     LABEL_COLUMNS,
     SERIES_COLUMNS,
@@ -27,7 +25,9 @@ from spine_ray.schema import (
     submission_frame,
     write_submission,
 )
-from spine_ray.storage import atomic_write_bytes, exists, join, remove
+from spine_ray.core.storage import atomic_write_bytes, exists, join, remove
+from spine_ray.ensemble.metric import score_arrays
+from spine_ray.ensemble.prior import fit_prior, predict_prior
 from spine_ray.synth.labels import sample_labels
 from spine_ray.synth.study import StudyResult, StudyTask, SynthConfig, make_study
 
@@ -69,7 +69,7 @@ def run_tasks(
         return [make_study(t, cfg, out) for t in tasks]
     import ray
 
-    from spine_ray.raycluster import init_ray
+    from spine_ray.core.raycluster import init_ray
 
     init_ray(num_cpus=workers or None, quiet=True)
     remote = ray.remote(num_cpus=1, max_retries=2)(make_study)

@@ -21,7 +21,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from spine_ray.schema import CONDITIONS, LEVELS, N_TARGETS
+from spine_ray.core.schema import CONDITIONS, LEVELS, N_TARGETS
 
 # Counts (Normal/Mild, Moderate, Severe, empty) per label column, in LABEL_COLUMNS order, from
 # the real competition train.csv (1,975 studies). Aggregates only; the table itself is not copied.

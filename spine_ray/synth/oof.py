@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from spine_ray.baseline import write_prior
-from spine_ray.folds import assign_folds
-from spine_ray.metric import TARGET_GROUP
-from spine_ray.prior import fit_prior
-from spine_ray.schema import N_TARGETS, PROB_COLUMNS, labels_from_matrix, row_ids
-from spine_ray.storage import atomic_write_bytes, atomic_write_parquet, join
+from spine_ray.core.schema import N_TARGETS, PROB_COLUMNS, labels_from_matrix, row_ids
+from spine_ray.core.storage import atomic_write_bytes, atomic_write_parquet, join
+from spine_ray.engine.folds import assign_folds
+from spine_ray.ensemble.baseline import write_prior
+from spine_ray.ensemble.metric import TARGET_GROUP
+from spine_ray.ensemble.prior import fit_prior
 from spine_ray.synth.labels import sample_labels
 
 

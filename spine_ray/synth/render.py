@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spine_ray.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+from spine_ray.core.schema import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 from spine_ray.synth.anatomy import ANNULUS as ANNULUS_R
 from spine_ray.synth.anatomy import NUCLEUS as NUCLEUS_R
 from spine_ray.synth.anatomy import Spine

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from spine_ray.config import ConfigError
-from spine_ray.schema import CONDITION_SERIES, CONDITION_TITLES, CONDITIONS, LEVEL_TITLES
-from spine_ray.storage import atomic_write_bytes, is_local, join
+from spine_ray.core.config import ConfigError
+from spine_ray.core.schema import CONDITION_SERIES, CONDITION_TITLES, CONDITIONS, LEVEL_TITLES
+from spine_ray.core.storage import atomic_write_bytes, is_local, join
 from spine_ray.synth.acquisition import AcquisitionConfig, SeriesPlan, plan_study
 from spine_ray.synth.anatomy import sample_spine
 from spine_ray.synth.dicomwrite import (

@@ -1,0 +1,51 @@
+"""Augmentations: pure functions on channel-first numpy arrays, randomness from an explicit Generator.
+
+Slice shifts follow the real errors of stage 1 and rotations turn the crop window before
+cropping (see `spine_ray.data.crops`). `mirror_name` pairs left_* and right_* names: a mirrored left
+foramen is a right foramen (the left–right flip itself is `spine_ray.stages.grade.augment.flip_sample`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mirror_name(name: str) -> str:
+    """'left_…' ↔ 'right_…' anywhere in a label/point name (e.g. a LABEL_COLUMNS entry); others unchanged."""
+    return name.replace("left_", "\0").replace("right_", "left_").replace("\0", "right_")
+
+
+def sample_slice_shift(
+    rng: np.random.Generator, errors: np.ndarray | None = None, sigma: float = 0.5
+) -> int:
+    """An integer slice offset drawn from observed stage-1 OOF slice errors, or round(N(0, sigma))."""
+    if errors is not None and len(errors):
+        return int(np.rint(rng.choice(np.asarray(errors, dtype=np.float64))))
+    return int(np.rint(rng.normal(0.0, sigma)))
+
+
+def random_angle(rng: np.random.Generator, max_deg: float = 15.0) -> float:
+    """An in-plane crop rotation in degrees, uniform in ±max_deg (for `crops.crop_stack(angle=…)`)."""
+    return float(rng.uniform(-max_deg, max_deg))
+
+
+def intensity(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    gamma: tuple[float, float] = (0.7, 1.5),
+    contrast: tuple[float, float] = (0.75, 1.25),
+    brightness: float = 0.1,
+    noise: float = 0.03,
+) -> np.ndarray:
+    """Random gamma, contrast (about the mean), brightness and Gaussian noise on a [0, 1] array."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+    g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1])))
+    x = x**g
+    m = x.mean()
+    x = (x - m) * rng.uniform(*contrast) + m + rng.uniform(-brightness, brightness)
+    if noise:
+        x = x + rng.normal(0.0, noise, size=x.shape).astype(np.float32)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+__all__ = ["sample_slice_shift", "random_angle", "intensity", "mirror_name"]

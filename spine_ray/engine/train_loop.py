@@ -1,0 +1,232 @@
+"""The per-fold training loop: plain PyTorch, no Ray.
+
+`fit` trains one model on one fold: AdamW over the parameters that require grad (frozen ones,
+and their batch-norm statistics, stay put), warm-up then cosine schedule, mixed precision on CUDA
+(bf16, or fp16 with a grad scaler), gradient clipping, a checkpoint after every epoch through a
+callback, resumption from a checkpoint state, and optionally the best epoch's weights by a
+validation metric (`select`). Ray Train calls it from its workers
+(`spine_ray.engine.worker`); tests and GPU checks call it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spine_ray.core.schema import SchemaError
+from spine_ray.models.freezing import eval_frozen_norms
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one fold's training."""
+
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.1
+    grad_clip: float = 5.0
+    amp: bool = True  # only takes effect on CUDA
+    amp_dtype: str = "bfloat16"  # or "float16" (uses a grad scaler)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be ≥ 1")
+        if not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError("amp_dtype must be bfloat16 or float16")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced: metrics and a checkpoint state to persist."""
+
+    epoch: int
+    metrics: dict[str, float]
+    state: dict[str, Any]
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_batches: Callable[[int], Iterable[Batch]],
+    steps_per_epoch: int,
+    cfg: TrainConfig,
+    *,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+    select: str | None = None,
+) -> dict[str, float]:
+    """Train for cfg.epochs; returns the last epoch's metrics.
+
+    train_batches(epoch) yields batches (dicts of tensors) for that epoch; `steps_per_epoch` sizes
+    the schedule. `resume` is a state previously passed to on_epoch_end. `select` (e.g. "val_auc"):
+    when `validate` reports it, the model ends with the weights of the epoch where it was highest
+    (kept in the checkpoint state, so a resumed run selects the same); otherwise the last epoch's.
+    """
+    device = device or next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fit: every parameter is frozen, nothing to train")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * max(1, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
+    use_amp = cfg.amp and device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+    raw = getattr(model, "module", model)  # the bare model under DistributedDataParallel
+    start = 0
+    if resume is not None:
+        raw.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start = int(resume["epoch"]) + 1
+    metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
+    best: dict[str, Any] | None = resume.get("best") if resume else None  # {"value", "epoch", "model"}
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        eval_frozen_norms(model)
+        t0, n, seen, sums, wait = time.perf_counter(), 0, 0, {}, 0.0
+        stream = iter(train_batches(epoch))
+        while True:
+            # data_wait_frac: the share of the epoch spent waiting for the next batch (the input
+            # pipeline is the bottleneck when this is large; on CUDA the step itself is asynchronous).
+            t = time.perf_counter()
+            batch = next(stream, None)
+            wait += time.perf_counter() - t
+            if batch is None:
+                break
+            batch = _to_device(batch, device)
+            ctx = torch.autocast(device.type, dtype=dtype) if use_amp else nullcontext()
+            with ctx:
+                loss, parts = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            n += 1
+            seen += _batch_len(batch)
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        elapsed = time.perf_counter() - t0
+        metrics = {f"train_{k}": v / max(1, n) for k, v in sums.items()}
+        metrics.update(epoch=epoch, samples_per_s=seen / max(elapsed, 1e-9), lr=opt.param_groups[0]["lr"], data_wait_frac=wait / max(elapsed, 1e-9))
+        if validate is not None:
+            model.eval()
+            with torch.no_grad():
+                metrics.update({f"val_{k}": v for k, v in validate(raw).items()})  # the bare model: no DDP collectives
+        if not all(np.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
+        if select is not None and select in metrics and (best is None or metrics[select] > best["value"]):
+            best = {"value": float(metrics[select]), "epoch": epoch, "model": _snapshot(raw.state_dict())}
+        if on_epoch_end is not None:
+            state = _snapshot(
+                {
+                    "model": raw.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "metrics": metrics,
+                    **({"best": best} if best is not None else {}),
+                }
+            )
+            on_epoch_end(EpochResult(epoch, metrics, state))
+    if best is not None:
+        raw.load_state_dict(best["model"])
+        metrics = {**metrics, "selected_epoch": best["epoch"], f"selected_{select}": best["value"]}
+    return metrics
+
+
+def _snapshot(obj: Any) -> Any:
+    """A CPU copy of a (nested) state: state_dict() tensors alias the live parameters."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+def _batch_len(batch: Batch) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    return 0
+
+
+class UnsafeCheckpointError(SchemaError):
+    """A checkpoint that is not plain tensors and containers: loading it could run code."""
+
+
+def save_state(state: dict[str, Any], path: str) -> None:
+    """Save a checkpoint state (tensors, numbers, strings and containers only) with torch.save."""
+    torch.save(state, path)
+
+
+def load_state(path: str | Any, what: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, refusing any pickle that holds more than tensors and plain data.
+
+    `weights_only=True` never runs code from the file: a checkpoint from a shared bucket can be
+    trusted as far as its numbers go. `path` may be an open binary file; `what` names it in errors.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(str(what or path), f"refused, not a weights-only checkpoint ({first})") from None
+
+
+def check_checkpoint(url: str) -> None:
+    """Refuse a checkpoint (path or URL) whose pickle names anything but tensors and plain data,
+    reading only its pickle, not its tensors: a cheap check before workers load it."""
+    from spine_ray.core.storage import fs_for
+
+    fs, path = fs_for(url)
+    try:
+        with fs.open(path, "rb") as f:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything that is not a torch.save zip is refused
+        raise UnsafeCheckpointError(url, f"refused, not a torch.save checkpoint ({type(e).__name__})") from None
+    if unsafe:
+        raise UnsafeCheckpointError(url, f"refused, not a weights-only checkpoint (it would import {', '.join(sorted(unsafe)[:3])})")
