@@ -52,14 +52,14 @@ SPECIAL = ("cross", "onestage", "label_clean")
 
 def arm_members(base: dict, arms: list[str]) -> list[dict]:
     """The grade members of one run: the base member, then one per switch arm (dicts for the config loader)."""
-    from spine_ray.core.config import _set_in, parse_override
+    from spine_ray.core.config import parse_override, set_in
 
     out = []
     for arm in arms:
         member = json.loads(json.dumps(base))
         member["name"] = arm
         for o in ARMS[arm]:
-            _set_in(member, *parse_override(o))
+            set_in(member, *parse_override(o))
         out.append(member)
     return out
 

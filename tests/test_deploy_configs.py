@@ -113,8 +113,14 @@ def test_runtime_env_file_is_a_valid_runtime_env():
     assert set(spec) <= RuntimeEnv.known_fields, set(spec) - RuntimeEnv.known_fields
     env = RuntimeEnv(**spec)  # rejects malformed values
     assert "working_dir" not in spec, "the working dir comes from --working-dir on the command line"
-    for pattern in (".venv", "data/", "runs/", ".git"):
+    for pattern in (".venv", "/data/", "/runs/", ".git"):
         assert pattern in env["excludes"]
+    # Anchored: the package's own data/ folder (code) is never excluded; Ray matches with its pathspec.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", env["excludes"])
+    assert spec.match_file("data/train.csv") and spec.match_file("runs/demo/run/oof.parquet")
+    assert not spec.match_file("spine_ray/data/dicom.py") and not spec.match_file("spine_ray/data/__init__.py")
     assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
     assert all(isinstance(v, str) for v in env["env_vars"].values())
 

@@ -27,7 +27,7 @@ def test_job_imports_the_uploaded_working_dir(job_head):
         "python", "-c",
         "import os, spine_ray; print('spine_ray at', spine_ray.__file__); print('probe', os.environ['PROBE'])",
     ]
-    runtime_env = {"env_vars": {"PROBE": "set-by-runtime-env"}, "excludes": [".git", "data/", "runs/"]}
+    runtime_env = {"env_vars": {"PROBE": "set-by-runtime-env"}, "excludes": [".git", "/data/", "/runs/"]}
     job_id, r = submit_job(job_head, probe, REPO, runtime_env=runtime_env)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     origin = next(line for line in r.stdout.splitlines() if line.startswith("spine_ray at"))

@@ -136,7 +136,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _set_in(data: dict, keys: list[str], value: Any) -> None:
+def set_in(data: dict, keys: list[str], value: Any) -> None:
     """Set a dotted key in nested mappings; a numeric key indexes a list (`grade.0.train.lr`)."""
     node: Any = data
     for i, k in enumerate(keys):
@@ -186,7 +186,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
             pass
     for o in overrides:
         keys, value = parse_override(o)
-        _set_in(data, keys, value)
+        set_in(data, keys, value)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

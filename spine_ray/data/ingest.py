@@ -30,11 +30,39 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spine_ray.data import dicom, geometry
 from spine_ray.core.raycluster import init_ray
-from spine_ray.core.schema import SchemaError, labels_long, read_coordinates, read_labels, read_series, with_target
-from spine_ray.core.storage import atomic_write_parquet, atomic_write_parquet_stream, atomic_write_text, exists, fs_for, join, listdir, read_text, remove, with_retries
-from spine_ray.data.volumes import ERROR_SCHEMA, ERRORS_FILE, LABELS_FILE, MANIFEST, SCHEMA_VERSION, VOLUME_SCHEMA, VOLUMES_DIR, rows_to_table, stack_row
+from spine_ray.core.schema import (
+    SchemaError,
+    labels_long,
+    read_coordinates,
+    read_labels,
+    read_series,
+    with_target,
+)
+from spine_ray.core.storage import (
+    atomic_write_parquet,
+    atomic_write_parquet_stream,
+    atomic_write_text,
+    exists,
+    fs_for,
+    join,
+    listdir,
+    read_text,
+    remove,
+    with_retries,
+)
+from spine_ray.data import dicom, geometry
+from spine_ray.data.volumes import (
+    ERROR_SCHEMA,
+    ERRORS_FILE,
+    LABELS_FILE,
+    MANIFEST,
+    SCHEMA_VERSION,
+    VOLUME_SCHEMA,
+    VOLUMES_DIR,
+    rows_to_table,
+    stack_row,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spine_ray.data.dicom import Stack
 from spine_ray.core.storage import exists, fs_for, join, read_text
+from spine_ray.data.dicom import Stack
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

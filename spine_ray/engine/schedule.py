@@ -31,15 +31,8 @@ from spine_ray.core.raycluster import init_ray
 from spine_ray.core.storage import join
 from spine_ray.engine.fold import read_oof
 from spine_ray.engine.resources import ResourcesConfig
-from spine_ray.engine.sample_cache import (
-    with_caches,
-)
-from spine_ray.engine.stage import (
-    FoldJob,
-    Stage,
-    is_done,
-    job_key,
-)
+from spine_ray.engine.sample_cache import with_caches
+from spine_ray.engine.stage import FoldJob, Stage, is_done, job_key
 from spine_ray.engine.tracking import tune_callbacks
 from spine_ray.engine.worker import train_worker
 

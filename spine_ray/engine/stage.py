@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from spine_ray.core.storage import exists, join
+from spine_ray.data.volumes import VOLUMES_DIR
 from spine_ray.engine.train_loop import TrainConfig
 
 Batch = dict[str, torch.Tensor]
@@ -80,8 +81,8 @@ class Stage(Protocol[C]):
     def build_model(self, member: str, config: C) -> nn.Module:
         """A fresh model of a member (training and loading a stored one both build it here)."""
 
-    def loss(self, job: FoldJob, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss and named parts."""
+    def loss(self, job: FoldJob, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss and named parts (detached device tensors: the loop reads them once an epoch)."""
 
     def predict(self, job: FoldJob, model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Predictions for held-out samples: the stage's out-of-fold table."""
@@ -90,6 +91,18 @@ class Stage(Protocol[C]):
     #   phases(job) -> list[FoldJob]; set_trainable(job, model) -> None;
     #   select(job) -> str | None (the validation metric a step keeps its best epoch by);
     #   validate(job, model, val_samples) -> dict[str, float] (held-out metrics after every epoch).
+
+
+class VolumeStage(Generic[C]):
+    """What most stages share: members train with `config.train` and read the prepared volumes."""
+
+    def train_config(self, job: FoldJob[C]) -> TrainConfig:
+        """The member's optimisation settings."""
+        return job.config.train
+
+    def source(self, job: FoldJob[C]) -> str:
+        """The prepared volume rows (one per image stack)."""
+        return join(job.prepared, VOLUMES_DIR)
 
 
 def phases(stage: Stage, job: FoldJob) -> list[FoldJob]:

@@ -26,14 +26,7 @@ from spine_ray.engine.sample_cache import (
     read_manifest,
     split_studies,
 )
-from spine_ray.engine.stage import (
-    FoldJob,
-    Stage,
-    columns,
-    epoch_rng,
-    fold_epochs,
-    job_key,
-)
+from spine_ray.engine.stage import FoldJob, Stage, columns, epoch_rng, fold_epochs, job_key
 
 EPOCH = "_epoch"  # the column that tags each augmented sample with its epoch in the stream
 

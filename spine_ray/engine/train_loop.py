@@ -25,7 +25,8 @@ from spine_ray.core.schema import SchemaError
 from spine_ray.models.freezing import eval_frozen_norms
 
 Batch = Mapping[str, Any]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+# A step's loss and its named parts (device tensors, read once an epoch; plain numbers are accepted).
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,80 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+@dataclass
+class _Optim:
+    """The optimiser, its schedule and the grad scaler of one training step (`fit`)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    params: list[nn.Parameter]
+    autocast: Callable[[], Any]
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> _Optim:
+        """AdamW (fused on CUDA) over the trainable parameters, warm-up + cosine, AMP on CUDA."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("fit: every parameter is frozen, nothing to train")
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        total = cfg.epochs * max(1, steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
+        use_amp = cfg.amp and device.type == "cuda"
+        dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else nullcontext
+        return cls(opt, sched, scaler, params, autocast)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it."""
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Resume from a checkpoint state."""
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _train_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], o: _Optim, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """One epoch of optimiser steps; returns the mean loss parts, throughput and the share of time spent waiting for data.
+
+    Loss parts stay device tensors, read once at the end of the epoch: a host sync per step would
+    stall a GPU's queue every step.
+    """
+    model.train()
+    eval_frozen_norms(model)
+    t0, seen, wait = time.perf_counter(), 0, 0.0
+    parts_seen: dict[str, list[torch.Tensor]] = {}
+    stream = iter(batches)
+    while True:
+        # data_wait_frac: the share of the epoch spent waiting for the next batch (the input
+        # pipeline is the bottleneck when this is large; on CUDA the step itself is asynchronous).
+        t = time.perf_counter()
+        batch = next(stream, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
+        batch = _to_device(batch, device)
+        with o.autocast():
+            loss, parts = loss_fn(model, batch)
+        o.opt.zero_grad(set_to_none=True)
+        o.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            o.scaler.unscale_(o.opt)
+            nn.utils.clip_grad_norm_(o.params, cfg.grad_clip)
+        o.scaler.step(o.opt)
+        o.scaler.update()
+        o.sched.step()
+        seen += _batch_len(batch)
+        for k, v in {"loss": loss, **parts}.items():
+            parts_seen.setdefault(k, []).append(torch.as_tensor(v).detach().float().reshape(()))
+    elapsed = time.perf_counter() - t0
+    means = {f"train_{k}": float(torch.stack(v).double().mean()) for k, v in parts_seen.items()}  # the epoch's one host sync
+    return {**means, "samples_per_s": seen / max(elapsed, 1e-9), "data_wait_frac": wait / max(elapsed, 1e-9)}
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -95,57 +170,17 @@ def fit(
     device = device or next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("fit: every parameter is frozen, nothing to train")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * max(1, steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
-    use_amp = cfg.amp and device.type == "cuda"
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+    o = _Optim.build(model, cfg, steps_per_epoch, device)
     raw = getattr(model, "module", model)  # the bare model under DistributedDataParallel
     start = 0
     if resume is not None:
         raw.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
+        o.load(resume)
         start = int(resume["epoch"]) + 1
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
     best: dict[str, Any] | None = resume.get("best") if resume else None  # {"value", "epoch", "model"}
     for epoch in range(start, cfg.epochs):
-        model.train()
-        eval_frozen_norms(model)
-        t0, n, seen, sums, wait = time.perf_counter(), 0, 0, {}, 0.0
-        stream = iter(train_batches(epoch))
-        while True:
-            # data_wait_frac: the share of the epoch spent waiting for the next batch (the input
-            # pipeline is the bottleneck when this is large; on CUDA the step itself is asynchronous).
-            t = time.perf_counter()
-            batch = next(stream, None)
-            wait += time.perf_counter() - t
-            if batch is None:
-                break
-            batch = _to_device(batch, device)
-            ctx = torch.autocast(device.type, dtype=dtype) if use_amp else nullcontext()
-            with ctx:
-                loss, parts = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n += 1
-            seen += _batch_len(batch)
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        elapsed = time.perf_counter() - t0
-        metrics = {f"train_{k}": v / max(1, n) for k, v in sums.items()}
-        metrics.update(epoch=epoch, samples_per_s=seen / max(elapsed, 1e-9), lr=opt.param_groups[0]["lr"], data_wait_frac=wait / max(elapsed, 1e-9))
+        metrics = {**_train_epoch(model, loss_fn, train_batches(epoch), o, cfg, device), "epoch": epoch, "lr": o.opt.param_groups[0]["lr"]}
         if validate is not None:
             model.eval()
             with torch.no_grad():
@@ -155,18 +190,8 @@ def fit(
         if select is not None and select in metrics and (best is None or metrics[select] > best["value"]):
             best = {"value": float(metrics[select]), "epoch": epoch, "model": _snapshot(raw.state_dict())}
         if on_epoch_end is not None:
-            state = _snapshot(
-                {
-                    "model": raw.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "metrics": metrics,
-                    **({"best": best} if best is not None else {}),
-                }
-            )
-            on_epoch_end(EpochResult(epoch, metrics, state))
+            state = {"model": raw.state_dict(), **o.state(), "epoch": epoch, "metrics": metrics, **({"best": best} if best is not None else {})}
+            on_epoch_end(EpochResult(epoch, metrics, _snapshot(state)))
     if best is not None:
         raw.load_state_dict(best["model"])
         metrics = {**metrics, "selected_epoch": best["epoch"], f"selected_{select}": best["value"]}

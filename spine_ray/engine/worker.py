@@ -14,23 +14,9 @@ from typing import Any
 
 from spine_ray.engine.fold import finish_fold, fit_fold, validator
 from spine_ray.engine.resources import ResourcesConfig
-from spine_ray.engine.sample_cache import (
-    cache_input,
-    count_samples,
-    samples,
-    split_studies,
-)
-from spine_ray.engine.stage import (
-    FoldJob,
-    Stage,
-    fold_dir,
-    is_done,
-    job_key,
-    steps_per_epoch,
-)
-from spine_ray.engine.stream import (
-    StreamedBatches,
-)
+from spine_ray.engine.sample_cache import cache_input, count_samples, samples, split_studies
+from spine_ray.engine.stage import FoldJob, Stage, fold_dir, is_done, job_key, steps_per_epoch
+from spine_ray.engine.stream import StreamedBatches
 from spine_ray.engine.tracking import write_epoch
 from spine_ray.engine.train_loop import EpochResult, load_state, save_state
 

@@ -35,6 +35,7 @@ from spine_ray.core.schema import (
     SEVERITIES,
 )
 from spine_ray.core.storage import exists, fs_for, join, read_parquet, read_text
+from spine_ray.engine.plan import assign_slots
 from spine_ray.engine.tracking import METRICS_FILE
 from spine_ray.ensemble.blend import Blend, blend_logp, log_members
 from spine_ray.ensemble.metric import normalise, score_arrays
@@ -171,6 +172,25 @@ def training_epochs(run_dir: str) -> pd.DataFrame:
             rows += [{"stage": stage, "member": member, "fold": int(fold.removeprefix("fold")), **r, "step_epoch": r["epoch"], "epoch": i}
                      for i, r in enumerate(mine)]
     return pd.DataFrame(rows)
+
+
+def fold_timelines(run_dir: str) -> pd.DataFrame:
+    """Every finished fold's span from its done.json: stage, member, fold, start and end (epoch seconds), slot.
+
+    A fold starts when its turn came (its lane's trial or worker start for older markers) and ends
+    when its marker was written; slots are rows of folds that never overlap (`engine.plan.assign_slots`).
+    """
+    fs, root = fs_for(run_dir)
+    rows = []
+    for stage in STAGES:
+        for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/done.json")):
+            with fs.open(path, "rt") as f:
+                t = json.load(f).get("timeline", {})
+            start = t.get("job_started", t.get("worker_started", t.get("trial_started")))
+            if start is not None and "finished" in t:
+                rows.append({"stage": stage, "member": path.split("/")[-3], "fold": int(path.split("/")[-2].removeprefix("fold")), "start": start, "end": t["finished"]})
+    df = pd.DataFrame(rows, columns=["stage", "member", "fold", "start", "end"])
+    return df.assign(slot=assign_slots(list(zip(df["start"], df["end"], strict=True))) if len(df) else [])
 
 
 def _blend_probs(blend: Blend | None, members: tuple[str, ...], member_probs: np.ndarray, temperatures: bool = True) -> np.ndarray | None:
@@ -363,6 +383,23 @@ def _training_section(inp: _Inputs, rep: dict[str, Any]) -> str:
     return _img(png, "training curves") + "<p>Last epoch of each fold:</p>" + _table(last[cols])
 
 
+def _timeline_section(inp: _Inputs, rep: dict[str, Any]) -> str:
+    """The run's timeline: a row per slot, a bar per fold coloured by stage, and how busy the slots were."""
+    from spine_ray.report import plots
+
+    spans = fold_timelines(inp.run_dir)
+    if not len(spans):
+        return "<p>No fold timelines in this run (done.json without a timeline).</p>"
+    t0 = spans["start"].min()
+    wall, work, slots = spans["end"].max() - t0, float((spans["end"] - spans["start"]).sum()), int(spans["slot"].max()) + 1
+    rep["timeline"] = {"slots": slots, "wall_s": wall, "busy": work / (slots * wall) if wall > 0 else 0.0,
+                       "folds": spans.assign(start=spans["start"] - t0, end=spans["end"] - t0).to_dict(orient="records")}
+    bars = [(int(r.slot), r.start - t0, r.end - t0, r.stage, f"{r.member} {r.fold}") for r in spans.itertuples()]
+    png = plots.timeline(bars, inp.img("timeline.png"))
+    return (_img(png, "timeline") + f"<p>{len(spans)} folds on {slots} slots over {wall / 60:.1f} min; the slots were busy "
+            f"{rep['timeline']['busy']:.0%} of that time (the rest is idle: a stage waiting for the last fold of the one before, or start-up).</p>")
+
+
 def _blend_section(inp: _Inputs, rep: dict[str, Any]) -> str:
     """The blend's weights, temperatures and severe factor, and what inference fell back on."""
     body = "<p>No blend.json: run <code>spine-ray tune-ensemble</code>.</p>"
@@ -399,6 +436,7 @@ def build_report(run_dir: str, out: str, cfg: ReportConfig = ReportConfig()) -> 
     section("localize", "Stage 1: localisation", _localize_section(inp, rep, points))
     section("studies", "Pictures of the studies", _studies_section(inp, rep, points))
     section("training", "Training", _training_section(inp, rep))
+    section("timeline", "Timeline", _timeline_section(inp, rep))
     section("blend", "Blend and inference", _blend_section(inp, rep))
 
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>spine-ray report</title><style>{CSS}</style></head><body><h1>spine-ray report: {html.escape(run_dir)}</h1>{''.join(html_parts)}</body></html>"

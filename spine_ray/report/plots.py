@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # no display, no network: the report is built on headless machines
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,6 +87,27 @@ def curves(series: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: st
         if lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def timeline(bars: Sequence[tuple[int, float, float, str, str]], path: str) -> str:
+    """One row per slot, one bar per job: (slot, start s, end s, colour group, label); a legend per group."""
+    span = max((b[2] for b in bars), default=0.0)
+    unit, per = ("hours", 3600.0) if span > 2 * 3600 else ("minutes", 60.0)
+    bars = [(slot, start / per, end / per, group, label) for slot, start, end, group, label in bars]
+    groups = sorted({g for *_, g, _ in bars})
+    colours = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    slots = 1 + max((b[0] for b in bars), default=0)
+    fig, ax = plt.subplots(figsize=(9.0, 0.9 + 0.32 * slots))
+    for slot, start, end, group, label in bars:
+        ax.barh(slot, end - start, left=start, height=0.8, color=colours[group], edgecolor="white", linewidth=0.5)
+        if len(bars) <= 80:
+            ax.text(start + (end - start) / 2, slot, label, ha="center", va="center", fontsize=5, clip_on=True)
+    ax.set_yticks(range(slots), [f"slot {i}" for i in range(slots)], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{unit} since the first fold started")
+    ax.legend(handles=[matplotlib.patches.Patch(color=colours[g], label=g) for g in groups], fontsize=7, loc="lower left",
+              bbox_to_anchor=(0.0, 1.0), ncols=min(len(groups), 5), frameon=False)
     return _save(fig, path)
 
 

@@ -32,8 +32,8 @@ from spine_ray.core.storage import join, read_parquet
 from spine_ray.data import geometry
 from spine_ray.data.crops import normalise_intensity, resample_volume, to_native, to_resampled
 from spine_ray.data.transforms import intensity
-from spine_ray.data.volumes import LABELS_FILE, VOLUMES_DIR, load_volume
-from spine_ray.engine.stage import FoldJob, columns
+from spine_ray.data.volumes import LABELS_FILE, load_volume
+from spine_ray.engine.stage import FoldJob, VolumeStage, columns
 from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.models.localizer import Localizer, LocalizerConfig
@@ -177,19 +177,10 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
     return out
 
 
-class LocalizeStage:
+class LocalizeStage(VolumeStage[ViewConfig]):
     """Stage 1 for one view (the FoldJob's member names the view, its config is a ViewConfig)."""
 
     config_type = ViewConfig
-
-
-    def train_config(self, job: FoldJob[ViewConfig]) -> TrainConfig:
-        """The view's optimisation settings."""
-        return job.config.train
-
-    def source(self, job: FoldJob[ViewConfig]) -> str:
-        """Stage 1 reads the prepared volumes."""
-        return join(job.prepared, VOLUMES_DIR)
 
     def sample_key(self, job: FoldJob[ViewConfig], split: str) -> dict:
         """The view and its resampled size; axial validation slabs sit on stage-1 spinal points."""
@@ -227,7 +218,7 @@ class LocalizeStage:
         """A Localizer with one heatmap per point of the member's view."""
         return view_model(view_of(member), config)
 
-    def loss(self, job: FoldJob[ViewConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[ViewConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Jensen–Shannon heatmap loss plus DSNT coordinate loss, on heatmap-voxel coordinates."""
         cfg = job.config
         logits = model(batch["x"])  # [B, P, S, h, w]

@@ -41,8 +41,8 @@ from spine_ray.core.schema import (
 )
 from spine_ray.core.storage import join, read_parquet
 from spine_ray.data.transforms import mirror_name
-from spine_ray.data.volumes import LABELS_FILE, VOLUMES_DIR
-from spine_ray.engine.stage import FoldJob, columns
+from spine_ray.data.volumes import LABELS_FILE
+from spine_ray.engine.stage import FoldJob, VolumeStage, columns
 from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models.heatmap import gaussian_heatmap, keypoint_loss, scale_coords
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig
@@ -274,19 +274,10 @@ def predict_study(models: list[nn.Module], cfg: OneStageConfig, volumes: pd.Data
     return probs, mask
 
 
-class OneStageStage:
+class OneStageStage(VolumeStage[OneStageConfig]):
     """The one-stage member (the FoldJob's config is a OneStageConfig)."""
 
     config_type = OneStageConfig
-
-
-    def train_config(self, job: FoldJob[OneStageConfig]) -> TrainConfig:
-        """The member's optimisation settings."""
-        return job.config.train
-
-    def source(self, job: FoldJob[OneStageConfig]) -> str:
-        """It reads the prepared volumes, nothing from stage 1."""
-        return join(job.prepared, VOLUMES_DIR)
 
     def sample_key(self, job: FoldJob[OneStageConfig], split: str) -> dict:
         """Only the resampled grid shapes a sample (the same for train and val)."""
@@ -323,10 +314,10 @@ class OneStageStage:
         """A OneStageNet."""
         return OneStageNet(config.model, img_size=config.size)
 
-    def loss(self, job: FoldJob[OneStageConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[OneStageConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See `onestage_loss`."""
         parts = onestage_loss(job.config, forward(job.config, model, batch), batch)
-        return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
+        return parts["loss"], {k: v.detach() for k, v in parts.items() if k != "loss"}
 
     def predict(self, job: FoldJob[OneStageConfig], model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Held-out samples → OOF rows for the spinal and foraminal targets of the views each study has."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spine_ray.synth.phantom import N_LEVELS, _rotation
+from spine_ray.synth.phantom import N_LEVELS, random_rotation
 
 # Tissue classes of the realistic phantom; `render.REALISTIC_CONTRAST` gives their intensities.
 (AIR, SOFT, FAT, MUSCLE, MARROW, CORTEX, NUCLEUS, ANNULUS, CSF, NERVE, LIGAMENT, JOINT, BOWEL, VESSEL) = range(14)
@@ -454,7 +454,7 @@ def sample_spine(latent: np.ndarray, rng: np.random.Generator) -> Spine:
         curvature=rng.uniform(0.0003, 0.0007), sacral_bend=rng.uniform(0.0025, 0.0045), s_sacrum=s_sacrum,
         back=rng.uniform(55.0, 85.0), trunk_u=trunk_u, trunk_v=rng.uniform(105.0, 135.0) * trunk_u / 160.0,
         subcut=rng.uniform(8.0, 30.0), waves=waves,
-        rotation=_rotation(rng, (6.0, 3.0, 4.0)),
+        rotation=random_rotation(rng, (6.0, 3.0, 4.0)),
         origin=np.array([rng.normal(0, 4), rng.normal(0, 6), rng.normal(0, 8)]),
         transitional=transitional,
     )

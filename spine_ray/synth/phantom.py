@@ -153,7 +153,7 @@ class Phantom:
         return out
 
 
-def _rotation(rng: np.random.Generator, max_deg: tuple[float, float, float]) -> np.ndarray:
+def random_rotation(rng: np.random.Generator, max_deg: tuple[float, float, float]) -> np.ndarray:
     """A small random rotation about x, y and z (degrees at most as given)."""
     ax, ay, az = (np.deg2rad(rng.uniform(-m, m)) for m in max_deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -182,7 +182,7 @@ def sample_phantom(latent: np.ndarray, rng: np.random.Generator) -> Phantom:
         foramen_r=rng.uniform(6.0, 7.5) * scale,
         body_half_u=rng.uniform(20.0, 25.0) * scale,
         body_half_v=rng.uniform(14.0, 18.0) * scale,
-        rotation=_rotation(rng, (6.0, 3.0, 4.0)),
+        rotation=random_rotation(rng, (6.0, 3.0, 4.0)),
         origin=origin,
         narrow=narrowing(np.asarray(latent)).reshape(5, N_LEVELS),
     )

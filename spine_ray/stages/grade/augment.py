@@ -5,19 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spine_ray.core.schema import (
-    CONDITIONS,
-    LEVELS,
-)
+from spine_ray.core.schema import CONDITIONS, LEVELS
 from spine_ray.data.transforms import intensity, mirror_name
-from spine_ray.stages.grade.config import (
-    SAGITTAL_VIEWS,
-    GradeConfig,
-    MixConfig,
-)
-from spine_ray.stages.grade.samples import (
-    crop_target,
-)
+from spine_ray.stages.grade.config import SAGITTAL_VIEWS, GradeConfig, MixConfig
+from spine_ray.stages.grade.samples import crop_target
 
 
 def flip_sample(x: np.ndarray, views: np.ndarray, conditions: list[str], *per_target: np.ndarray, slice_index: np.ndarray | None = None) -> tuple:

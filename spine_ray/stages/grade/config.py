@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from spine_ray.core.schema import (
-    SEVERITY_WEIGHTS,
-)
+from spine_ray.core.schema import SEVERITY_WEIGHTS
 from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models.grader import GraderConfig
 

@@ -7,24 +7,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spine_ray.core.schema import (
-    CONDITIONS,
-    LABEL_COLUMNS,
-    target_index,
-)
-from spine_ray.stages.grade.augment import (
-    collate_samples,
-    slot_permutation,
-)
-from spine_ray.stages.grade.config import (
-    SAGITTAL_VIEWS,
-    SAMPLE_COLUMNS,
-    SLOTS,
-    GradeConfig,
-)
-from spine_ray.stages.grade.samples import (
-    study_samples,
-)
+from spine_ray.core.schema import CONDITIONS, LABEL_COLUMNS, target_index
+from spine_ray.stages.grade.augment import collate_samples, slot_permutation
+from spine_ray.stages.grade.config import SAGITTAL_VIEWS, SAMPLE_COLUMNS, SLOTS, GradeConfig
+from spine_ray.stages.grade.samples import study_samples
 
 
 def severity_auc(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -7,20 +7,14 @@ import functools
 import numpy as np
 import pandas as pd
 
-from spine_ray.core.schema import (
-    LEVELS,
-    with_target,
-)
+from spine_ray.core.schema import LEVELS, with_target
 from spine_ray.core.storage import join, read_parquet
 from spine_ray.data.crops import crop_stack
 from spine_ray.data.label_flags import excluded_targets
 from spine_ray.data.transforms import random_angle, sample_slice_shift
 from spine_ray.data.volumes import LABELS_FILE, load_volume
 from spine_ray.engine.stage import FoldJob
-from spine_ray.stages.grade.config import (
-    SLOTS,
-    GradeConfig,
-)
+from spine_ray.stages.grade.config import SLOTS, GradeConfig
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,31 +9,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spine_ray.core.schema import (
-    OOF_COLUMNS,
-    PROB_COLUMNS,
-    row_id,
-)
-from spine_ray.core.storage import join
-from spine_ray.data.volumes import VOLUMES_DIR
-from spine_ray.engine.stage import FoldJob
-from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.core.schema import OOF_COLUMNS, PROB_COLUMNS, row_id
+from spine_ray.engine.stage import FoldJob, VolumeStage
 from spine_ray.models.freezing import freeze_backbone, unfreeze
 from spine_ray.models.grader import Grader
-from spine_ray.stages.grade.augment import (
-    augment_samples,
-    batch_tensors,
-)
-from spine_ray.stages.grade.config import (
-    SAMPLE_COLUMNS,
-    GradeConfig,
-)
-from spine_ray.stages.grade.predict import (
-    forward,
-    sample_probs,
-    severity_auc,
-    target_probs,
-)
+from spine_ray.stages.grade.augment import augment_samples, batch_tensors
+from spine_ray.stages.grade.config import SAMPLE_COLUMNS, GradeConfig
+from spine_ray.stages.grade.predict import forward, sample_probs, severity_auc, target_probs
 from spine_ray.stages.grade.samples import (
     label_table,
     points_for,
@@ -44,19 +26,10 @@ from spine_ray.stages.grade.samples import (
 from spine_ray.stages.losses import grader_loss
 
 
-class GradeStage:
+class GradeStage(VolumeStage[GradeConfig]):
     """Stage 2 for one ensemble member (the FoldJob's config is a GradeConfig)."""
 
     config_type = GradeConfig
-
-
-    def train_config(self, job: FoldJob[GradeConfig]) -> TrainConfig:
-        """The member's optimisation settings."""
-        return job.config.train
-
-    def source(self, job: FoldJob[GradeConfig]) -> str:
-        """Stage 2 reads the prepared volumes."""
-        return join(job.prepared, VOLUMES_DIR)
 
     def sample_key(self, job: FoldJob[GradeConfig], split: str) -> dict:
         """Crop geometry and slots shape a sample; validation crops sit on the stage-1 points."""
@@ -129,12 +102,12 @@ class GradeStage:
         auc = severity_auc(probs[masks], labels[masks].astype(np.int64))
         return {"auc": auc} if np.isfinite(auc) else {}  # a split without both classes selects nothing
 
-    def loss(self, job: FoldJob[GradeConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, job: FoldJob[GradeConfig], model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Severity CE weighted by class_weights (the metric's 1/2/4) + any-severe-spinal + auxiliary slice CE."""
         cfg = job.config
         out = forward(model, batch)
         parts = grader_loss(out, batch["labels"], batch["slice_target"], batch["spinal_study"], cfg.w_slice, cfg.w_any, cfg.class_weights)
-        return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
+        return parts["loss"], {k: v.detach() for k, v in parts.items() if k != "loss"}
 
     def predict(self, job: FoldJob[GradeConfig], model: nn.Module, samples: pd.DataFrame) -> pd.DataFrame:
         """Held-out samples → the OOF table, one row per (study, target) predicted."""

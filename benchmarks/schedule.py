@@ -1,0 +1,75 @@
+"""Replay a run's job graph on N GPUs: stage barriers (today's stage-by-stage order) against one graph.
+
+Usage:
+    python benchmarks/schedule.py [--config jobs/rsna2024.yaml] [--gpus 8 5] [--scale 1.0 0.43]
+
+The graph is the config's fold jobs (`spine_ray.run_config.plan_jobs`): every view of every
+stage-1 member, every grader, every one-stage member and every cross prediction, per fold, with
+per-fold needs (axial fold k after sagittal T2 fold k; grader fold k after the three views of the
+main localisers' fold k; a cross prediction after its grader fold and the variant's fold k; the
+one-stage members need nothing). Durations are GPU-hours per fold (`UNIT_HOURS`, measured on one
+H200 in the GPU-throughput issue; the effnet localisers assumed 1.3x the convnext ones); `--scale`
+multiplies them all (0.43: the GPU-throughput target of 12 GPU-hours for the recipe's 28).
+
+"barrier" runs the stage groups one after another (sagittal views, axial views, graders, one-stage
+members, cross predictions), longest job first within a group, as one Tune run per stage does;
+"graph" starts each job once its needs are done, longest critical path first
+(`spine_ray.engine.plan`). Prints wall time, GPU busy fraction, the floor (max of critical path and
+work / GPUs), the ratio of wall times, and the ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spine_ray.core.config import load
+from spine_ray.engine.plan import simulate, summary
+from spine_ray.run_config import Member, PipelineConfig, plan_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+BARRIERS = ("sagittal", "axial", "grade", "onestage", "cross")
+# GPU-hours per fold on one H200 (2026-12, the GPU-throughput issue): convnext_small localisers,
+# graders from their measured samples/s (convnext_small 90.6, efficientnet_b3 69.2 at 20 epochs),
+# the one-stage member; a cross prediction is one inference pass over a fold's held-out studies.
+UNIT_HOURS = {"sag_t2": 0.34, "sag_t1": 0.34, "axial": 0.51, "convnext": 0.40, "efficientnet": 0.52, "onestage": 0.96, "cross": 0.02}
+VARIANT_FACTOR = 1.3  # the effnet stage-1 variant against the convnext localisers (unmeasured)
+
+
+def unit_hours(member: Member) -> float:
+    """GPU-hours of one fold of a member (cross predictions are priced by `plan_jobs`)."""
+    if member.stage == "localize":
+        view, _, variant = member.name.partition("@")
+        return UNIT_HOURS[view] * (VARIANT_FACTOR if variant else 1.0)
+    if member.stage == "onestage":
+        return UNIT_HOURS["onestage"]
+    return UNIT_HOURS["efficientnet" if "efficientnet" in member.config.model.backbone else "convnext"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "jobs" / "rsna2024.yaml"))
+    ap.add_argument("--gpus", type=int, nargs="+", default=[8, 5])
+    ap.add_argument("--scale", type=float, nargs="+", default=[1.0, 12.0 / 28.0])
+    ap.add_argument("--json", default="", help="Also write the figures here.")
+    args = ap.parse_args()
+    cfg = load(PipelineConfig, args.config)
+    rows = []
+    for scale in args.scale:
+        jobs = plan_jobs(cfg, lambda m, s=scale: s * unit_hours(m), cross_hours=scale * UNIT_HOURS["cross"])
+        for gpus in args.gpus:
+            old = summary(simulate(jobs, gpus, BARRIERS), gpus, jobs)
+            new = summary(simulate(jobs, gpus), gpus, jobs)
+            rows.append({"scale": scale, "gpus": gpus, "jobs": len(jobs), "barrier": old, "graph": new})
+            print(f"scale {scale:.2f}, {gpus} GPUs, {len(jobs)} jobs, {new['work_h']:.1f} GPU-h, critical path {new['critical_path_h']:.2f} h, "
+                  f"floor {new['floor_h']:.2f} h")
+            for name, s in (("barrier", old), ("graph", new)):
+                print(f"  {name:8s} wall {s['wall_h']:5.2f} h  busy {s['busy']:5.1%}  wall / (work / GPUs) {s['wall_h'] / (s['work_h'] / gpus):.3f}")
+            print(f"  graph / barrier wall: {new['wall_h'] / old['wall_h']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
