@@ -26,7 +26,7 @@ from spine_ray.report.build import (
 )
 from spine_ray.report.studies import reformat, study_panels
 
-SECTIONS = ["summary", "conditions", "calibration", "localize", "studies", "training", "blend"]
+SECTIONS = ["summary", "conditions", "calibration", "localize", "studies", "training", "timeline", "blend"]
 
 
 def _random_run(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +131,14 @@ def test_report_has_every_section_and_the_numbers_of_the_run(report):
     t = pd.DataFrame(rep["training"])
     assert len(t) == 2 * (3 * 2 + 1 + 3 + 1) and {"train_loss", "epoch_s"} <= set(t.columns)
     assert {"sag_t2", "sag_t2@s1"} <= set(t["member"])
+    # Timeline: a bar per trained fold (2 folds of 6 localisers, 2 graders, 1 one-stage member), on
+    # rows that never overlap, no more rows than folds ran at once.
+    tl = pd.DataFrame(rep["timeline"]["folds"])
+    assert len(tl) == 2 * (6 + 2 + 1) and set(tl["stage"]) == {"localize", "grade", "onestage"}
+    for _, row in tl.groupby("slot"):
+        spans = row.sort_values("start")[["start", "end"]].to_numpy()
+        assert (spans[1:, 0] >= spans[:-1, 1]).all()
+    assert 0 < rep["timeline"]["busy"] <= 1 and rep["timeline"]["slots"] == tl["slot"].nunique()
     assert rep["blend"] == blend["blend"]
     assert rep["infer"]["studies"] == 3
     for src in re.findall(r'<img src="([^"]+)"', page):
