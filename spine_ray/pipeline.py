@@ -180,9 +180,12 @@ def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, str]:
 
 def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
-    stage, inputs = STAGES["grade"], stage_inputs(cfg, "grade")
+    inputs = stage_inputs(cfg, "grade")
     jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
-    tables = run_folds(stage, jobs, cfg.resources, cfg.samples_dir)
+    one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
+    # Graders and one-stage members in one Ray run: neither waits for the other's last fold.
+    trained = run_folds(STAGES, jobs + one, cfg.resources, cfg.samples_dir)
+    tables, one_tables = trained[: len(jobs)], trained[len(jobs) :]
     if cfg.localize_variants:
         from spine_ray.stages.cross import run_cross
 
@@ -190,10 +193,8 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
         missing = [u for u in variants.values() if not exists(u)]
         if missing:
             raise SchemaError(missing[0], "no points for this stage-1 variant: train the localize stage first")
-        tables += run_cross(stage, jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
-    one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
-    if one:
-        tables += run_folds(STAGES["onestage"], one, cfg.resources, cfg.samples_dir)
+        tables += run_cross(STAGES["grade"], jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
+    tables += one_tables
     oof = pd.concat(tables, ignore_index=True)
     # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])

@@ -170,3 +170,14 @@ def test_two_step_member_keeps_its_best_auc_epoch_under_ray_train(smoke_run):
             assert done["selected"] == {"phase0_selected_epoch": int(np.argmax([r["val_auc"] for r in step1]))}
             selected += 1
     assert selected, "no fold validated its two-step member under Ray Train"
+
+
+def test_graders_and_one_stage_members_train_in_one_ray_run(smoke_run):
+    # One Tune run for stage 2: a one-stage fold never waits for the graders' last fold, nor they for it.
+    run, cfg, _ = smoke_run
+    runs = sorted(p.name for p in (run / "ray" / "tune").iterdir() if p.is_dir())
+    members = sorted([m.name for m in cfg.grade] + [m.name for m in cfg.onestage])
+    assert [r for r in runs if not r.startswith("localize")] == [f"grade-onestage-{'-'.join(members)}"]
+    timeline = {d.parent.name + "/" + d.name: json.loads((d / "done.json").read_text())["timeline"]
+                for stage in ("grade", "onestage") for d in (run / stage).glob("*/fold*")}
+    assert len({t["trial_started"] for t in timeline.values()}) <= 2  # the two lanes of the 2-CPU run

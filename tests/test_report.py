@@ -177,12 +177,15 @@ def test_every_training_fold_and_blend_search_is_in_mlflow(smoke_demo):
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=f"file://{out / 'run' / 'mlruns'}")
     names = {e.name: e.experiment_id for e in client.search_experiments()}
-    assert {"spine-ray/train-localize", "spine-ray/train-grade", "spine-ray/tune-ensemble-blend-batched"} <= set(names)
+    # One experiment per Ray run of folds: stage 1, then the graders and one-stage members together.
+    assert {"spine-ray/train-localize", "spine-ray/train-grade-onestage", "spine-ray/tune-ensemble-blend-batched"} <= set(names)
     blends = client.search_runs([names["spine-ray/tune-ensemble-blend-batched"]])
     # One trial per candidate structure (per-level temperatures × clip), each with its held-out score.
     # (On 6 studies the held-out halves' scores are large and unstable: logged finite is what is checked.)
     assert len(blends) == 4 and all(0 < r.data.metrics["held_out"] < float("inf") for r in blends)
-    grade = client.search_runs([names["spine-ray/train-grade"]])
+    stage2 = client.search_runs([names["spine-ray/train-grade-onestage"]])
+    assert sorted(r.info.run_name for r in stage2) == sorted(f"{m}-fold{k}" for m in ("a", "b", "one") for k in (0, 1))
+    grade = [r for r in stage2 if r.info.run_name.split("-fold")[0] in ("a", "b")]
     assert len(grade) == 2 * 2  # two members × two folds: one run per fold, though two lanes trained them
     assert len({r.info.run_name for r in grade}) == 4 and all(r.info.run_name == r.data.params["fold"] for r in grade)
     for r in grade:

@@ -219,10 +219,10 @@ def test_with_one_trial_per_fold_a_fold_that_needs_others_starts_in_a_later_run(
     third = [dataclasses.replace(j, member="last", needs=(f"after-fold{j.fold}", f"linear-fold{(j.fold + 1) % 3}")) for j in first]
     waves = []
 
-    def fake_run(stage, jobs, ready, resources, slots, limit):  # trains nothing: marks each fold done
+    def fake_run(stages, jobs, ready, resources, slots, limit):  # trains nothing: marks each fold done
         waves.append(([j.member for j in jobs], slots))
         for j in jobs:
-            finish_fold(stage, j, torch.nn.Linear(DIM, 1), samples(stage, j, "val"))
+            finish_fold(stages[j.stage], j, torch.nn.Linear(DIM, 1), samples(stages[j.stage], j, "val"))
 
     monkeypatch.setattr(dist, "init_ray", lambda: None)
     monkeypatch.setattr(dist, "with_caches", lambda stage, jobs, root: jobs)

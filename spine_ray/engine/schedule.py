@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -69,7 +70,7 @@ def lane_key(lane: list[FoldJob]) -> str:
     return job_key(lane[0]) + (f"+{len(lane) - 1}" if len(lane) > 1 else "")
 
 
-def _fold_trial(config: dict[str, Any], stage: Stage, lanes: dict[str, list[FoldJob]], resources: ResourcesConfig, storage: str) -> None:
+def _fold_trial(config: dict[str, Any], stages: Mapping[str, Stage], lanes: dict[str, list[FoldJob]], resources: ResourcesConfig, storage: str) -> None:
     """One Tune trial: train one lane of folds with a TorchTrainer and relay its metrics to Tune."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -80,7 +81,7 @@ def _fold_trial(config: dict[str, Any], stage: Stage, lanes: dict[str, list[Fold
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"stage": stage, "jobs": lane, "resources": resources, "trial_started": time.time()},
+        train_loop_config={"stages": {j.stage: stages[j.stage] for j in lane}, "jobs": lane, "resources": resources, "trial_started": time.time()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
@@ -136,15 +137,18 @@ def concurrent_folds(resources: ResourcesConfig, pending: int) -> int:
     return min(pending, fit) if fit >= 1 else pending
 
 
-def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, samples_dir: str | None = None) -> list[pd.DataFrame]:
+def run_folds(stages: Stage | Mapping[str, Stage], jobs: list[FoldJob], resources: ResourcesConfig, samples_dir: str | None = None) -> list[pd.DataFrame]:
     """Train every unfinished fold, lanes of them in parallel (a Tune trial per lane); return all folds' OOF tables.
 
-    Jobs may belong to several members of one stage: they share one Tune run, so every model of
-    the stage is trained at once and the cluster's resources are shared out between them. Their
+    `stages` is the jobs' one stage, or a table of stages by name (`job.stage`) for jobs of
+    several stages. Jobs may belong to several members and stages: they share one Tune run, so
+    every model is trained at once and the cluster's resources are shared out between them. Their
     samples are built first, once per distinct sample key, under `samples_dir` (default
     `{run_dir}/samples`). A job that `needs` others of the list starts after them: in their lane
     when folds are packed, in a later Tune run when each fold has its own trial.
     """
+    by_name = stages if isinstance(stages, Mapping) else {j.stage: stages for j in jobs}
+    what = "/".join(dict.fromkeys(j.stage for j in jobs))
     pending = [j for j in jobs if not is_done(j)]
     for j in jobs:
         if j not in pending:
@@ -157,11 +161,13 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
     if pending:
         init_ray()
         limit = resources.max_concurrent_folds or concurrent_folds(resources, len(jobs))
-        ready = {job_key(j): j for j in with_caches(stage, pending, samples_dir or join(pending[0].run_dir, "samples"))}
+        root = samples_dir or join(pending[0].run_dir, "samples")
+        ready = {job_key(j): j for name in dict.fromkeys(j.stage for j in pending)
+                 for j in with_caches(by_name[name], [p for p in pending if p.stage == name], root)}
         if resources.packs():
             # One Tune run: every job of the stage dealt into lanes (a re-run deals them alike), a job
             # after the folds it needs in the same lane; finished ones drop out.
-            _run_lanes(stage, jobs, ready, resources, limit, limit)
+            _run_lanes(by_name, jobs, ready, resources, limit, limit)
         else:
             # One trial per fold: a fold that needs others starts in a later Tune run, once they are done.
             done = {job_key(j) for j in jobs if job_key(j) not in ready}
@@ -169,18 +175,18 @@ def run_folds(stage: Stage, jobs: list[FoldJob], resources: ResourcesConfig, sam
                 now = [j for j in waiting if done.issuperset(j.needs)]
                 if not now:
                     raise RuntimeError(f"{job_key(waiting[0])} needs folds that did not finish: {list(waiting[0].needs)}")
-                _run_lanes(stage, now, ready, resources, len(now), limit)
+                _run_lanes(by_name, now, ready, resources, len(now), limit)
                 finished = {job_key(j) for j in now if is_done(j)}
                 if not finished:
                     break  # finished without their outputs: reported below
                 done |= finished
     missing = [job_key(j) for j in jobs if not is_done(j)]
     if missing:
-        raise RuntimeError(f"folds {missing} of stage {jobs[0].stage} finished without their outputs")
+        raise RuntimeError(f"folds {missing} of {what} finished without their outputs")
     return [read_oof(j) for j in jobs]
 
 
-def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], resources: ResourcesConfig, slots: int, limit: int) -> None:
+def _run_lanes(stages: Mapping[str, Stage], jobs: list[FoldJob], ready: dict[str, FoldJob], resources: ResourcesConfig, slots: int, limit: int) -> None:
     """One Tune run: `jobs` dealt into `slots` lanes, each a trial of its `ready` jobs (unfinished, caches named), `limit` at once."""
     from ray import tune
 
@@ -196,7 +202,8 @@ def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], res
 
     first = pending[0]
     storage = join(first.run_dir, "ray")
-    trainable = tune.with_parameters(_fold_trial, stage=stage, lanes=todo, resources=resources, storage=join(storage, "train"))
+    trainable = tune.with_parameters(_fold_trial, stages=stages, lanes=todo, resources=resources, storage=join(storage, "train"))
+    what = "-".join(dict.fromkeys(j.stage for j in pending))
     tuner = tune.Tuner(
         # The trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs, so it
         # asks for no CPU (a head bundle must ask for something: a token of memory).
@@ -204,14 +211,14 @@ def _run_lanes(stage: Stage, jobs: list[FoldJob], ready: dict[str, FoldJob], res
         param_space={"fold": tune.grid_search(list(todo))},
         tune_config=tune.TuneConfig(max_concurrent_trials=min(len(todo), limit)),
         run_config=tune.RunConfig(
-            name=f"{first.stage}-{'-'.join(sorted({j.member for j in pending}))}",
+            name=f"{what}-{'-'.join(sorted({j.member for j in pending}))}",
             storage_path=storage_root(join(storage, "tune")),
             storage_filesystem=pyarrow_fs(storage),
             verbose=1,
-            callbacks=tune_callbacks(first.run_dir, f"train-{first.stage}", fold_of),
+            callbacks=tune_callbacks(first.run_dir, f"train-{what}", fold_of),
         ),
     )
     grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]
     if failed:
-        raise RuntimeError(f"{len(failed)} fold(s) of stage {first.stage} failed: {failed[0].error}")
+        raise RuntimeError(f"{len(failed)} fold(s) of {what} failed: {failed[0].error}")

@@ -31,7 +31,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    stage: Stage = config["stage"]
+    stages: dict[str, Stage] = config["stages"]  # a lane may hold folds of several stages
     jobs: list[FoldJob] = config["jobs"]
     resources: ResourcesConfig = config["resources"]
     lane = {"trial_started": config.get("trial_started", time.time()), "worker_started": time.time()}
@@ -44,7 +44,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if is_done(job):  # finished before this worker group (re)started
             continue
         owner = resume.get("job", job_key(jobs[0])) if resume is not None else None
-        _train_job(stage, job, index, resources, resume if owner == job_key(job) else None, {**lane, "job_started": time.time()})
+        _train_job(stages[job.stage], job, index, resources, resume if owner == job_key(job) else None, {**lane, "job_started": time.time()})
         resume = None
 
 
