@@ -324,3 +324,20 @@ def test_a_fold_trained_twice_in_one_process_gives_the_same_model(tmp_path):
     torch.rand(7)  # the process's generator moves on between the runs
     second = run_fold(LinearStage(), jobs[0], device=torch.device("cpu"))[2]
     np.testing.assert_array_equal(first["pred"].to_numpy(), second["pred"].to_numpy())
+
+
+def test_fractional_gpus_put_several_fold_jobs_on_one_gpu(monkeypatch):
+    import ray
+
+    import spine_ray.engine.schedule as sched
+
+    quarter = ResourcesConfig(use_gpu=True, gpus_per_worker=0.25)
+    assert quarter.worker_resources() == {"CPU": 1.0, "GPU": 0.25}
+    assert ResourcesConfig().worker_resources() == {"CPU": 1.0}  # no GPU share without use_gpu
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    assert sched.concurrent_folds(quarter, 20) == 8  # 2 GPUs × 4 jobs each
+    assert sched.concurrent_folds(ResourcesConfig(use_gpu=True), 20) == 2
+    assert sched.concurrent_folds(ResourcesConfig(use_gpu=True, num_workers=2, gpus_per_worker=0.5), 20) == 2
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match="gpus_per_worker"):
+            ResourcesConfig(use_gpu=True, gpus_per_worker=bad)

@@ -12,6 +12,9 @@ class ResourcesConfig:
     num_workers: int = 1  # data-parallel workers per fold
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # GPU share of each worker with use_gpu (Ray's fractional GPUs): 0.25 puts four fold jobs on one
+    # GPU, each optimisation step unchanged (an H200 holds 5–10 % of its memory per recipe job).
+    gpus_per_worker: float = 1.0
     max_failures: int = 2  # worker restarts per Ray Train run (a fold, or a lane of folds), each from the last checkpoint
     max_concurrent_folds: int = 0  # 0: as many as the cluster can run now (every fold, on a GPU cluster still scaling up)
     # "on": when folds outnumber the slots that can run now, each slot trains its share of them one
@@ -47,6 +50,8 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError("num_workers must be ≥ 1 and cpus_per_worker > 0")
+        if not (self.gpus_per_worker > 0 and (self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer())):
+            raise ValueError(f"gpus_per_worker must be in (0, 1] or a whole number, not {self.gpus_per_worker}")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
         if self.data_cpus < 0 or self.data_concurrency < 1 or self.chunk_studies < 1 or self.prefetch_batches < 1 or self.shuffle_mb < 0:
@@ -57,6 +62,10 @@ class ResourcesConfig:
             raise ValueError(f"input_pipeline must be auto, ray or thread, not {self.input_pipeline!r}")
         if self.stream_window_mb < 16:
             raise ValueError("stream_window_mb must be ≥ 16")
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker asks for: its CPUs and, with use_gpu, its GPU share."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
     def packs(self) -> bool:
         """Whether folds beyond the free slots train in lanes (what `pack_folds` resolves to)."""

@@ -85,7 +85,7 @@ def _fold_trial(config: dict[str, Any], stages: Mapping[str, Stage], lanes: dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+            resources_per_worker=resources.worker_resources(),
         ),
         run_config=ray.train.RunConfig(
             name=f"{lane[0].stage}-{config['fold']}",
@@ -131,7 +131,7 @@ def concurrent_folds(resources: ResourcesConfig, pending: int) -> int:
 
     have = ray.cluster_resources()
     if resources.use_gpu:
-        fit = int(have.get("GPU", 0) // resources.num_workers)
+        fit = int(have.get("GPU", 0) // (resources.num_workers * resources.gpus_per_worker))
     else:
         fit = int(have.get("CPU", 0) // (resources.num_workers * resources.cpus_per_worker))
     return min(pending, fit) if fit >= 1 else pending

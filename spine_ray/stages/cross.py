@@ -63,7 +63,7 @@ def run_cross(stage: Stage, jobs: list[FoldJob], points: dict[str, str], resourc
         init_ray()
         built = with_caches(stage, [j for j, _ in pending], samples_dir)
         task = ray.remote(predict_cross).options(
-            num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0, max_retries=resources.max_failures,
+            num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0, max_retries=resources.max_failures,
         )
         ray.get([task.remote(stage, j, v) for j, (_, v) in zip(built, pending, strict=True)])
     return [read_parquet(cross_url(j, v)) for j, v in cross]

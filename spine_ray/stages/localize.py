@@ -117,6 +117,7 @@ def view_model(view: str, cfg: ViewConfig) -> Localizer:
 
 
 def sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, cfg: ViewConfig) -> dict:
+    """One sagittal stack resampled to [slices, size, size], with its label points in resampled voxels."""
     vol, meta = load_volume(row)
     x = normalise_intensity(vol.astype(np.float32), float(row["intensity_p01"]), float(row["intensity_p99"]))
     x, scale = resample_volume(x, (cfg.slices, cfg.size, cfg.size))

@@ -200,6 +200,7 @@ def batch_tensors(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def forward(cfg: OneStageConfig, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A batch through a OneStageNet, per view (pooled by the labelled Gaussians with `gt_heatmap`)."""
     xs = {v: batch[f"x_{v}"] for v in VIEW_NAMES}
     if not cfg.gt_heatmap:
         return model(xs)

@@ -28,6 +28,7 @@ def severity_auc(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch through a Grader: logits [B, T, 3], slice logits and attention [B, T, S]."""
     # Slices beyond a volume are masked; a fully masked (padding) target keeps one slice so softmax stays finite.
     sm = batch["slice_mask"].clone()
     sm[..., sm.shape[-1] // 2] |= ~sm.any(-1)
