@@ -335,3 +335,54 @@ def test_create_backbone_passes_hub_ids_and_files_to_timm(monkeypatch):
     assert seen["pretrained_cfg_overlay"] is None  # timm's own weights for the tag
     with pytest.raises(ValueError, match="pretrained=False"):
         backbone.create_backbone("convnext_small", False, "/ckpt/x.pth", 1)
+
+
+# --- GPU speed-ups of the 2-D backbones (applied on CUDA by the fold driver) -----------------
+
+
+def _speed_models() -> dict[str, torch.nn.Module]:
+    from spine_ray.models.onestage import OneStageNet, OneStageNetConfig
+
+    torch.manual_seed(0)
+    loc = LocalizerConfig(backbone="test_resnet", hidden=8, out_stride=2)
+    return {
+        "grader": Grader(GraderConfig(backbone="test_resnet", dim=16, lstm_hidden=8, target_mixer="transformer"), img_size=16),
+        "localizer": Localizer(loc, img_size=32),
+        "onestage": OneStageNet(OneStageNetConfig(net=loc), img_size=32),
+    }
+
+
+def test_speed_ups_find_only_the_2d_backbones():
+    from spine_ray.models.backbone import backbones
+
+    m = _speed_models()
+    assert backbones(m["grader"]) == [m["grader"].encoder]  # not the transformer mixer's `encoder`
+    assert backbones(m["localizer"]) == [m["localizer"].encoder]
+    assert len(backbones(m["onestage"])) == 2  # one localiser per view
+
+
+def test_channels_last_keeps_names_and_outputs_and_spares_the_3d_convolutions():
+    from spine_ray.models.backbone import speed_up
+
+    m = _speed_models()["localizer"].eval()
+    x = torch.randn(2, 8, 1, 32, 32)
+    with torch.no_grad():
+        before, keys = m(x), list(m.state_dict())
+    assert speed_up(m, channels_last=True, compile_backbone=False) == ["channels_last"]
+    convs = [p for n, p in m.encoder.named_parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    with torch.no_grad():
+        assert torch.allclose(m(x), before, atol=1e-5)  # the 3-D context convolutions run as before
+    assert list(m.state_dict()) == keys
+
+
+def test_compile_is_in_place_so_weights_keep_their_names(monkeypatch):
+    from spine_ray.models.backbone import speed_up
+
+    m = _speed_models()["grader"]
+    keys = list(m.state_dict())
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    assert speed_up(m, channels_last=False, compile_backbone=True) == ["compile"]
+    assert compiled == [m.encoder] and list(m.state_dict()) == keys
+    assert speed_up(m, channels_last=False, compile_backbone=False) == []

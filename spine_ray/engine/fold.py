@@ -46,6 +46,7 @@ from spine_ray.engine.stage import (
     steps_per_epoch,
 )
 from spine_ray.engine.train_loop import EpochResult, fit
+from spine_ray.models.backbone import speed_up
 
 
 def validator(stage: Stage, job: FoldJob, val: pd.DataFrame) -> Callable[[nn.Module], dict[str, float]] | None:
@@ -81,6 +82,9 @@ def fit_fold(
     model = new_model(stage, job)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    cfg0 = stage.train_config(job)
+    if device.type == "cuda":
+        speed_up(model, cfg0.channels_last, cfg0.compile)
     first = int(resume.get("phase", 0)) if resume is not None else 0
     if not 0 <= first < len(steps):
         raise ValueError(f"checkpoint of step {first}, but {job.member} trains in {len(steps)} step(s)")

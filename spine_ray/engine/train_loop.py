@@ -42,6 +42,9 @@ class TrainConfig:
     amp: bool = True  # only takes effect on CUDA
     amp_dtype: str = "bfloat16"  # or "float16" (uses a grad scaler)
     seed: int = 0
+    # GPU speed-ups of the 2-D backbones (`models.backbone.speed_up`); no effect on CPU.
+    channels_last: bool = False
+    compile: bool = False  # torch.compile of each backbone, in place (falls back to eager where it fails)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

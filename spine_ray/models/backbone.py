@@ -17,6 +17,7 @@ the encoder and its input statistics; `GraderConfig` and `LocalizerConfig` exten
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 
 # What timm raises for kwargs a family does not take (TypeError) or cannot honour (assertions).
 # Not RuntimeError: weights that do not fit keep torch's own message.
+log = logging.getLogger(__name__)
+
 _BUILD_ERRORS = (TypeError, ValueError, AssertionError)
 # What a forward raises for an input side the backbone cannot take (conv kernels are RuntimeErrors).
 _INPUT_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError)
@@ -203,4 +206,46 @@ def build_encoder(
         check_input_size(encoder, cfg.backbone, cfg.in_chans, img_size, maps=maps)
     set_grad_checkpointing(encoder, cfg.grad_checkpointing)
     mean, std = input_stats(encoder, cfg.in_chans)
+    setattr(encoder, BACKBONE_MARK, True)  # what `speed_up` finds: the 2-D timm encoders, nothing 3-D
     return encoder, mean, std
+
+
+BACKBONE_MARK = "_spine_ray_backbone"
+
+
+def backbones(model: nn.Module) -> list[nn.Module]:
+    """The 2-D timm encoders inside a model (built by `build_encoder`), outermost first."""
+    return [m for m in model.modules() if getattr(m, BACKBONE_MARK, False)]
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool) -> list[str]:
+    """Channels-last memory and torch.compile for a model's 2-D backbones, in place; returns what was applied.
+
+    Only the 2-D encoders change: the localisers' 3-D context convolutions refuse channels_last
+    ("required rank 4 tensor"). Weights keep their names (`nn.Module.compile` compiles in place),
+    so checkpoints load either way. Where compilation fails, Dynamo falls back to eager for that
+    frame (`suppress_errors`) and training goes on uncompiled; where `compile` does not exist
+    (torch < 2.2) it is skipped with one log line.
+    """
+    done: list[str] = []
+    encoders = backbones(model)
+    if channels_last and encoders:
+        for enc in encoders:
+            enc.to(memory_format=torch.channels_last)
+            enc.register_forward_pre_hook(_channels_last_input)
+        done.append("channels_last")
+    if compile_backbone and encoders:
+        if not hasattr(nn.Module, "compile"):
+            log.warning("torch %s has no nn.Module.compile: training uncompiled", torch.__version__)
+            return done
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True
+        for enc in encoders:
+            enc.compile()
+        done.append("compile")
+    return done
