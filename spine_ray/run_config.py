@@ -42,7 +42,7 @@ class PipelineConfig:
     # More stage-1 members (cross-ensembling): every grade member also predicts on each one's points.
     localize_variants: tuple[LocalizeVariant, ...] = ()
     grade: tuple[GradeConfig, ...] = (GradeConfig(),)  # the ensemble members of stage 2
-    onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained after stage 2
+    onestage: tuple[OneStageConfig, ...] = ()  # one-stage members (no stage-1 points), trained with stage 2 in one Ray run
     oracle: str | None = None  # optional oracle probabilities of the training studies (synthetic data)
     samples_dir: str | None = None  # sample caches (default {run_dir}/samples); runs that share one reuse samples
     exclude_labels: str | None = None  # a `spine-ray clean-labels` flags table: its flagged labels are unlabelled in training

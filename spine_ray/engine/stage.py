@@ -1,4 +1,4 @@
-"""What every model stage provides, and the one driver that trains a fold.
+"""What every model stage provides (the `Stage` protocol), the `FoldJob` it is given, and where a fold's outputs go.
 
 A stage turns prepared tables into training samples (a pure function over a pandas batch of
 studies; `spine_ray.engine.sample_cache` builds them once for all folds), augments sample rows into
@@ -153,9 +153,14 @@ def job_key(job: FoldJob) -> str:
     return f"{job.member}-fold{job.fold}"
 
 
+def fold_path(run_dir: str, stage: str, member: str, fold: int) -> str:
+    """A fold's folder in a run: `{run_dir}/{stage}/{member}/fold{k}`."""
+    return join(run_dir, stage, member, f"fold{fold}")
+
+
 def fold_dir(job: FoldJob) -> str:
     """Where a fold's final model, out-of-fold table and done marker go."""
-    return join(job.run_dir, job.stage, job.member, f"fold{job.fold}")
+    return fold_path(job.run_dir, job.stage, job.member, job.fold)
 
 
 def is_done(job: FoldJob) -> bool:

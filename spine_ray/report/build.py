@@ -18,6 +18,7 @@ import html
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,22 +156,25 @@ def _json(url: str) -> Any:
     return json.loads(read_text(url)) if url and exists(url) else None
 
 
+def _fold_files(run_dir: str, name: str) -> Iterator[tuple[str, str, int, Any]]:
+    """(stage, member, fold, the open file) for every fold of the run that has file `name`."""
+    fs, root = fs_for(run_dir)
+    for stage in STAGES:
+        for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/{name}")):
+            with fs.open(path, "rt") as f:
+                yield stage, path.split("/")[-3], int(path.split("/")[-2].removeprefix("fold")), f
+
+
 def training_epochs(run_dir: str) -> pd.DataFrame:
     """Every fold's metrics.jsonl as one table: stage, member, fold, then the reported metrics.
 
     `epoch` counts a fold's epochs across its training steps (two-step members restart the count in
     step 2; the step's own count stays in `step_epoch`), so curves run left to right.
     """
-    fs, root = fs_for(run_dir)
     rows = []
-    for stage in STAGES:
-        for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/{METRICS_FILE}")):
-            member, fold = path.split("/")[-3], path.split("/")[-2]
-            with fs.open(path, "rt") as f:
-                mine = [json.loads(line) for line in f if line.strip()]
-            mine.sort(key=lambda r: (int(r.get("phase", 0)), int(r["epoch"])))
-            rows += [{"stage": stage, "member": member, "fold": int(fold.removeprefix("fold")), **r, "step_epoch": r["epoch"], "epoch": i}
-                     for i, r in enumerate(mine)]
+    for stage, member, fold, f in _fold_files(run_dir, METRICS_FILE):
+        mine = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: (int(r.get("phase", 0)), int(r["epoch"])))
+        rows += [{"stage": stage, "member": member, "fold": fold, **r, "step_epoch": r["epoch"], "epoch": i} for i, r in enumerate(mine)]
     return pd.DataFrame(rows)
 
 
@@ -180,15 +184,12 @@ def fold_timelines(run_dir: str) -> pd.DataFrame:
     A fold starts when its turn came (its lane's trial or worker start for older markers) and ends
     when its marker was written; slots are rows of folds that never overlap (`engine.plan.assign_slots`).
     """
-    fs, root = fs_for(run_dir)
     rows = []
-    for stage in STAGES:
-        for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/done.json")):
-            with fs.open(path, "rt") as f:
-                t = json.load(f).get("timeline", {})
-            start = t.get("job_started", t.get("worker_started", t.get("trial_started")))
-            if start is not None and "finished" in t:
-                rows.append({"stage": stage, "member": path.split("/")[-3], "fold": int(path.split("/")[-2].removeprefix("fold")), "start": start, "end": t["finished"]})
+    for stage, member, fold, f in _fold_files(run_dir, "done.json"):
+        t = json.load(f).get("timeline", {})
+        start = t.get("job_started", t.get("worker_started", t.get("trial_started")))
+        if start is not None and "finished" in t:
+            rows.append({"stage": stage, "member": member, "fold": fold, "start": start, "end": t["finished"]})
     df = pd.DataFrame(rows, columns=["stage", "member", "fold", "start", "end"])
     return df.assign(slot=assign_slots(list(zip(df["start"], df["end"], strict=True))) if len(df) else [])
 

@@ -20,7 +20,7 @@ from torch import nn
 from spine_ray.core.config import from_dict
 from spine_ray.core.schema import SchemaError
 from spine_ray.core.storage import join, read_bytes
-from spine_ray.engine.stage import Stage
+from spine_ray.engine.stage import Stage, fold_path
 from spine_ray.engine.train_loop import load_state
 from spine_ray.stages.grade.stage import GradeStage
 from spine_ray.stages.localize import LocalizeStage
@@ -41,8 +41,8 @@ def stage_named(name: str) -> Stage:
 
 
 def model_url(run_dir: str, stage: str, member: str, fold: int) -> str:
-    """Where a finished fold's weights are (the same path as `spine_ray.engine.stage.fold_dir`)."""
-    return join(run_dir, stage, member, f"fold{fold}", "model.pt")
+    """Where a finished fold's weights are."""
+    return join(fold_path(run_dir, stage, member, fold), "model.pt")
 
 
 def load_fold_model(run_dir: str, stage: str, member: str, fold: int, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
