@@ -164,11 +164,11 @@ def synth(
 @app.command()
 def train(
     config: str = typer.Option(..., "--config", help="Pipeline config YAML (see jobs/)."),
-    stage: str = typer.Option(None, "--stage", help="Run one stage (localize or grade); default: every stage in order."),
+    stage: str = typer.Option(None, "--stage", help="Train stage 1 alone (localize), or the rest on a finished stage 1 (grade); default: every fold job of the run in one schedule."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set folds=3 --set localize.sag_t2.train.epochs=2."),
     tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI (a server, or file:/…); default: a file store RUN_DIR/mlruns."),
 ) -> None:
-    """Train every model stage, all folds in parallel, and write out-of-fold tables."""
+    """Train every fold job of every stage in one schedule (each once its inputs exist) and write out-of-fold tables."""
     from spine_ray.core.config import load
     from spine_ray.pipeline import train as run_train
     from spine_ray.run_config import PipelineConfig

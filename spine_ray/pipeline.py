@@ -1,4 +1,4 @@
-"""`spine-ray train`: every model stage in order, all folds of a stage in parallel.
+"""`spine-ray train`: every fold job of every model stage in one schedule, each as soon as its inputs exist.
 
 A run directory holds everything a run produced (paths or URLs):
 
@@ -11,15 +11,16 @@ A run directory holds everything a run produced (paths or URLs):
     localize/summary.json      out-of-fold localisation error per view
     localize/{view}@{variant}/fold{k}/, localize/points@{variant}.parquet, localize/summary@{variant}.json
                           the same for each stage-1 variant (`localize_variants`, cross-ensembling)
-    grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold);
-                          oof@{variant}.parquet: the fold's model on a variant's points (spine_ray.stages.cross)
+    grade/{member}/fold{k}/    model.pt, oof.parquet, done.json (stage 2, per member and fold)
+    cross/{member}@{variant}/fold{k}/  oof.parquet, done.json: grader fold k on the variant's points (spine_ray.stages.cross)
     oof.parquet           row_id, study_id, fold, member, normal_mild, moderate, severe; a member run on
                           a variant's points is named `{member}@{variant}`
     onestage/{member}/fold{k}/ model.pt, oof.parquet, done.json (one-stage members, spinal + foraminal rows)
     cv.json               CV score and its parts per member, the prior on the same folds, the oracle
     label_flags.parquet   `spine-ray clean-labels`: labels the OOF ensemble disbelieves (`exclude_labels` of a rerun)
     samples/              sample caches, built once per (data, stage config, split) and shared by every fold
-    ray/                  Ray Train checkpoints and Ray Tune experiment state
+    {stage}/{member}/fold{k}/resume.pt   an unfinished fold's last epoch (model, optimizer, schedule), until it is done
+    ray/                  Ray Train and Ray Tune run state (metrics per epoch and slot)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,14 +55,15 @@ from spine_ray.core.storage import (
 from spine_ray.data.label_flags import read_flags
 from spine_ray.data.volumes import LABELS_FILE, read_manifest
 from spine_ray.engine.folds import assign_folds
+from spine_ray.engine.plan import PlanJob
 from spine_ray.engine.schedule import run_folds
-from spine_ray.engine.stage import FoldJob, fold_dir, job_key
+from spine_ray.engine.stage import FoldJob, Stage, fold_dir, fold_path, is_done, job_key
 from spine_ray.ensemble.baseline import write_prior
 from spine_ray.ensemble.blend import member_matrix
 from spine_ray.ensemble.metric import score_arrays
 from spine_ray.ensemble.prior import fit_prior, oof_prior
-from spine_ray.run_config import PipelineConfig
-from spine_ray.stages.localize import error_summary, variant_member
+from spine_ray.run_config import Member, PipelineConfig
+from spine_ray.stages.localize import VIEWS, error_summary, variant_member
 from spine_ray.stages.registry import STAGES, stage_named
 
 log = logging.getLogger(__name__)
@@ -112,52 +115,89 @@ def fold_jobs(cfg: PipelineConfig, stage: str, member: str, config: Any, inputs:
     return [FoldJob(stage, member, k, cfg.folds, config, cfg.prepared, cfg.run_dir, inputs) for k in range(cfg.folds)]
 
 
-def train_localize(cfg: PipelineConfig) -> pd.DataFrame:
-    """Stage 1: the sagittal views, and the axial view placed by the sagittal T2 points.
+def _oof_of(cfg: PipelineConfig, stage: str, member: str, fold: int) -> str:
+    return join(fold_path(cfg.run_dir, stage, member, fold), "oof.parquet")
 
-    The axial localiser trains on label points; its held-out slabs sit on the sagittal T2
-    out-of-fold points. When folds are packed into lanes (CPU), axial fold k follows sagittal T2
-    fold k in its lane and reads that fold's points: one Tune run for the stage. With one trial
-    per fold (GPU), the axial folds start once all sagittal ones are done, on their points table.
-    Every stage-1 variant trains alongside the main localisers and writes its own points table;
-    returns the main localisers' error summary.
+
+def _points_inputs(cfg: PipelineConfig, variant: str, folds: list[int]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """A stage-1 member's points tables of some folds as job inputs and the jobs that write them.
+
+    One fold: `points/{view}`; several: `points/{view}/fold{k}`, view by view, fold by fold (the
+    order of the run's points table, so that they read back as exactly its rows).
     """
-    stage = STAGES["localize"]
-    members = cfg.stage1_members()
-    sagittal = [j for v, loc in members for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
-    if cfg.resources.packs():
-        axial_jobs = [
-            dataclasses.replace(j, inputs={"spinal_points": join(fold_dir(t2), "oof.parquet")}, needs=(job_key(t2),))
-            for v, loc in members
-            for j, t2 in zip(fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {}),
-                             fold_jobs(cfg, "localize", variant_member("sag_t2", v), loc.sag_t2, {}), strict=True)
-        ]
-        tables = run_folds(stage, sagittal + axial_jobs, cfg.resources, cfg.samples_dir)
-        sag, axial = _by_variant(sagittal, tables[: len(sagittal)]), _by_variant(axial_jobs, tables[len(sagittal) :])
-    else:
-        sag = _by_variant(sagittal, run_folds(stage, sagittal, cfg.resources, cfg.samples_dir))
-        axial_jobs = []
-        for v, loc in members:
-            spinal_url = join(cfg.run_dir, "localize", variant_member("spinal_points", v) + ".parquet")
-            atomic_write_parquet(spinal_url, sag[v][sag[v]["view"] == "sag_t2"])
-            axial_jobs += fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {"spinal_points": spinal_url})
-        axial = _by_variant(axial_jobs, run_folds(stage, axial_jobs, cfg.resources, cfg.samples_dir))
+    members = [variant_member(view, variant) for view in VIEWS]
+    name = (lambda view, k: f"points/{view}") if len(folds) == 1 else (lambda view, k: f"points/{view}/fold{k}")
+    inputs = {name(view, k): _oof_of(cfg, "localize", m, k) for view, m in zip(VIEWS, members, strict=True) for k in folds}
+    return inputs, tuple(f"{m}-fold{k}" for m in members for k in folds)
+
+
+def stage1_jobs(cfg: PipelineConfig) -> list[FoldJob]:
+    """Every stage-1 fold job of every variant: sagittal T2 and T1, and axial fold k after sagittal T2 fold k."""
+    jobs = []
+    for v, loc in cfg.stage1_members():
+        jobs += [j for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
+        t2 = variant_member("sag_t2", v)
+        jobs += [dataclasses.replace(j, inputs={"spinal_points": _oof_of(cfg, "localize", t2, j.fold)}, needs=(f"{t2}-fold{j.fold}",))
+                 for j in fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {})]
+    return jobs
+
+
+def stage2_jobs(cfg: PipelineConfig) -> list[FoldJob]:
+    """Every grade fold (on its fold's stage-1 points), one-stage fold and cross prediction of the run.
+
+    Grade fold k validates on the main localisers' fold-k out-of-fold points and draws its slice
+    jitter from their errors, so it needs just those three jobs (with `slice_errors: run`, from
+    every stage-1 fold's errors: it needs them all); a one-stage fold needs nothing; a
+    cross prediction (grader × stage-1 variant × fold) needs grader fold k and the variant's fold-k
+    localisers.
+    """
+    extra = {}
+    if cfg.exclude_labels:
+        read_flags(cfg.exclude_labels)  # a bad table fails here, in one line
+        extra = {"exclude_labels": cfg.exclude_labels}
+    jobs = []
+    for m in cfg.grade:
+        for j in fold_jobs(cfg, "grade", m.name, m, {}):
+            points, needs = _points_inputs(cfg, "", [j.fold] if m.slice_errors == "fold" else list(range(cfg.folds)))
+            jobs.append(dataclasses.replace(j, inputs={**points, **extra}, needs=needs))
+    jobs += [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
+    for v in cfg.localize_variants:
+        for m in cfg.grade:
+            for j in fold_jobs(cfg, "cross", variant_member(m.name, v.name), m, {}):
+                points, needs = _points_inputs(cfg, v.name, [j.fold])
+                jobs.append(dataclasses.replace(j, inputs=points, needs=(f"{m.name}-fold{j.fold}", *needs)))
+    return jobs
+
+
+def plan_jobs(cfg: PipelineConfig, hours: Callable[[Member], float], cross_hours: float = 0.0) -> list[PlanJob]:
+    """The run's job graph exactly as `train` schedules it (`stage1_jobs` + `stage2_jobs`), priced by `hours` per member.
+
+    Groups name the stage barriers of a stage-by-stage run (sagittal, axial, grade, onestage,
+    cross), for `spine_ray.engine.plan.simulate` and `benchmarks/schedule.py`.
+    """
+    def group(job: FoldJob) -> str:
+        if job.stage == "localize":
+            return "axial" if job.member.partition("@")[0] == "axial" else "sagittal"
+        return job.stage
+
+    return [PlanJob(job_key(j), group(j), cross_hours if j.stage == "cross" else hours(Member(j.stage, j.member, j.config)), j.needs)
+            for j in stage1_jobs(cfg) + stage2_jobs(cfg)]
+
+
+def write_points(cfg: PipelineConfig, jobs: list[FoldJob], tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Stage 1's points table and error summary per variant, from its fold tables; returns the main localisers' summary."""
+    by_variant: dict[str, list[pd.DataFrame]] = {}
+    for job, table in zip(jobs, tables, strict=True):
+        by_variant.setdefault(job.member.partition("@")[2], []).append(table)
     summaries = {}
-    for v, _ in members:
-        points = pd.concat([sag[v], axial[v]], ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
+    for v, parts in by_variant.items():
+        # Sagittal T2, then T1, then axial rows (the jobs' order): a stable sort keeps it within a target.
+        points = pd.concat(parts, ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
         atomic_write_parquet(points_url(cfg, v), points)
         summaries[v] = error_summary(points)
         summary_url = join(cfg.run_dir, "localize", variant_member("summary", v) + ".json")
         atomic_write_text(summary_url, json.dumps(summaries[v].reset_index().to_dict(orient="records"), indent=2))
     return summaries[""]
-
-
-def _by_variant(jobs: list[FoldJob], tables: list[pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Fold tables of stage-1 jobs concatenated per variant (the part of the member after '@')."""
-    out: dict[str, list[pd.DataFrame]] = {}
-    for job, table in zip(jobs, tables, strict=True):
-        out.setdefault(job.member.partition("@")[2], []).append(table)
-    return {v: pd.concat(ts, ignore_index=True) for v, ts in out.items()}
 
 
 def points_url(cfg: PipelineConfig, variant: str = "") -> str:
@@ -178,23 +218,8 @@ def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, str]:
     return {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
 
 
-def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
-    """Stage 2: every member × fold in parallel; writes oof.parquet and cv.json, returns the CV report."""
-    inputs = stage_inputs(cfg, "grade")
-    jobs = [j for m in cfg.grade for j in fold_jobs(cfg, "grade", m.name, m, inputs)]
-    one = [j for m in cfg.onestage for j in fold_jobs(cfg, "onestage", m.name, m, {})]
-    # Graders and one-stage members in one Ray run: neither waits for the other's last fold.
-    trained = run_folds(STAGES, jobs + one, cfg.resources, cfg.samples_dir)
-    tables, one_tables = trained[: len(jobs)], trained[len(jobs) :]
-    if cfg.localize_variants:
-        from spine_ray.stages.cross import run_cross
-
-        variants = {v.name: points_url(cfg, v.name) for v in cfg.localize_variants}
-        missing = [u for u in variants.values() if not exists(u)]
-        if missing:
-            raise SchemaError(missing[0], "no points for this stage-1 variant: train the localize stage first")
-        tables += run_cross(STAGES["grade"], jobs, variants, cfg.resources, cfg.samples_dir or join(cfg.run_dir, "samples"))
-    tables += one_tables
+def write_cv(cfg: PipelineConfig, folds: pd.DataFrame, tables: list[pd.DataFrame]) -> dict:
+    """Stage 2's outputs from every grade, cross and one-stage fold table: oof.parquet and cv.json; returns the CV report."""
     oof = pd.concat(tables, ignore_index=True)
     # gt_heatmap members validated on label points: scored in cv.json as an upper bound, never blended.
     atomic_write_parquet(join(cfg.run_dir, "oof.parquet"), oof[~oof["member"].isin([m.name for m in cfg.onestage if m.gt_heatmap])])
@@ -217,22 +242,40 @@ def train_grade(cfg: PipelineConfig, folds: pd.DataFrame) -> dict:
     return report
 
 
+def run_stages() -> dict[str, Stage]:
+    """Every stage a run's schedule runs jobs of: the trained ones, and cross predictions."""
+    from spine_ray.stages.cross import CrossStage
+
+    return {**STAGES, "cross": CrossStage()}
+
+
 def train(cfg: PipelineConfig, stage: str | None = None) -> dict:
-    """Run one stage, or every stage in order; returns what each stage reported."""
+    """Train every fold job of the run in one schedule (or those of one stage); returns what each stage reported.
+
+    All stages' jobs go to one Ray run (`spine_ray.engine.schedule.run_folds`), each starting once
+    the jobs it reads are done: grade fold k right after its localisers' fold k, one-stage folds
+    from the start, a cross prediction once its grader fold is done. `--stage localize` trains
+    stage 1 alone; `--stage grade` trains the rest on a finished stage 1.
+    """
     stages = TRAINED_IN_ORDER if stage is None else (stage,)
     unknown = [s for s in stages if s not in TRAINED_IN_ORDER]
     if unknown:
         raise SchemaError("--stage", f"unknown stage {unknown[0]!r} (one of {list(TRAINED_IN_ORDER)})")
     cfg = resolved(cfg)
     folds = setup_run(cfg)
-    report: dict = {}
-    for s in stages:
-        match s:
-            case "localize":
-                report["localize"] = train_localize(cfg)
-            case "grade":
-                report["grade"] = train_grade(cfg, folds)
-    return report
+    first, second = stage1_jobs(cfg), stage2_jobs(cfg) if "grade" in stages else []
+    if "localize" not in stages:
+        missing = [j for j in first if not is_done(j)]
+        if missing:
+            raise SchemaError(fold_dir(missing[0]), "no stage-1 points: train the localize stage first")
+    tables = run_folds(run_stages(), first + second, cfg.resources, cfg.samples_dir)
+    report: dict = {"localize": write_points(cfg, first, tables[: len(first)])}
+    if second:
+        # oof.parquet lists graders, then cross members, then one-stage members.
+        rank = {"grade": 0, "cross": 1, "onestage": 2}
+        kinds = sorted(range(len(second)), key=lambda i: rank[second[i].stage])
+        report["grade"] = write_cv(cfg, folds, [tables[len(first) + i] for i in kinds])
+    return {s: report[s] for s in stages}
 
 
-__all__ = ["train", "setup_run", "training_labels", "stage_inputs", "points_url"]
+__all__ = ["train", "setup_run", "training_labels", "stage_inputs", "points_url", "stage1_jobs", "stage2_jobs", "plan_jobs"]

@@ -8,12 +8,10 @@ and inference walk instead of each knowing the stages' fields.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from spine_ray.core.config import ConfigError
-from spine_ray.engine.plan import PlanJob
 from spine_ray.engine.resources import ResourcesConfig
 from spine_ray.stages.grade.config import GradeConfig
 from spine_ray.stages.localize import VIEWS, LocalizeConfig, LocalizeVariant, variant_member
@@ -89,34 +87,3 @@ class PipelineConfig:
             return dataclasses.replace(self, localize_variants=new)
         field_name = "grade" if stage == "grade" else "onestage"
         return dataclasses.replace(self, **{field_name: tuple(config if m.name == name else m for m in getattr(self, field_name))})
-
-
-
-def plan_jobs(cfg: PipelineConfig, hours: Callable[[Member], float], cross_hours: float = 0.0) -> list[PlanJob]:
-    """The run's fold jobs as a graph with per-fold needs (see `spine_ray.engine.plan`), priced by `hours`.
-
-    Axial fold k needs sagittal T2 fold k of its stage-1 member; grader fold k needs the main
-    localisers' fold k (its held-out crops sit on their points); a cross prediction (grader ×
-    stage-1 variant × fold) needs its grader fold and the variant's fold k; one-stage folds need
-    nothing. Groups name today's stage barriers: sagittal, axial, grade, onestage, cross.
-    """
-    def key(stage: str, name: str, k: int) -> str:
-        return f"{stage}/{name}-fold{k}"
-
-    jobs: list[PlanJob] = []
-    for m in cfg.members():
-        for k in range(cfg.folds):
-            view, _, variant = m.name.partition("@")
-            if m.stage == "localize":
-                needs = (key("localize", variant_member("sag_t2", variant), k),) if view == "axial" else ()
-                jobs.append(PlanJob(key(m.stage, m.name, k), "axial" if view == "axial" else "sagittal", hours(m), needs))
-            elif m.stage == "grade":
-                jobs.append(PlanJob(key(m.stage, m.name, k), "grade", hours(m), tuple(key("localize", v, k) for v in VIEWS)))
-            else:
-                jobs.append(PlanJob(key(m.stage, m.name, k), m.stage, hours(m)))
-    for v in cfg.localize_variants:
-        for m in cfg.grade:
-            for k in range(cfg.folds):
-                needs = (key("grade", m.name, k), *(key("localize", variant_member(view, v.name), k) for view in VIEWS))
-                jobs.append(PlanJob(key("cross", variant_member(m.name, v.name), k), "cross", cross_hours, needs))
-    return jobs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,33 +90,37 @@ def test_predicted_points_map_back_to_native_pixels_and_millimetres(prepared, ru
     assert summary.loc["sag_t2", "slice_exact"] == 1.0
 
 
-@pytest.mark.parametrize("pack", ["on", "off"])
-def test_axial_folds_follow_their_sagittal_t2_fold_in_one_run_or_all_sagittal_folds_in_the_next(prepared, tmp_path, monkeypatch, pack):
-    """Packed (CPU lanes): one run, axial fold k needs sagittal T2 fold k and reads its points.
-    One trial per fold (GPU): the axial folds run after every sagittal fold, on their points table."""
-    import pandas as pd
-
+def test_each_fold_job_needs_exactly_the_jobs_whose_outputs_it_reads(tmp_path):
+    """One schedule for the run: axial fold k needs sagittal T2 fold k and reads its points; grade
+    fold k validates on the main localisers' fold-k points; a cross prediction needs its grader
+    fold and the variant's fold-k localisers; one-stage folds need nothing."""
     import spine_ray.pipeline as pl
-    from spine_ray.engine.resources import ResourcesConfig
-    from spine_ray.engine.stage import fold_dir
-    from spine_ray.stages.localize import POINT_COLUMNS
+    from spine_ray.engine.stage import fold_dir, job_key
+    from spine_ray.stages.grade.config import GradeConfig
+    from spine_ray.stages.localize import LocalizeVariant
+    from spine_ray.stages.onestage import OneStageConfig
 
-    calls = []
-
-    def fake_run_folds(stage, jobs, resources, samples_dir=None):
-        calls.append(jobs)
-        return [pd.DataFrame(columns=POINT_COLUMNS).assign(view=pd.Series(dtype=str)) for _ in jobs]
-
-    monkeypatch.setattr(pl, "run_folds", fake_run_folds)
-    cfg = pl.resolved(PipelineConfig(prepared=str(prepared), run_dir=str(tmp_path / "run"), folds=2, resources=ResourcesConfig(pack_folds=pack)))
-    pl.train_localize(cfg)
-    axial = [j for j in calls[-1] if j.member == "axial"]
-    assert [j.fold for j in axial] == [0, 1]
-    if pack == "on":
-        assert len(calls) == 1 and [j.member for j in calls[0][:4]] == ["sag_t2", "sag_t2", "sag_t1", "sag_t1"]
-        t2 = {j.fold: j for j in calls[0] if j.member == "sag_t2"}
-        assert [j.needs for j in axial] == [("sag_t2-fold0",), ("sag_t2-fold1",)]
-        assert [j.inputs["spinal_points"] for j in axial] == [f"{fold_dir(t2[k])}/oof.parquet" for k in (0, 1)]
-    else:
-        assert len(calls) == 2 and all(j.member != "axial" for j in calls[0]) and len(calls[1]) == 2
-        assert all(not j.needs and j.inputs["spinal_points"].endswith("localize/spinal_points.parquet") for j in axial)
+    cfg = pl.resolved(PipelineConfig(prepared=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"), folds=2,
+                                     localize_variants=(LocalizeVariant("v2"),), grade=(GradeConfig(name="g"),),
+                                     onestage=(OneStageConfig(name="one"),)))
+    first, second = pl.stage1_jobs(cfg), pl.stage2_jobs(cfg)
+    by_key = {job_key(j): j for j in first + second}
+    assert len(by_key) == len(first) + len(second) == 2 * (6 + 1 + 1 + 1)
+    for k in (0, 1):
+        for v in ("", "@v2"):
+            axial, t2 = by_key[f"axial{v}-fold{k}"], by_key[f"sag_t2{v}-fold{k}"]
+            assert axial.needs == (job_key(t2),) and axial.inputs == {"spinal_points": f"{fold_dir(t2)}/oof.parquet"}
+            assert not by_key[f"sag_t1{v}-fold{k}"].needs and not t2.needs
+        grade = by_key[f"g-fold{k}"]
+        assert grade.needs == (f"sag_t2-fold{k}", f"sag_t1-fold{k}", f"axial-fold{k}")
+        assert grade.inputs == {f"points/{view}": f"{fold_dir(by_key[f'{view}-fold{k}'])}/oof.parquet" for view in ("sag_t2", "sag_t1", "axial")}
+        cross = by_key[f"g@v2-fold{k}"]
+        assert cross.stage == "cross" and cross.needs == (f"g-fold{k}", f"sag_t2@v2-fold{k}", f"sag_t1@v2-fold{k}", f"axial@v2-fold{k}")
+        assert cross.inputs["points/axial"] == f"{fold_dir(by_key[f'axial@v2-fold{k}'])}/oof.parquet"
+        assert not by_key[f"one-fold{k}"].needs
+    assert all(n in by_key for j in by_key.values() for n in j.needs)
+    # slice_errors: run — every grade fold draws jitter from all stage-1 folds, so it needs them all,
+    # its tables listed view by view, fold by fold (the order of the run's points table).
+    every = pl.stage2_jobs(dataclasses.replace(cfg, grade=(GradeConfig(name="g", slice_errors="run"),)))[0]
+    assert every.needs == ("sag_t2-fold0", "sag_t2-fold1", "sag_t1-fold0", "sag_t1-fold1", "axial-fold0", "axial-fold1")
+    assert list(every.inputs) == [f"points/{v}/fold{k}" for v in ("sag_t2", "sag_t1", "axial") for k in (0, 1)]

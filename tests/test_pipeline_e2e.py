@@ -172,12 +172,20 @@ def test_two_step_member_keeps_its_best_auc_epoch_under_ray_train(smoke_run):
     assert selected, "no fold validated its two-step member under Ray Train"
 
 
-def test_graders_and_one_stage_members_train_in_one_ray_run(smoke_run):
-    # One Tune run for stage 2: a one-stage fold never waits for the graders' last fold, nor they for it.
+def test_every_stage_trains_in_one_schedule_and_stage_two_starts_before_stage_one_ends(smoke_run):
+    # One Tune run for the whole run: a grade fold starts once its localisers' fold is done, a
+    # cross prediction once its grader fold is, a one-stage fold whenever a slot is free.
     run, cfg, _ = smoke_run
-    runs = sorted(p.name for p in (run / "ray" / "tune").iterdir() if p.is_dir())
-    members = sorted([m.name for m in cfg.grade] + [m.name for m in cfg.onestage])
-    assert [r for r in runs if not r.startswith("localize")] == [f"grade-onestage-{'-'.join(members)}"]
-    timeline = {d.parent.name + "/" + d.name: json.loads((d / "done.json").read_text())["timeline"]
-                for stage in ("grade", "onestage") for d in (run / stage).glob("*/fold*")}
-    assert len({t["trial_started"] for t in timeline.values()}) <= 2  # the two lanes of the 2-CPU run
+    assert len([p for p in (run / "ray" / "tune").iterdir() if p.is_dir()]) == 1
+    spans = {(stage, d.parent.name, int(d.name.removeprefix("fold"))): json.loads((d / "done.json").read_text())["timeline"]
+             for stage in ("localize", "grade", "onestage", "cross") for d in (run / stage).glob("*/fold*")}
+    assert {s for s, _, _ in spans} == {"localize", "grade", "onestage", "cross"}
+    for (stage, member, k), t in spans.items():
+        if stage == "grade":
+            assert all(spans[("localize", view, k)]["finished"] <= t["job_started"] for view in ("sag_t2", "sag_t1", "axial"))
+        if stage == "cross":
+            assert spans[("grade", member.partition("@")[0], k)]["finished"] <= t["job_started"]
+    # No stage barrier: stage 2 starts while stage 1 still trains (here the stage-1 variant's folds).
+    assert min(t["job_started"] for (s, _, _), t in spans.items() if s == "grade") < max(
+        t["finished"] for (s, _, _), t in spans.items() if s == "localize")
+    assert len({t["worker_started"] for t in spans.values()}) < len(spans) / 4  # lanes: a slot's Ray Train workers take job after job

@@ -15,7 +15,8 @@ from spine_ray.engine.plan import (
     simulate,
     summary,
 )
-from spine_ray.run_config import PipelineConfig, plan_jobs
+from spine_ray.pipeline import plan_jobs
+from spine_ray.run_config import PipelineConfig
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -76,10 +77,13 @@ def test_the_recipe_graph_has_per_fold_needs_and_beats_its_barriers_on_8_gpus():
     jobs = plan_jobs(cfg, lambda m: 1.0, cross_hours=0.1)
     keys = {j.key for j in jobs}
     assert len(jobs) == cfg.folds * (6 + len(cfg.grade) + len(cfg.onestage) + len(cfg.grade) * len(cfg.localize_variants))
-    axial = next(j for j in jobs if j.key == "localize/axial@effnet-fold3")
-    assert axial.needs == ("localize/sag_t2@effnet-fold3",)
-    grader = next(j for j in jobs if j.key.startswith("grade/") and j.key.endswith("fold2"))
-    assert set(grader.needs) == {"localize/sag_t2-fold2", "localize/sag_t1-fold2", "localize/axial-fold2"} <= keys
+    axial = next(j for j in jobs if j.key == "axial@effnet-fold3")
+    assert axial.needs == ("sag_t2@effnet-fold3",)
+    grader = next(j for j in jobs if j.group == "grade" and j.key.endswith("fold2"))
+    assert set(grader.needs) == {"sag_t2-fold2", "sag_t1-fold2", "axial-fold2"} <= keys
+    cross = next(j for j in jobs if j.group == "cross" and j.key.endswith("fold1"))
+    grader_name = cross.key.partition("@")[0]
+    assert set(cross.needs) == {f"{grader_name}-fold1", "sag_t2@effnet-fold1", "sag_t1@effnet-fold1", "axial@effnet-fold1"} <= keys
     assert all(not j.needs for j in jobs if j.group == "onestage")
     old = summary(simulate(jobs, 8, ("sagittal", "axial", "grade", "onestage", "cross")), 8, jobs)
     new = summary(simulate(jobs, 8), 8, jobs)

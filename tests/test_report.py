@@ -131,10 +131,11 @@ def test_report_has_every_section_and_the_numbers_of_the_run(report):
     t = pd.DataFrame(rep["training"])
     assert len(t) == 2 * (3 * 2 + 1 + 3 + 1) and {"train_loss", "epoch_s"} <= set(t.columns)
     assert {"sag_t2", "sag_t2@s1"} <= set(t["member"])
-    # Timeline: a bar per trained fold (2 folds of 6 localisers, 2 graders, 1 one-stage member), on
-    # rows that never overlap, no more rows than folds ran at once.
+    # Timeline: a bar per fold job (2 folds of 6 localisers, 2 graders, 1 one-stage member, 2 cross
+    # predictions), one row per slot of the schedule (2 CPU lanes), bars on a row never overlapping.
     tl = pd.DataFrame(rep["timeline"]["folds"])
-    assert len(tl) == 2 * (6 + 2 + 1) and set(tl["stage"]) == {"localize", "grade", "onestage"}
+    assert len(tl) == 2 * (6 + 2 + 1 + 2) and set(tl["stage"]) == {"localize", "grade", "onestage", "cross"}
+    assert sorted(tl["slot"].unique()) == [0, 1]
     for _, row in tl.groupby("slot"):
         spans = row.sort_values("start")[["start", "end"]].to_numpy()
         assert (spans[1:, 0] >= spans[:-1, 1]).all()
@@ -177,14 +178,16 @@ def test_every_training_fold_and_blend_search_is_in_mlflow(smoke_demo):
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=f"file://{out / 'run' / 'mlruns'}")
     names = {e.name: e.experiment_id for e in client.search_experiments()}
-    # One experiment per Ray run of folds: stage 1, then the graders and one-stage members together.
-    assert {"spine-ray/train-localize", "spine-ray/train-grade-onestage", "spine-ray/tune-ensemble-blend-batched"} <= set(names)
+    # One experiment for the run's one schedule of fold jobs, one MLflow run per trained fold.
+    assert {"spine-ray/train", "spine-ray/tune-ensemble-blend-batched"} <= set(names)
     blends = client.search_runs([names["spine-ray/tune-ensemble-blend-batched"]])
     # One trial per candidate structure (per-level temperatures × clip), each with its held-out score.
     # (On 6 studies the held-out halves' scores are large and unstable: logged finite is what is checked.)
     assert len(blends) == 4 and all(0 < r.data.metrics["held_out"] < float("inf") for r in blends)
-    stage2 = client.search_runs([names["spine-ray/train-grade-onestage"]])
-    assert sorted(r.info.run_name for r in stage2) == sorted(f"{m}-fold{k}" for m in ("a", "b", "one") for k in (0, 1))
+    runs = client.search_runs([names["spine-ray/train"]])
+    views = [f"{v}{s}" for v in ("sag_t2", "sag_t1", "axial") for s in ("", "@s1")]
+    assert sorted(r.info.run_name for r in runs) == sorted(f"{m}-fold{k}" for m in (*views, "a", "b", "one") for k in (0, 1))
+    stage2 = [r for r in runs if r.info.run_name.split("-fold")[0] in ("a", "b", "one")]
     grade = [r for r in stage2 if r.info.run_name.split("-fold")[0] in ("a", "b")]
     assert len(grade) == 2 * 2  # two members × two folds: one run per fold, though two lanes trained them
     assert len({r.info.run_name for r in grade}) == 4 and all(r.info.run_name == r.data.params["fold"] for r in grade)

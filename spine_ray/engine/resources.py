@@ -15,15 +15,18 @@ class ResourcesConfig:
     # GPU share of each worker with use_gpu (Ray's fractional GPUs): 0.25 puts four fold jobs on one
     # GPU, each optimisation step unchanged (an H200 holds 5–10 % of its memory per recipe job).
     gpus_per_worker: float = 1.0
-    max_failures: int = 2  # worker restarts per Ray Train run (a fold, or a lane of folds), each from the last checkpoint
+    max_failures: int = 2  # worker restarts per Ray Train run (a job, or a slot's lane of jobs), each from the job's last epoch
     max_concurrent_folds: int = 0  # 0: as many as the cluster can run now (every fold, on a GPU cluster still scaling up)
-    # "on": when folds outnumber the slots that can run now, each slot trains its share of them one
-    # after another in one Ray Train run (a lane), so it pays Ray's start-up (a Tune trial, a
-    # controller and worker processes that import torch: 7–25 s a fold on a 2-core box) once per
-    # stage instead of once per fold. "off": one trial per fold; queued folds wait for a free slot,
-    # or for the GPUs an autoscaler adds for them. "auto": on for CPU folds (short: start-up is a
-    # large share), off with GPUs (hours a fold, and the cluster may grow).
+    # How a slot (one fold job's worth of CPUs/GPUs that the run's schedule fills) runs the jobs the
+    # board gives it. "on": one Ray Train run per slot trains them one after another (a lane), so
+    # Ray's start-up (a controller and worker processes that import torch: 7–25 s a job on a 2-core
+    # box) is paid once per slot. "off": one Ray Train run per job, so the slot's CPUs/GPUs go back
+    # between jobs (an autoscaler may remove a node while its slot waits for ready work). "auto":
+    # on for CPU folds (short: start-up is a large share), off with GPUs (hours a fold).
     pack_folds: str = "auto"
+    # A finished run of the same members whose measured fold times set this run's priorities (the
+    # schedule starts the ready job of longest critical path first); without one, a size proxy.
+    plan_from: str | None = None
     # How often Ray Train's controller collects worker reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
     # Ray's default 2 s). A worker's report blocks until the previous one is collected, so epochs
     # shorter than this are throttled to it; an explicit environment variable wins.
@@ -68,7 +71,7 @@ class ResourcesConfig:
         return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
     def packs(self) -> bool:
-        """Whether folds beyond the free slots train in lanes (what `pack_folds` resolves to)."""
+        """Whether a slot trains its jobs in one Ray Train run (what `pack_folds` resolves to)."""
         return self.pack_folds == "on" or (self.pack_folds == "auto" and not self.use_gpu)
 
     def pipeline(self) -> str:

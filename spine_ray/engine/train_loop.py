@@ -223,8 +223,8 @@ class UnsafeCheckpointError(SchemaError):
     """A checkpoint that is not plain tensors and containers: loading it could run code."""
 
 
-def save_state(state: dict[str, Any], path: str) -> None:
-    """Save a checkpoint state (tensors, numbers, strings and containers only) with torch.save."""
+def save_state(state: dict[str, Any], path: str | Any) -> None:
+    """Save a checkpoint state (tensors, numbers, strings and containers only) with torch.save (to a path or a binary file)."""
     torch.save(state, path)
 
 

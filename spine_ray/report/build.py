@@ -18,7 +18,6 @@ import html
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +34,12 @@ from spine_ray.core.schema import (
     LEVELS,
     SEVERITIES,
 )
-from spine_ray.core.storage import exists, fs_for, join, read_parquet, read_text
-from spine_ray.engine.plan import assign_slots
+from spine_ray.core.storage import exists, join, read_parquet, read_text
+from spine_ray.engine.timelines import fold_files, fold_timelines
 from spine_ray.engine.tracking import METRICS_FILE
 from spine_ray.ensemble.blend import Blend, blend_logp, log_members
 from spine_ray.ensemble.metric import normalise, score_arrays
 from spine_ray.ensemble.tune_ensemble import RunData, load_run
-from spine_ray.stages.registry import STAGES
 
 N_BINS = 10
 
@@ -156,15 +154,6 @@ def _json(url: str) -> Any:
     return json.loads(read_text(url)) if url and exists(url) else None
 
 
-def _fold_files(run_dir: str, name: str) -> Iterator[tuple[str, str, int, Any]]:
-    """(stage, member, fold, the open file) for every fold of the run that has file `name`."""
-    fs, root = fs_for(run_dir)
-    for stage in STAGES:
-        for path in sorted(fs.glob(f"{root}/{stage}/*/fold*/{name}")):
-            with fs.open(path, "rt") as f:
-                yield stage, path.split("/")[-3], int(path.split("/")[-2].removeprefix("fold")), f
-
-
 def training_epochs(run_dir: str) -> pd.DataFrame:
     """Every fold's metrics.jsonl as one table: stage, member, fold, then the reported metrics.
 
@@ -172,26 +161,10 @@ def training_epochs(run_dir: str) -> pd.DataFrame:
     step 2; the step's own count stays in `step_epoch`), so curves run left to right.
     """
     rows = []
-    for stage, member, fold, f in _fold_files(run_dir, METRICS_FILE):
+    for stage, member, fold, f in fold_files(run_dir, METRICS_FILE):
         mine = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: (int(r.get("phase", 0)), int(r["epoch"])))
         rows += [{"stage": stage, "member": member, "fold": fold, **r, "step_epoch": r["epoch"], "epoch": i} for i, r in enumerate(mine)]
     return pd.DataFrame(rows)
-
-
-def fold_timelines(run_dir: str) -> pd.DataFrame:
-    """Every finished fold's span from its done.json: stage, member, fold, start and end (epoch seconds), slot.
-
-    A fold starts when its turn came (its lane's trial or worker start for older markers) and ends
-    when its marker was written; slots are rows of folds that never overlap (`engine.plan.assign_slots`).
-    """
-    rows = []
-    for stage, member, fold, f in _fold_files(run_dir, "done.json"):
-        t = json.load(f).get("timeline", {})
-        start = t.get("job_started", t.get("worker_started", t.get("trial_started")))
-        if start is not None and "finished" in t:
-            rows.append({"stage": stage, "member": member, "fold": fold, "start": start, "end": t["finished"]})
-    df = pd.DataFrame(rows, columns=["stage", "member", "fold", "start", "end"])
-    return df.assign(slot=assign_slots(list(zip(df["start"], df["end"], strict=True))) if len(df) else [])
 
 
 def _blend_probs(blend: Blend | None, members: tuple[str, ...], member_probs: np.ndarray, temperatures: bool = True) -> np.ndarray | None:

@@ -7,66 +7,54 @@ variant's points. A cross member therefore costs one prediction pass per fold, n
 and it stays out-of-fold: the variant's points of fold k come from its localisers trained without
 fold k, and the grader of fold k never saw those studies either.
 
-Per (member, fold, variant) `predict_cross` loads `grade/{member}/fold{k}/model.pt`
-(`spine_ray.stages.registry.load_fold_model`), builds the
-validation samples on `localize/points@{variant}.parquet` (a sample cache of its own, keyed by
-those points) and writes `grade/{member}/fold{k}/oof@{variant}.parquet`: the OOF table with
-member `{member}@{variant}`. Finished files are kept, so an interrupted pass resumes.
-`run_cross` runs the pending ones as Ray tasks (one GPU or `cpus_per_worker` CPUs each).
+A cross job (`stage` "cross", member `{grader}@{variant}`, fold k) needs grader fold k and the
+variant's three localisers of fold k; its inputs name their fold-k points tables (`points/{view}`).
+`CrossStage.run` loads `grade/{grader}/fold{k}/model.pt` (`spine_ray.stages.registry.load_fold_model`),
+builds fold k's held-out samples on those points and writes, under `cross/{grader}@{variant}/fold{k}/`,
+`oof.parquet` (the grade OOF columns, member `{grader}@{variant}`) and then `done.json`, like a
+trained fold, so the run's schedule runs it on a slot as soon as its needs are done and a re-run
+skips it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 
-import pandas as pd
 import torch
 
-from spine_ray.core.storage import atomic_write_parquet, exists, join, read_parquet
-from spine_ray.engine.resources import ResourcesConfig
+from spine_ray.core.storage import atomic_write_parquet, atomic_write_text, join
 from spine_ray.engine.sample_cache import samples
-from spine_ray.engine.stage import FoldJob, Stage, fold_dir
-from spine_ray.stages.localize import variant_member
-from spine_ray.stages.registry import load_fold_model
+from spine_ray.engine.stage import FoldJob, fold_dir
+from spine_ray.stages.grade.config import GradeConfig
+from spine_ray.stages.registry import STAGES, load_fold_model
 
 
-def cross_url(job: FoldJob, variant: str) -> str:
-    """Where a fold's predictions on a variant's points go."""
-    return join(fold_dir(job), f"oof@{variant}.parquet")
+def grader_job(job: FoldJob) -> FoldJob:
+    """The grade fold a cross job predicts with, its held-out crops on the cross job's points."""
+    grader = job.member.partition("@")[0]
+    return dataclasses.replace(job, stage="grade", member=grader, needs=())
 
 
-def cross_job(job: FoldJob, points: str) -> FoldJob:
-    """The fold job with its validation crops on other stage-1 points (sample caches rebuilt for them)."""
-    inputs = {k: v for k, v in job.inputs.items() if not k.startswith("samples:")}
-    return dataclasses.replace(job, inputs={**inputs, "points": points})
+class CrossStage:
+    """A trained grader fold on a stage-1 variant's points: a job that trains nothing (`run`)."""
+
+    config_type = GradeConfig
+
+    def run(self, job: FoldJob[GradeConfig], device: torch.device | str | None = None, timeline: dict[str, float] | None = None) -> int:
+        """Predict the grader fold on the job's points; write its OOF table and done marker; returns its rows."""
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        grade, inner = STAGES["grade"], grader_job(job)
+        model, _ = load_fold_model(job.run_dir, "grade", inner.member, job.fold, device)
+        oof = grade.predict(inner, model, samples(grade, inner, "val")).assign(member=job.member)
+        out = fold_dir(job)
+        atomic_write_parquet(join(out, "oof.parquet"), oof)
+        finished = time.time()
+        done = {"fold": job.fold, "rows": len(oof), "resumed_from_epoch": -1, "selected": {}, "finished": finished,
+                "timeline": {**(timeline or {}), "finished": finished}}
+        atomic_write_text(join(out, "done.json"), json.dumps(done))
+        return len(oof)
 
 
-def predict_cross(stage: Stage, job: FoldJob, variant: str) -> int:
-    """Predict one trained fold on the job's points; writes its cross OOF table, returns its rows (pure PyTorch)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_fold_model(job.run_dir, job.stage, job.member, job.fold, device)
-    oof = stage.predict(job, model, samples(stage, job, "val")).assign(member=variant_member(job.member, variant))
-    atomic_write_parquet(cross_url(job, variant), oof)
-    return len(oof)
-
-
-def run_cross(stage: Stage, jobs: list[FoldJob], points: dict[str, str], resources: ResourcesConfig, samples_dir: str) -> list[pd.DataFrame]:
-    """Every trained fold of `jobs` on every variant's points (variant → points URL); returns the cross OOF tables."""
-    cross = [(cross_job(j, url), v) for v, url in points.items() for j in jobs]
-    pending = [(j, v) for j, v in cross if not exists(cross_url(j, v))]
-    if pending:
-        import ray
-
-        from spine_ray.core.raycluster import init_ray
-        from spine_ray.engine.sample_cache import with_caches
-
-        init_ray()
-        built = with_caches(stage, [j for j, _ in pending], samples_dir)
-        task = ray.remote(predict_cross).options(
-            num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0, max_retries=resources.max_failures,
-        )
-        ray.get([task.remote(stage, j, v) for j, (_, v) in zip(built, pending, strict=True)])
-    return [read_parquet(cross_url(j, v)) for j, v in cross]
-
-
-__all__ = ["run_cross", "predict_cross", "cross_job", "cross_url"]
+__all__ = ["CrossStage", "grader_job"]

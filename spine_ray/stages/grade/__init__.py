@@ -6,8 +6,10 @@ subarticular zones from the axial points, and with `multiview_spinal` a sixth sl
 spinal canal again on the axial slice (centred between the two subarticular points).
 
 Where crops are centred: the `train` split uses the ground-truth points of labels.parquet (jittered
-in collate); `val` and `test` use stage-1 points from `job.inputs["points"]` (the localize points
-table), so cross-validation sees what inference sees. A target without a point (series absent, or
+in collate); `val` and `test` use stage-1 points, so cross-validation sees what inference sees:
+`job.inputs["points"]` (a whole points table, as `spine-ray tune-lr` gives it) or, in a training
+run, `points/{view}`: the stage-1 fold-k out-of-fold tables of fold k's held-out studies, so grade
+fold k starts as soon as localiser fold k is done (`spine_ray.engine.schedule`). A target without a point (series absent, or
 stage 1 found nothing) is masked out (`target_mask` False, zero crop, no loss) and is *not*
 predicted: it is missing from the OOF table and from `predict_study`'s mask, and the blend fills
 it with the prior (`spine_ray.ensemble.prior`).
@@ -16,8 +18,11 @@ Augmentation needs crops taken *after* moving the centre, so a sample stores, pe
 larger context patch (`context` × the crop in mm and pixels, `k + max_shift` slices each side,
 float16 bytes) resampled to the crop's own mm-per-pixel; collate re-crops it with
 `crops.crop_stack` (jittered slice, centre and angle), which keeps Ray Data rows self-contained.
-Slice jitter draws from the stage-1 OOF `slice_err` of the slot's view when the points table is
-given (the first-place team called this crucial), else from round(N(0, slice_sigma)).
+Slice jitter draws from the stage-1 OOF `slice_err` of the slot's view in the job's points tables
+(the first-place team called this crucial), else from round(N(0, slice_sigma)). In a training run
+those are fold k's tables: the errors of the localisers whose points fold k is validated on,
+which exist when the fold starts (not the errors of every stage-1 fold, which would make every
+grade fold wait for the last localiser).
 The left–right flip mirrors every crop (axial: columns; sagittal: slice order) and swaps the
 left and right slots with their labels, so slot i always means condition `SLOTS[i]`.
 

@@ -96,6 +96,10 @@ class GradeConfig:
     context: float = 1.4  # stored patch side / crop side, room for xy jitter and rotation
     slice_jitter: bool = True
     slice_sigma: float = 0.5  # slice jitter without stage-1 errors: round(N(0, sigma))
+    # Whose stage-1 slice errors the jitter draws from in a training run: "fold" (the localisers of
+    # this fold, whose points it validates on: the fold starts when they are done) or "run" (every
+    # stage-1 fold: the fold waits for the last localiser, as stage-by-stage runs did).
+    slice_errors: str = "fold"
     xy_jitter_mm: float = 2.0
     rotate_deg: float = 10.0
     intensity_aug: bool = True
@@ -116,6 +120,8 @@ class GradeConfig:
             raise ValueError("context must be ≥ 1 (the stored patch holds the crop)")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError("flip_prob must be in [0, 1]")
+        if self.slice_errors not in ("fold", "run"):
+            raise ValueError(f"slice_errors must be fold or run, not {self.slice_errors!r}")
         if min(*self.sagittal_mm, *self.axial_mm) <= 0:
             raise ValueError("crop sizes in mm must be positive")
         if self.model.n_views < 3:

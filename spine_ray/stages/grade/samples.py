@@ -27,10 +27,24 @@ def label_table(prepared: str) -> pd.DataFrame:
     return with_target(_read_table(join(prepared, LABELS_FILE)))
 
 
+def point_urls(job: FoldJob) -> tuple[str, ...]:
+    """The stage-1 points tables a grade job reads: `points` (a whole run's) and/or `points/{view}` (one fold's per view)."""
+    return tuple(url for name, url in job.inputs.items() if name == "points" or name.startswith("points/"))
+
+
 @functools.lru_cache(maxsize=4)
-def slice_errors(url: str) -> dict[str, np.ndarray]:
-    """Stage-1 OOF slice errors per localize view, from a points table."""
-    pts = _read_table(url)
+def read_points(urls: tuple[str, ...]) -> pd.DataFrame:
+    """Stage-1 points tables as one, by study and target (a fold's per-view tables give that fold's rows of the run's table)."""
+    tables = [_read_table(u) for u in urls]
+    if len(tables) == 1:
+        return tables[0]
+    return pd.concat(tables, ignore_index=True).sort_values(["study_id", "target"]).reset_index(drop=True)
+
+
+@functools.lru_cache(maxsize=4)
+def slice_errors(urls: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Stage-1 OOF slice errors per localize view, from points tables."""
+    pts = read_points(urls)
     if "slice_err" not in pts:
         return {}
     ok = pts[pts["slice_err"].notna()]
@@ -62,9 +76,9 @@ def points_for(job: FoldJob, split: str) -> pd.DataFrame:
     if split == "train":
         lab = label_table(job.prepared)
         return lab[lab["slice"].notna()]
-    if "points" not in job.inputs:
-        raise KeyError(f"grade needs job.inputs['points'] (stage-1 points table) for the {split!r} split")
-    return _read_table(job.inputs["points"])
+    if not point_urls(job):
+        raise KeyError(f"grade needs job.inputs['points'] or ['points/{{view}}'] (stage-1 points) for the {split!r} split")
+    return read_points(point_urls(job))
 
 
 def severity_table(job: FoldJob, split: str) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from spine_ray.stages.grade.config import SAMPLE_COLUMNS, GradeConfig
 from spine_ray.stages.grade.predict import forward, sample_probs, severity_auc, target_probs
 from spine_ray.stages.grade.samples import (
     label_table,
+    point_urls,
     points_for,
     severity_table,
     slice_errors,
@@ -38,7 +39,8 @@ class GradeStage(VolumeStage[GradeConfig]):
             "sagittal_mm": c.sagittal_mm, "axial_mm": c.axial_mm, "out_px": c.out_px, "k": c.k, "max_shift": c.max_shift,
             "context": c.context, "multiview_spinal": c.multiview_spinal,
             # Train samples store labels, so an exclusion table's content is part of their key.
-            "inputs": ["points"] if split != "train" else [n for n in ("exclude_labels",) if n in job.inputs],
+            "inputs": [n for n in job.inputs if n == "points" or n.startswith("points/")] if split != "train"
+            else [n for n in ("exclude_labels",) if n in job.inputs],
         }
 
     def to_samples(self, job: FoldJob[GradeConfig], split: str, rows: pd.DataFrame) -> pd.DataFrame:
@@ -67,7 +69,7 @@ class GradeStage(VolumeStage[GradeConfig]):
 
     def augment(self, job: FoldJob[GradeConfig], rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """Re-crop every slot with jitter (slice shifts drawn from stage-1 errors when known), intensity, flip."""
-        errors = slice_errors(job.inputs["points"]) if rng is not None and "points" in job.inputs else None
+        errors = slice_errors(point_urls(job)) if rng is not None and point_urls(job) else None
         return augment_samples(job.config, rows, rng, errors)
 
     def to_batch(self, job: FoldJob[GradeConfig], arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
