@@ -100,16 +100,16 @@ def keypoint_loss(
     ndim = target_coords.shape[-1]
     shape = logits.shape[-ndim:]
     visible = visible.bool()
-    # Park missing points at the centre so no NaN/inf can leak into the masked terms.
-    centre = torch.tensor([(n - 1) / 2 for n in shape], device=logits.device)
-    tc = torch.where(visible[..., None], target_coords.float(), centre)
+    # Park missing points at the centre so no NaN/inf can leak into the masked terms. Constants
+    # stay Python numbers: a tensor built on the host costs a blocking copy (a CUDA stream sync).
+    tc = torch.stack([torch.where(visible, target_coords[..., d].float(), (n - 1) / 2) for d, n in enumerate(shape)], -1)
     probs = spatial_softmax(logits, ndim)
     per_point = torch.zeros(visible.shape, device=logits.device)
     if w_js:
         per_point = per_point + w_js * js_divergence(probs, gaussian_heatmap(shape, tc, sigma), ndim)
     if w_coord:
-        extent = torch.tensor([max(n - 1, 1) for n in shape], device=logits.device, dtype=torch.float32)
-        per_point = per_point + w_coord * ((dsnt(probs, ndim) - tc).abs() / extent).sum(-1)
+        err = (dsnt(probs, ndim) - tc).abs()
+        per_point = per_point + w_coord * torch.stack([err[..., d] / max(n - 1, 1) for d, n in enumerate(shape)], -1).sum(-1)
     per_point = torch.where(visible, per_point, torch.zeros_like(per_point))
     return per_point.sum() / visible.sum().clamp_min(1)
 
@@ -125,8 +125,10 @@ def scale_coords(coords: Tensor, scale: float | Sequence[float]) -> Tensor:
 
     Input pixels → heatmap at stride 4: `scale=1/4`; back: `scale=4`.
     """
-    s = torch.as_tensor(scale, dtype=coords.dtype, device=coords.device)
-    return (coords + 0.5) * s - 0.5
+    if not isinstance(scale, Sequence):
+        return (coords + 0.5) * scale - 0.5
+    # Per dim with Python numbers: a scale tensor built on the host costs a blocking copy (a CUDA stream sync).
+    return torch.stack([(coords[..., d] + 0.5) * s - 0.5 for d, s in zip(range(coords.shape[-1]), scale, strict=True)], -1)
 
 
 __all__ = [

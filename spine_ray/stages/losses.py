@@ -12,6 +12,10 @@ weighted mean then reads Σ_c w_c q_c nll_c / Σ_c w_c q_c over targets: each la
 mixed crop counts with its area (or blend) share, and one-hot targets give exactly the hard loss.
 The any-severe term uses, per target, the severe share q_2 / Σq as its "is severe" value and
 Σ_c w_c q_c / Σq as its weight.
+
+Every term is branch-free with fixed shapes, so a training step never waits on the host: hard
+labels become one-hot targets, unlabelled ones weigh 0 by multiplication, an empty weighted mean
+reads 0 through a denominator of 1, and studies are grouped by comparison, not `torch.unique`.
 """
 
 from __future__ import annotations
@@ -29,12 +33,32 @@ IGNORE = -1
 
 def soft_targets(labels: Tensor, n: int) -> Tensor:
     """Hard labels [...] (−1 = unlabelled) → one-hot float targets [..., n] (all-zero where unlabelled)."""
-    y = labels.long()
-    return F.one_hot(y.clamp(min=0), n).float() * (y != IGNORE)[..., None].float()
+    # A comparison with 0..n−1, not F.one_hot: −1 matches no class, and no value is read on the host.
+    return (labels.long()[..., None] == torch.arange(n, device=labels.device)).float()
 
 
 def _is_soft(target: Tensor, logits: Tensor) -> bool:
     return target.is_floating_point() and target.ndim == logits.ndim
+
+
+def _per_class(q: Tensor, weights: Sequence[float]) -> Tensor:
+    """q [..., C] with class c scaled by weights[c]."""
+    # Python numbers, not a weight tensor: a tensor built on the host costs a blocking copy (a
+    # stream sync on CUDA) every step.
+    return torch.stack([q[..., c] * w for c, w in zip(range(q.shape[-1]), weights, strict=True)], -1)
+
+
+def _safe(den: Tensor) -> Tensor:
+    """A denominator with 1 where it is 0, so an empty sum reads 0 (with zero gradient), never 0/0."""
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _weighted_nll(flat: Tensor, q: Tensor) -> Tensor:
+    """Σ q·(−log softmax(flat)) / Σ q over rows [N, C] and target mass [N, C]; 0 when q has no mass."""
+    logp = F.log_softmax(flat, -1)
+    # where, not a bare product: a class without mass adds exactly 0, even at a logit of −inf.
+    nll = -torch.where(q != 0, q * logp, torch.zeros_like(logp)).sum()
+    return nll / _safe(q.sum())
 
 
 def severity_loss(
@@ -42,16 +66,8 @@ def severity_loss(
 ) -> Tensor:
     """Weighted CE over any leading dims: logits [..., 3], labels [...] in {0, 1, 2, −1} or soft [..., 3]; 0 if none labelled."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    w = torch.as_tensor(weights, dtype=flat.dtype, device=flat.device)
-    if not _is_soft(labels, logits):
-        y = labels.reshape(-1).long()
-        if not (y != IGNORE).any():
-            return flat.sum() * 0.0
-        return F.cross_entropy(flat, y, weight=w, ignore_index=IGNORE)
-    q = labels.reshape(flat.shape).to(flat.dtype) * w
-    if not (q.sum() > 0):
-        return flat.sum() * 0.0
-    return -(q * F.log_softmax(flat, -1)).sum() / q.sum()
+    q = labels if _is_soft(labels, logits) else soft_targets(labels, flat.shape[-1])
+    return _weighted_nll(flat, _per_class(q.reshape(flat.shape).to(flat.dtype), weights))
 
 
 def any_severe_spinal_loss(
@@ -68,41 +84,35 @@ def any_severe_spinal_loss(
     its labelled spinal targets, so a batch that holds a study's five spinal levels (in one sample
     or across samples) reproduces the metric; 0 when no study has a labelled spinal target.
     """
-    p_sev = F.softmax(logits.float(), dim=-1)[..., 2].reshape(-1)
+    p_sev = F.softmax(logits.float(), dim=-1)[..., 2].reshape(-1)  # [N]
     q = (labels if _is_soft(labels, logits) else soft_targets(labels, logits.shape[-1])).reshape(-1, logits.shape[-1]).to(p_sev.dtype)
     mass, g = q.sum(-1), study.reshape(-1).long()
     keep = (g >= 0) & (mass > 0)
-    if not keep.any():
-        return logits.sum() * 0.0
-    p_sev, q, mass, g = p_sev[keep], q[keep], mass[keep], g[keep]
-    groups, gi = torch.unique(g, return_inverse=True)
-    n = len(groups)
-    w_table = torch.as_tensor(weights, dtype=p_sev.dtype, device=p_sev.device)
+    # Fixed shapes instead of keep-indexing and torch.unique (whose sizes depend on the data): every
+    # kept target points at the first kept target of its study, its group's slot; a dropped target
+    # points at its own slot, which weighs 0 below.
+    idx = torch.arange(len(g), device=g.device)
+    same = keep[:, None] & keep[None, :] & (g[:, None] == g[None, :])  # [N, N]
+    first = torch.where(same, idx[None, :], len(g)).amin(-1)
+    gi = torch.where(keep, first, idx)
+    slot = keep & (gi == idx)  # one per study present
 
     def group_max(v: Tensor) -> Tensor:
-        return torch.full((n,), -1.0, dtype=v.dtype, device=v.device).scatter_reduce(
-            0, gi, v, reduce="amax", include_self=True
-        )
+        return torch.full_like(v, -1.0).scatter_reduce(0, gi, v, reduce="amax", include_self=True)
 
+    per_mass = _safe(mass)  # unlabelled targets have no mass; their slots weigh 0
     p = group_max(p_sev).clamp(eps, 1 - eps)
-    target = group_max(q[:, 2] / mass)
-    w = group_max((q * w_table).sum(-1) / mass)
+    target = group_max(q[:, 2] / per_mass)
+    w = group_max(_per_class(q, weights).sum(-1) / per_mass) * slot
     nll = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
-    return (w * nll).sum() / w.sum()
+    return (w * nll).sum() / _safe(w.sum())
 
 
 def slice_loss(slice_logits: Tensor, slice_target: Tensor) -> Tensor:
     """CE between the attention logits over slices [..., S] and the labelled slice's index [...] (−1 = unknown) or soft [..., S]."""
     flat = slice_logits.reshape(-1, slice_logits.shape[-1]).float()
-    if not _is_soft(slice_target, slice_logits):
-        y = slice_target.reshape(-1).long()
-        if not (y != IGNORE).any():
-            return flat.sum() * 0.0
-        return F.cross_entropy(flat, y, ignore_index=IGNORE)
-    q = slice_target.reshape(flat.shape).to(flat.dtype)
-    if not (q.sum() > 0):
-        return flat.sum() * 0.0
-    return -(q * F.log_softmax(flat, -1)).sum() / q.sum()
+    q = slice_target if _is_soft(slice_target, slice_logits) else soft_targets(slice_target, flat.shape[-1])
+    return _weighted_nll(flat, q.reshape(flat.shape).to(flat.dtype))
 
 
 def grader_loss(
