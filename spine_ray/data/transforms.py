@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+INTENSITY_NOISE = 0.03  # σ of `intensity`'s additive Gaussian noise on a [0, 1] image
+
 
 def mirror_name(name: str) -> str:
     """'left_…' ↔ 'right_…' anywhere in a label/point name (e.g. a LABEL_COLUMNS entry); others unchanged."""
@@ -29,23 +31,42 @@ def random_angle(rng: np.random.Generator, max_deg: float = 15.0) -> float:
     return float(rng.uniform(-max_deg, max_deg))
 
 
+def draw_intensity(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    gamma: tuple[float, float] = (0.7, 1.5),
+    contrast: tuple[float, float] = (0.75, 1.25),
+    brightness: float = 0.1,
+    noise: float = INTENSITY_NOISE,
+) -> tuple[float, float, float, np.ndarray | None]:
+    """The draws of `intensity` for an array of `shape`, in its order: gamma, contrast, brightness, noise [shape] float32 (None without)."""
+    g = float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
+    c = rng.uniform(*contrast)
+    b = rng.uniform(-brightness, brightness)
+    n = rng.normal(0.0, noise, size=shape).astype(np.float32) if noise else None
+    return g, c, b, n
+
+
+def apply_intensity(x: np.ndarray, g: float, c: float, b: float, n: np.ndarray | None) -> np.ndarray:
+    """Gamma g, contrast c about the mean, brightness b and additive noise n on a [0, 1] array (computed in float64) → float32."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0).astype(np.float64) ** g
+    m = x.mean()
+    x = (x - m) * c + m + b
+    if n is not None:
+        x = x + n
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
 def intensity(
     x: np.ndarray,
     rng: np.random.Generator,
     gamma: tuple[float, float] = (0.7, 1.5),
     contrast: tuple[float, float] = (0.75, 1.25),
     brightness: float = 0.1,
-    noise: float = 0.03,
+    noise: float = INTENSITY_NOISE,
 ) -> np.ndarray:
     """Random gamma, contrast (about the mean), brightness and Gaussian noise on a [0, 1] array."""
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
-    g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1])))
-    x = x**g
-    m = x.mean()
-    x = (x - m) * rng.uniform(*contrast) + m + rng.uniform(-brightness, brightness)
-    if noise:
-        x = x + rng.normal(0.0, noise, size=x.shape).astype(np.float32)
-    return np.clip(x, 0.0, 1.0).astype(np.float32)
+    return apply_intensity(x, *draw_intensity(rng, np.shape(x), gamma, contrast, brightness, noise))
 
 
-__all__ = ["sample_slice_shift", "random_angle", "intensity", "mirror_name"]
+__all__ = ["INTENSITY_NOISE", "sample_slice_shift", "random_angle", "draw_intensity", "apply_intensity", "intensity", "mirror_name"]

@@ -4,7 +4,8 @@ A stage turns prepared tables into training samples (a pure function over a pand
 studies; `spine_ray.engine.sample_cache` builds them once for all folds), augments sample rows into
 fixed-shape arrays (from an explicit generator; Ray Data runs this on CPU workers while the
 trainer steps), turns those arrays into tensors, builds its model, computes its loss and predicts
-held-out samples.
+held-out samples. A stage may leave part of the augmentation to the training device: `augment`
+then ships what it needs (stored patches and drawn parameters) and `on_device` finishes the batch.
 
 The driver that trains a fold with these pieces is `spine_ray.engine.fold.fit_fold`; every stage is
 named in one table, `spine_ray.stages.registry.STAGES`.
@@ -90,7 +91,9 @@ class Stage(Protocol[C]):
     # Optional, for stages that train in steps or freeze parameters (see the module docstring):
     #   phases(job) -> list[FoldJob]; set_trainable(job, model) -> None;
     #   select(job) -> str | None (the validation metric a step keeps its best epoch by);
-    #   validate(job, model, val_samples) -> dict[str, float] (held-out metrics after every epoch).
+    #   validate(job, model, val_samples) -> dict[str, float] (held-out metrics after every epoch);
+    #   on_device(job, batch) -> Batch (a training batch's last step once on the training device,
+    #   before `loss`: the grade stage augments there with `augment_on: device`).
 
 
 class VolumeStage(Generic[C]):

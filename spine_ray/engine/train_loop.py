@@ -25,6 +25,8 @@ from spine_ray.core.schema import SchemaError
 from spine_ray.models.freezing import eval_frozen_norms
 
 Batch = Mapping[str, Any]
+# A batch's last preparation on the training device, after the copy and before the step (e.g. augmentation).
+OnDevice = Callable[[Batch], Batch]
 # A step's loss and its named parts (device tensors, read once an epoch; plain numbers are accepted).
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
@@ -112,7 +114,9 @@ class _Optim:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def _train_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], o: _Optim, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def _train_epoch(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], o: _Optim, cfg: TrainConfig, device: torch.device, on_device: OnDevice | None = None
+) -> dict[str, float]:
     """One epoch of optimiser steps; returns the mean loss parts, throughput and the share of time spent waiting for data.
 
     Loss parts stay device tensors, read once at the end of the epoch: a host sync per step would
@@ -132,6 +136,8 @@ def _train_epoch(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], o:
         if batch is None:
             break
         batch = _to_device(batch, device)
+        if on_device is not None:
+            batch = on_device(batch)  # outside autocast: the stage decides its own precision
         with o.autocast():
             loss, parts = loss_fn(model, batch)
         o.opt.zero_grad(set_to_none=True)
@@ -162,6 +168,7 @@ def fit(
     resume: dict[str, Any] | None = None,
     device: torch.device | None = None,
     select: str | None = None,
+    on_device: OnDevice | None = None,
 ) -> dict[str, float]:
     """Train for cfg.epochs; returns the last epoch's metrics.
 
@@ -169,6 +176,7 @@ def fit(
     the schedule. `resume` is a state previously passed to on_epoch_end. `select` (e.g. "val_auc"):
     when `validate` reports it, the model ends with the weights of the epoch where it was highest
     (kept in the checkpoint state, so a resumed run selects the same); otherwise the last epoch's.
+    `on_device(batch)`, when given, finishes each batch once it is on the device (before autocast).
     """
     device = device or next(model.parameters()).device
     torch.manual_seed(cfg.seed)
@@ -183,7 +191,7 @@ def fit(
     metrics: dict[str, float] = dict(resume.get("metrics", {})) if resume else {}
     best: dict[str, Any] | None = resume.get("best") if resume else None  # {"value", "epoch", "model"}
     for epoch in range(start, cfg.epochs):
-        metrics = {**_train_epoch(model, loss_fn, train_batches(epoch), o, cfg, device), "epoch": epoch, "lr": o.opt.param_groups[0]["lr"]}
+        metrics = {**_train_epoch(model, loss_fn, train_batches(epoch), o, cfg, device, on_device), "epoch": epoch, "lr": o.opt.param_groups[0]["lr"]}
         if validate is not None:
             model.eval()
             with torch.no_grad():

@@ -25,6 +25,13 @@ which exist when the fold starts (not the errors of every stage-1 fold, which wo
 grade fold wait for the last localiser).
 The left–right flip mirrors every crop (axial: columns; sagittal: slice order) and swaps the
 left and right slots with their labels, so slot i always means condition `SLOTS[i]`.
+Every random number of a batch's augmentation is drawn first (`augment.draw_params`), then
+applied: in numpy on the input pipeline's CPUs (`augment_on: cpu`, the default), or, with
+`augment_on: device`, batched in torch on the training device (`augment_torch`, through the
+stage's `on_device` hook): the pipeline then ships the stored patches and the draws, intensity
+noise included (4.5 times the bytes of the crops at the recipe's sizes, 9 times with a mix, whose
+partner's crops are made again on the device). Both paths draw the same
+numbers for the same seed; their crops differ by a float16 step where interpolation rounds apart.
 
 CutMix and mixup (`MixConfig`, fifth place used CutMix with p = 1) act on an augmented batch,
 after the sample cache: each sample draws one partner from the batch and, per slot, either pastes
@@ -44,6 +51,7 @@ its last N blocks (`spine_ray.models.freezing`) for the whole training.
 OOF table (`grade/<member>/oof.parquet`): row_id, study_id, fold, member, normal_mild, moderate, severe.
 
 Modules: `config` (GradeConfig and its switches, the slots), `samples` (one sample per study and
-level), `augment` (re-crop, flip, CutMix/mixup, batch tensors), `predict` (forward pass, flip TTA,
+level), `augment` (the draws; re-crop, flip, CutMix/mixup in numpy; batch tensors), `augment_torch`
+(the same applied batched in torch on any device), `predict` (forward pass, flip TTA,
 per-target probabilities, AUC), `stage` (`GradeStage`, what the fold driver calls).
 """

@@ -104,6 +104,15 @@ class GradeConfig:
     rotate_deg: float = 10.0
     intensity_aug: bool = True
     flip_prob: float = 0.5
+    # Where training crops are re-cropped and augmented: "cpu" in the input pipeline (Ray Data tasks
+    # or a thread), or "device": the pipeline only draws the parameters and ships the stored patches,
+    # the training device applies them (`augment_torch`), the same draws for the same seed.
+    augment_on: Literal["cpu", "device"] = "cpu"
+    # With augment_on: device, where the intensity noise (2k+1 × out_px² normals per slot, most of
+    # the pipeline's remaining work) is drawn: "pipeline" from the same generator, so every draw is
+    # the CPU path's (the field ships as float16); "device" from a seed per slot drawn in its place
+    # (`augment_torch.hashed_normal`): the same distribution, but the draws after it differ.
+    noise_on: Literal["pipeline", "device"] = "pipeline"
     w_slice: float = 0.2  # auxiliary loss: attention finds the labelled slice
     w_any: float = 1.0  # any-severe-spinal term
     multiview_spinal: bool = False
@@ -122,6 +131,10 @@ class GradeConfig:
             raise ValueError("flip_prob must be in [0, 1]")
         if self.slice_errors not in ("fold", "run"):
             raise ValueError(f"slice_errors must be fold or run, not {self.slice_errors!r}")
+        if self.augment_on not in ("cpu", "device"):
+            raise ValueError(f"augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
+        if self.noise_on not in ("pipeline", "device") or (self.noise_on == "device" and self.augment_on != "device"):
+            raise ValueError("noise_on must be 'pipeline', or 'device' with augment_on: device")
         if min(*self.sagittal_mm, *self.axial_mm) <= 0:
             raise ValueError("crop sizes in mm must be positive")
         if self.model.n_views < 3:
@@ -159,3 +172,8 @@ class GradeConfig:
     def crop_mm(self, view: int) -> tuple[float, float]:
         """Crop size in mm for a view id."""
         return self.axial_mm if view == 2 else self.sagittal_mm
+
+    def patch_spacing(self, view: int) -> tuple[float, float]:
+        """The stored patch's (row, col) mm per pixel for a view id."""
+        mm = self.crop_mm(view)
+        return mm[0] * self.context / self.patch_px, mm[1] * self.context / self.patch_px

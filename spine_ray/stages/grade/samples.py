@@ -11,7 +11,6 @@ from spine_ray.core.schema import LEVELS, with_target
 from spine_ray.core.storage import join, read_parquet
 from spine_ray.data.crops import crop_stack
 from spine_ray.data.label_flags import excluded_targets
-from spine_ray.data.transforms import random_angle, sample_slice_shift
 from spine_ray.data.volumes import LABELS_FILE, load_volume
 from spine_ray.engine.stage import FoldJob
 from spine_ray.stages.grade.config import SLOTS, GradeConfig
@@ -161,20 +160,3 @@ def study_samples(
             })
     return out
 
-
-def crop_target(
-    cfg: GradeConfig, patch: np.ndarray, inside: np.ndarray, view: int, rng: np.random.Generator | None, errors: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Re-crop one stored patch [2K+1, P, P] → crop [2k+1, h, w], slice mask [2k+1], slice shift."""
-    kk = cfg.k + cfg.max_shift
-    shift, d, angle = 0, np.zeros(2), 0.0
-    mm = cfg.crop_mm(view)
-    px_mm = np.array([mm[0] * cfg.context / cfg.patch_px, mm[1] * cfg.context / cfg.patch_px])
-    if rng is not None:
-        if cfg.slice_jitter:
-            shift = int(np.clip(sample_slice_shift(rng, errors, cfg.slice_sigma), -cfg.max_shift, cfg.max_shift))
-        d = rng.normal(0.0, cfg.xy_jitter_mm, 2) / px_mm
-        angle = random_angle(rng, cfg.rotate_deg) if cfg.rotate_deg > 0 else 0.0
-    c = cfg.patch_px / 2 - 0.5
-    crop = crop_stack(patch.astype(np.float32), px_mm, (kk + shift, c + d[0], c + d[1]), mm, cfg.out_px, cfg.k, angle=angle)
-    return crop, inside[kk + shift - cfg.k : kk + shift + cfg.k + 1], shift

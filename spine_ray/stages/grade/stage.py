@@ -13,7 +13,8 @@ from spine_ray.core.schema import OOF_COLUMNS, PROB_COLUMNS, row_id
 from spine_ray.engine.stage import FoldJob, VolumeStage
 from spine_ray.models.freezing import freeze_backbone, unfreeze
 from spine_ray.models.grader import Grader
-from spine_ray.stages.grade.augment import augment_samples, batch_tensors
+from spine_ray.stages.grade.augment import augment_samples, batch_tensors, defer_samples
+from spine_ray.stages.grade.augment_torch import device_batch
 from spine_ray.stages.grade.config import SAMPLE_COLUMNS, GradeConfig
 from spine_ray.stages.grade.predict import forward, sample_probs, severity_auc, target_probs
 from spine_ray.stages.grade.samples import (
@@ -68,13 +69,19 @@ class GradeStage(VolumeStage[GradeConfig]):
         return pd.DataFrame(samples, columns=SAMPLE_COLUMNS)
 
     def augment(self, job: FoldJob[GradeConfig], rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        """Re-crop every slot with jitter (slice shifts drawn from stage-1 errors when known), intensity, flip."""
+        """Re-crop every slot with jitter (slice shifts drawn from stage-1 errors when known), intensity, flip; with `augment_on: device`, only the draws."""
         errors = slice_errors(point_urls(job)) if rng is not None and point_urls(job) else None
+        if job.config.augment_on == "device":
+            return defer_samples(job.config, rows, rng, errors)  # parameters drawn here, applied in `on_device`
         return augment_samples(job.config, rows, rng, errors)
 
     def to_batch(self, job: FoldJob[GradeConfig], arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """x [B, T, S, 1, H, W] and per-target ids, masks, labels."""
+        """x [B, T, S, 1, H, W] (or the stored patches and draws `on_device` turns into it) and per-target ids, masks, labels."""
         return batch_tensors(job.config, arrays)
+
+    def on_device(self, job: FoldJob[GradeConfig], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With `augment_on: device`, the crops of a batch's stored patches and drawn parameters, made on its device; other batches pass."""
+        return device_batch(job.config, batch) if "aug_patch" in batch else batch
 
     def build_model(self, member: str, config: GradeConfig) -> nn.Module:
         """A Grader."""
