@@ -32,8 +32,9 @@ repository root; nothing travels but the working tree (no wheels, no data):
 
 with a run timeout of 540 s. It keeps inside --budget-s (420 s): each unit gets an equal share of
 what is left (a fifth of the budget is kept for inference) and its step counts are cut to fit it.
-At the issue's rates a unit takes 30-70 s at 20 steps (the one-stage member longest); synthesis
-(16 cores) and CUDA start-up about 20 s; inference with 2 folds about 60 s.
+Estimated from the issue's rates, not yet timed there: 40-70 s a unit at 20 steps (the one-stage
+member longest; without Ray the real path is held to one augmentation thread's rate), about 20 s
+of synthesis and CUDA start-up, 40-60 s of inference with 2 folds: about 6 minutes in all.
 
 On CPU, tiny (timm's test_* networks, 64 px; what tests/test_gpu_bench.py runs):
 
@@ -64,10 +65,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-from spine_ray.core.config import load, save, to_dict  # noqa: E402 - after the Ray setting
-from spine_ray.core.schema import (  # noqa: E402
+from spine_ray.core.config import load, save, to_dict
+from spine_ray.core.schema import (
     CONDITION_SERIES,
     CONDITIONS,
     LEVELS,
@@ -76,8 +75,8 @@ from spine_ray.core.schema import (  # noqa: E402
     labels_long,
     with_target,
 )
-from spine_ray.data import geometry  # noqa: E402
-from spine_ray.data.volumes import (  # noqa: E402
+from spine_ray.data import geometry
+from spine_ray.data.volumes import (
     LABELS_FILE,
     MANIFEST,
     SCHEMA_VERSION,
@@ -86,8 +85,9 @@ from spine_ray.data.volumes import (  # noqa: E402
     rows_to_table,
     stack_row,
 )
-from spine_ray.engine.fold import fit_fold  # noqa: E402
-from spine_ray.engine.sample_cache import (  # noqa: E402
+from spine_ray.engine.fold import fit_fold
+from spine_ray.engine.resources import ResourcesConfig
+from spine_ray.engine.sample_cache import (
     cache_input,
     chunks,
     count_samples,
@@ -97,22 +97,22 @@ from spine_ray.engine.sample_cache import (  # noqa: E402
     write_manifest,
     write_part,
 )
-from spine_ray.engine.stage import FoldJob, Stage, collate, columns, new_model, steps_per_epoch  # noqa: E402
-from spine_ray.engine.stream import StreamedBatches  # noqa: E402
-from spine_ray.engine.train_loop import _Optim  # noqa: E402 - the loop's own optimiser, scaler and autocast
-from spine_ray.ensemble.baseline import write_prior  # noqa: E402
-from spine_ray.ensemble.prior import fit_prior  # noqa: E402
-from spine_ray.models.backbone import speed_up  # noqa: E402
-from spine_ray.run_config import PipelineConfig  # noqa: E402
-from spine_ray.stages.grade.config import GradeConfig  # noqa: E402
-from spine_ray.stages.grade.samples import fake_points  # noqa: E402
-from spine_ray.stages.localize import ViewConfig  # noqa: E402
-from spine_ray.stages.onestage import OneStageConfig  # noqa: E402
-from spine_ray.stages.registry import STAGES, model_url  # noqa: E402
-from spine_ray.synth.acquisition import AcquisitionConfig, plan_study  # noqa: E402
-from spine_ray.synth.labels import sample_labels  # noqa: E402
-from spine_ray.synth.phantom import N_LEVELS, sample_phantom  # noqa: E402
-from spine_ray.synth.render import render_series  # noqa: E402
+from spine_ray.engine.stage import FoldJob, Stage, collate, columns, new_model, steps_per_epoch
+from spine_ray.engine.stream import StreamedBatches
+from spine_ray.engine.train_loop import _Optim  # the loop's own optimiser, scaler and autocast
+from spine_ray.ensemble.baseline import write_prior
+from spine_ray.ensemble.prior import fit_prior
+from spine_ray.models.backbone import speed_up
+from spine_ray.run_config import PipelineConfig
+from spine_ray.stages.grade.config import GradeConfig
+from spine_ray.stages.grade.samples import fake_points
+from spine_ray.stages.localize import ViewConfig
+from spine_ray.stages.onestage import OneStageConfig
+from spine_ray.stages.registry import STAGES, model_url
+from spine_ray.synth.acquisition import AcquisitionConfig, plan_study
+from spine_ray.synth.labels import sample_labels
+from spine_ray.synth.phantom import N_LEVELS, sample_phantom
+from spine_ray.synth.render import render_series
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,8 @@ UNITS = (
     Unit("sag_t2", "localize", "sag_t2", "sagittal T2 localiser, convnext_small", (38.8, 43.6, 55.9, 14.1, 12.2)),
     Unit("onestage", "onestage", "onestage_convnext_small", "one-stage, convnext_small x 2 views", (13.7, 14.7, 21.5, 10.6, 5.9)),
 )
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before the Ray path starts Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = {"real": 512, "tiny": 64}  # native pixels of the synthetic series (the RSNA images are mostly 512)
 
@@ -277,7 +279,7 @@ def replicated(job: FoldJob, url: str, rows: pd.DataFrame, n: int, run: Path) ->
     """
     real = sorted(int(s) for s in rows["study_id"].unique())
     copies = max(1, round(n / max(len(rows), 1)))
-    ids = [r * 10**6 + s for r in range(1, copies + 1) for s in real]
+    ids = [r * 10**6 + s for r in range(1, copies + 1) for s in real]  # the synthetic ids stay below 10**6
     run.mkdir(parents=True)
     pd.DataFrame({"study_id": real + ids, "fold": [0] * len(real) + [1] * len(ids)}).to_parquet(run / "folds.parquet")
     cache = run / "samples"
@@ -445,7 +447,7 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
     return rates
 
 
-def ray_fit(stage: Stage, job: FoldJob, resources: Any) -> dict[str, float]:
+def ray_fit(stage: Stage, job: FoldJob, resources: ResourcesConfig) -> dict[str, float]:
     """The fold through a one-worker Ray Train `TorchTrainer` (`train_worker`, as `spine-ray train` runs it, less Tune); its last epoch's metrics."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -470,7 +472,27 @@ def fit_steps(seconds: float, rate: float, batch: int, cap: int) -> int:
     return int(min(cap, max(2, seconds * rate / (2 * batch))))
 
 
-def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.device, args: argparse.Namespace, seconds: float, util: Callable[[], float] | None, use_ray: bool) -> dict[str, Any]:
+def fit_resources(cfg: PipelineConfig, cuda: bool, use_ray: bool) -> ResourcesConfig:
+    """The recipe's resources for the real path here."""
+    return dataclasses.replace(
+        cfg.resources, use_gpu=cuda,
+        # A shuffle buffer refills at every epoch: hundreds of samples would be most of a short epoch.
+        shuffle_mb=0.0, **({} if use_ray else {"input_pipeline": "thread"}),
+        # On CPU every core is a trainer's: augmentation shares them (ResourcesConfig's own defaults).
+        **({} if cuda else {"cpus_per_worker": 1.0, "data_cpus": 0.0, "data_concurrency": 1}),
+    )
+
+
+def path_name(resources: ResourcesConfig, use_ray: bool, why: str) -> str:
+    """What the real path is, in words."""
+    feed = (f"Ray Data input ({resources.data_concurrency} tasks of {resources.data_cpus:g} CPU)" if resources.pipeline() == "ray"
+            else "StreamedBatches' thread pipeline (one augmentation thread)")
+    how = "a one-worker Ray Train TorchTrainer (engine.worker.train_worker)" if use_ray else f"in-process fit_fold ({why})"
+    return f"{how}, {feed}" + ("; pinned memory" if resources.use_gpu else "")
+
+
+def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.device, args: argparse.Namespace, seconds: float,
+                 util: Callable[[], float] | None, use_ray: bool, resources: ResourcesConfig) -> dict[str, Any]:
     """Every figure of one unit, its measurements sized to take about `seconds` together."""
     t_unit = time.perf_counter()
     stage, member = STAGES[unit.stage], cfg.member(unit.stage, unit.member)
@@ -491,11 +513,6 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
     bare, bare4 = bare_rates(stage, job, [small, large], device, args.steps, [0.1 * seconds, 0.15 * seconds])
 
     # The real path, on enough copies of the samples for two epochs of `steps` batches.
-    resources = dataclasses.replace(
-        cfg.resources, use_gpu=cuda,
-        # A shuffle buffer refills at every epoch: hundreds of samples would be most of a short epoch.
-        shuffle_mb=0.0, **({} if use_ray else {"input_pipeline": "thread"}),
-    )
     lanes = resources.data_concurrency if resources.pipeline() == "ray" else 1  # augmentation tasks in flight
     steps = fit_steps(0.4 * seconds, min(bare, augment * lanes), bs, args.steps)
     rep = replicated(job, url, rows, steps * bs, work / f"{unit.key}-fit")
@@ -596,7 +613,8 @@ def table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["units"].values():
         i = r["issue"]
-        cores = _num(r["cpu_cores"], 2) + (f" ({_num(r['pipeline_cores'], 2)})" if r["pipeline_cores"] is not None else "")
+        # Under Ray the augmentation runs in other processes: only the machine's total is read.
+        cores = _num(r["cpu_cores"], 2) + ("" if results["meta"]["ray"] else f" ({_num(r['pipeline_cores'], 2)})")
         lines.append("| " + " | ".join([
             f"{r['label']} ({r['batch']})", f"{_num(r['fit_samples_per_s'])} ({i['fit']})", _num(r["ready_samples_per_s"]),
             f"{_num(r['bare_samples_per_s'])} ({i['bare']})", f"{_num(r['bare4x_samples_per_s'])} ({i['bare4x']})",
@@ -639,28 +657,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = start + args.budget_s
     reserve = 0.0 if args.no_infer else 0.2 * args.budget_s
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
     tiny = args.size == "tiny"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
-    if device.type == "cpu":  # a check of the code path: OpenMP's spinning threads crawl on a shared CI box
-        torch.set_num_threads(1)
     try:
         prepared = work / "prepared"
         workers = 1 if tiny else min(args.studies, os.cpu_count() or 1)
         wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], seed=0, workers=workers)
         synth_s = time.perf_counter() - start
+        # Only now: the synthesis workers are forked from a process that has not touched CUDA.
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        if device.type == "cpu":  # a check of the code path: OpenMP's spinning threads crawl on a shared CI box
+            torch.set_num_threads(1)
         cfg = recipe(args.config, prepared, work / "run", tiny)
         (work / "run").mkdir()
         pd.DataFrame({"study_id": wide["study_id"], "fold": np.arange(len(wide)) % 2}).to_parquet(work / "run" / "folds.parquet")
         fake_points(pd.read_parquet(prepared / LABELS_FILE), np.random.default_rng(0)).to_parquet(work / "points.parquet")
         util, util_how = gpu_util_reader(device)
-        res = cfg.resources
-        path = (f"a one-worker Ray Train TorchTrainer (engine.worker.train_worker), Ray Data input ({res.data_concurrency} tasks of {res.data_cpus:g} CPU)"
-                if use_ray else "in-process fit_fold on StreamedBatches' thread pipeline (one augmentation thread)"
-                + (", --no-ray" if args.no_ray else ", Ray not importable here")) + ("; pinned memory" if device.type == "cuda" else "")
+        resources = fit_resources(cfg, device.type == "cuda", use_ray)
+        path = path_name(resources, use_ray, "--no-ray" if args.no_ray else "Ray not importable here")
         meta = {
             "config": Path(args.config).name, "size": args.size, "studies": args.studies, "image_px": IMAGE_SIZE[args.size], "steps": args.steps,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
@@ -671,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         units = [u for u in UNITS if u.key in args.units]
         for i, unit in enumerate(units):
             seconds = max(5.0, (deadline - time.perf_counter() - reserve) / (len(units) - i))
-            r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray)
+            r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources)
             results["units"][unit.key] = r
             print(f"  {unit.label}: fit {r['fit_samples_per_s']:.1f}, bare {r['bare_samples_per_s']:.1f} samples/s ({r['seconds']:.0f} s)", flush=True)
         if not args.no_infer:
