@@ -449,18 +449,22 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
 
 def ray_fit(stage: Stage, job: FoldJob, resources: ResourcesConfig) -> dict[str, float]:
     """The fold through a one-worker Ray Train `TorchTrainer` (`train_worker`, as `spine-ray train` runs it, less Tune); its last epoch's metrics."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from spine_ray.core.raycluster import init_ray
+    from spine_ray.engine.board import Board
     from spine_ray.engine.stage import fold_dir, job_key
     from spine_ray.engine.tracking import METRICS_FILE
     from spine_ray.engine.worker import train_worker
 
     init_ray(quiet=True)
+    board = ray.remote(Board).options(num_cpus=0).remote([job_key(job)], {}, (), 1)  # a run's job board, of this one job
     TorchTrainer(
         train_worker,
-        train_loop_config={"stages": {job.stage: stage}, "jobs": [job], "resources": resources},
+        train_loop_config={"stages": {job.stage: stage}, "jobs": {job_key(job): job}, "board": board, "slot": "slot0", "per_run": 1,
+                           "resources": resources},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=resources.use_gpu, resources_per_worker=resources.worker_resources()),
         run_config=ray.train.RunConfig(name=job_key(job), storage_path=str(Path(job.run_dir).resolve() / "ray")),
     ).fit()
