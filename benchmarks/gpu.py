@@ -76,6 +76,7 @@ from spine_ray.core.schema import (
     with_target,
 )
 from spine_ray.data import geometry
+from spine_ray.data.geometry import Stack
 from spine_ray.data.volumes import (
     LABELS_FILE,
     MANIFEST,
@@ -143,29 +144,6 @@ IMAGE_SIZE = {"real": 512, "tiny": 64}  # native pixels of the synthetic series 
 # ---- synthetic studies, written as a finished `prepare` output without DICOM ----
 
 
-@dataclasses.dataclass(frozen=True)
-class SynthStack:
-    """A stack as `volumes.stack_row` reads it: the fields of `data.dicom.Stack`, made without decoding DICOM."""
-
-    volume: np.ndarray  # [S, H, W] uint16, slices in spatial order
-    instance_numbers: list[int]
-    positions: np.ndarray  # [S, 3]
-    orientation: tuple[float, ...]
-    pixel_spacing: tuple[float, float]
-    slice_spacing: float
-    affine: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        """Image height in pixels."""
-        return int(self.volume.shape[1])
-
-    @property
-    def cols(self) -> int:
-        """Image width in pixels."""
-        return int(self.volume.shape[2])
-
-
 def synth_study(index: int, study_id: int, labels: np.ndarray, latent: np.ndarray, image_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """One study's volume rows and label points: the project's phantom rendered per series, one stack each."""
     rng = np.random.default_rng([seed, 1, index])
@@ -179,7 +157,7 @@ def synth_study(index: int, study_id: int, labels: np.ndarray, latent: np.ndarra
         positions = np.array([s.position for s in plan.geometry.slices], np.float64)
         order = np.argsort(geometry.slice_distances(positions, orientation), kind="stable")  # as the decoder orders slices
         images = np.stack(render_series(phantom, plan.geometry, plan.description, rng))[order]
-        stack = SynthStack(
+        stack = Stack(
             images, [plan.instance_numbers[i] for i in order], positions[order], orientation, first.spacing,
             plan.geometry.spacing_between, geometry.affine(positions[order], orientation, first.spacing, plan.geometry.thickness),
         )

@@ -19,7 +19,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 from rle.utils import decode_frame as rle_decode_frame
 
 from spine_ray.data import geometry
+from spine_ray.data.geometry import Stack
 
 ANGLE_TOL_DEG = 1.0
 GAP_FACTOR = 2.0
@@ -65,31 +66,6 @@ class Header:
     intercept: float
     slice_thickness: float | None
     transfer_syntax: str
-
-
-@dataclass
-class Stack:
-    """One image stack: slices in spatial order (along the normal) with their geometry."""
-
-    volume: np.ndarray  # [S, H, W] uint16 or int16
-    instance_numbers: list[int]
-    positions: np.ndarray  # [S, 3] ImagePositionPatient of each sorted slice, mm
-    orientation: tuple[float, ...]  # 6 floats: X (column direction), Y (row direction)
-    pixel_spacing: tuple[float, float]  # [row spacing, column spacing], mm
-    slice_spacing: float  # median step along the normal, mm
-    affine: np.ndarray  # 4x4, [slice, row, col, 1] → patient mm
-    frame_of_reference: str = ""
-    names: list[str] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        """Image height in pixels."""
-        return int(self.volume.shape[1])
-
-    @property
-    def cols(self) -> int:
-        """Image width in pixels."""
-        return int(self.volume.shape[2])
 
 
 @dataclass

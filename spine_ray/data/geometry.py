@@ -11,7 +11,7 @@ matching the array order [S, H, W] of a stacked volume. All distances are in mil
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -123,3 +123,28 @@ def nearest_slice(
     row, col, d = patient_to_pixel(point, p[k], orientation, pixel_spacing)
     inside = -0.5 <= row <= shape[0] - 0.5 and -0.5 <= col <= shape[1] - 0.5
     return SliceHit(stack, k, row, col, abs(d), inside)
+
+
+@dataclass
+class Stack:
+    """One image stack: slices in spatial order (along the normal) with their geometry."""
+
+    volume: np.ndarray  # [S, H, W] uint16 or int16
+    instance_numbers: list[int]
+    positions: np.ndarray  # [S, 3] ImagePositionPatient of each sorted slice, mm
+    orientation: tuple[float, ...]  # 6 floats: X (column direction), Y (row direction)
+    pixel_spacing: tuple[float, float]  # [row spacing, column spacing], mm
+    slice_spacing: float  # median step along the normal, mm
+    affine: np.ndarray  # 4x4, [slice, row, col, 1] → patient mm
+    frame_of_reference: str = ""
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Image height in pixels."""
+        return int(self.volume.shape[1])
+
+    @property
+    def cols(self) -> int:
+        """Image width in pixels."""
+        return int(self.volume.shape[2])

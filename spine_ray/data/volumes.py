@@ -7,7 +7,7 @@ manifest.json: `prepare` writes it last, so its presence means every shard is co
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spine_ray.core.storage import exists, fs_for, join, read_text
-
-if TYPE_CHECKING:  # readers of the table need no DICOM libraries (a GPU box without pydicom trains from it)
-    from spine_ray.data.dicom import Stack
+from spine_ray.data.geometry import (
+    Stack,  # not data.dicom: readers of the table need no DICOM libraries
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
