@@ -69,9 +69,10 @@ def test_submitted_train_job_runs_on_s3_and_its_run_scores_the_test_studies(job_
     for key in ("manifest.json", "labels.parquet"):
         assert fs.exists(f"{prepared[5:]}/{key}")
     for key in ("config.yaml", "folds.parquet", "localize/points.parquet", "oof.parquet", "cv.json", "samples",
-                "grade/a/fold0/model.pt", "grade/b/fold1/done.json"):
+                "grade/a/fold0/model.pt", "grade/b/fold1/done.json", "grade/b/fold1/metrics.jsonl"):
         assert fs.exists(f"{run[5:]}/{key}"), key
-    assert fs.glob(f"{run[5:]}/ray/train/**/state.pt")  # Ray Train checkpoints went to the bucket too
+    assert fs.glob(f"{run[5:]}/ray/tune/**/experiment_state*.json")  # the run's Tune state went to the bucket too
+    assert not fs.glob(f"{run[5:]}/**/resume.pt")  # each fold's resume state, written there every epoch, is gone once it is done
     assert set(json.loads(fs.cat(f"{run[5:]}/cv.json"))["members"]) == {"a", "b"}
     assert list(cwd.iterdir()) == [], "something was written to the local working directory"
 
