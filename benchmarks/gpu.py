@@ -438,7 +438,7 @@ def ray_fit(stage: Stage, job: FoldJob, resources: ResourcesConfig) -> dict[str,
     from spine_ray.engine.worker import train_worker
 
     init_ray(quiet=True)
-    board = ray.remote(Board).options(num_cpus=0).remote([job_key(job)], {}, (), 1)  # a run's job board, of this one job
+    board = ray.remote(Board).options(num_cpus=0).remote([job_key(job)], {})  # a run's job board, of this one job
     TorchTrainer(
         train_worker,
         train_loop_config={"stages": {job.stage: stage}, "jobs": {job_key(job): job}, "board": board, "slot": "slot0", "per_run": 1,

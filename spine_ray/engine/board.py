@@ -25,16 +25,14 @@ FINISHED = "finished"
 class Board:
     """Hands out jobs to slots in priority order as their needs finish; remembers who holds what."""
 
-    def __init__(self, order: Sequence[str], needs: Mapping[str, Iterable[str]], done: Iterable[str] = (), per_slot: int = 0) -> None:
-        """`order`: every job key, highest priority first; `needs`: job → jobs it reads; `done`: finished before
-        this run; `per_slot`: at most this many jobs per `job_for` slot name (0: no limit)."""
+    def __init__(self, order: Sequence[str], needs: Mapping[str, Iterable[str]], done: Iterable[str] = ()) -> None:
+        """`order`: every job key, highest priority first; `needs`: job → jobs it reads; `done`: finished before this run."""
         self.order = list(order)
         self.needs = {k: tuple(needs.get(k, ())) for k in self.order}
         unknown = sorted({n for ns in self.needs.values() for n in ns} - set(self.order))
         if unknown:
             raise ValueError(f"needs of jobs that are not on the board: {unknown[:3]}")
         self.done = set(done) & set(self.order)
-        self.per_slot = per_slot
         self.held: dict[str, list[str]] = {}  # slot → the jobs it was given, in order
         self.running: dict[str, str] = {}  # job → slot
         self.failed: dict[str, str] = {}  # job → its last error (failed for good)
@@ -65,8 +63,6 @@ class Board:
             return held[index]
         if index > len(held):
             raise ValueError(f"slot {slot} asked for its job {index}, but holds {len(held)}")
-        if self.per_slot and len(held) >= self.per_slot:
-            return FINISHED
         if held and held[-1] in self.running:
             return WAIT  # rank 0 still writes the slot's last job; the other ranks wait for it
         open_ = self._open()

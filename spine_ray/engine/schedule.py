@@ -253,8 +253,7 @@ def _run_board(stages: Mapping[str, Stage], ready: dict[str, FoldJob], graph: li
     from ray import tune
 
     order = priority_order(graph)
-    board = ray.remote(Board).options(num_cpus=0).remote(order, {p.key: p.needs for p in graph}, {p.key for p in graph if p.key not in ready},
-                                                         0 if resources.packs() else 1)
+    board = ray.remote(Board).options(num_cpus=0).remote(order, {p.key: p.needs for p in graph}, {p.key for p in graph if p.key not in ready})
     # Logged to MLflow, one run per fold: its name and config (every result says which job it is of).
     configs = {k: to_dict(j.config) if dataclasses.is_dataclass(j.config) else {} for k, j in ready.items()}
 
