@@ -57,7 +57,7 @@ from spine_ray.data.volumes import LABELS_FILE, read_manifest
 from spine_ray.engine.folds import assign_folds
 from spine_ray.engine.plan import PlanJob
 from spine_ray.engine.schedule import run_folds
-from spine_ray.engine.stage import FoldJob, Stage, fold_dir, fold_path, is_done, job_key
+from spine_ray.engine.stage import FoldJob, Stage, fold_dir, fold_key, fold_path, is_done, job_key
 from spine_ray.ensemble.baseline import write_prior
 from spine_ray.ensemble.blend import member_matrix
 from spine_ray.ensemble.metric import score_arrays
@@ -128,7 +128,7 @@ def _points_inputs(cfg: PipelineConfig, variant: str, folds: list[int]) -> tuple
     members = [variant_member(view, variant) for view in VIEWS]
     name = (lambda view, k: f"points/{view}") if len(folds) == 1 else (lambda view, k: f"points/{view}/fold{k}")
     inputs = {name(view, k): _oof_of(cfg, "localize", m, k) for view, m in zip(VIEWS, members, strict=True) for k in folds}
-    return inputs, tuple(f"{m}-fold{k}" for m in members for k in folds)
+    return inputs, tuple(fold_key(m, k) for m in members for k in folds)
 
 
 def stage1_jobs(cfg: PipelineConfig) -> list[FoldJob]:
@@ -137,7 +137,7 @@ def stage1_jobs(cfg: PipelineConfig) -> list[FoldJob]:
     for v, loc in cfg.stage1_members():
         jobs += [j for view in ("sag_t2", "sag_t1") for j in fold_jobs(cfg, "localize", variant_member(view, v), getattr(loc, view), {})]
         t2 = variant_member("sag_t2", v)
-        jobs += [dataclasses.replace(j, inputs={"spinal_points": _oof_of(cfg, "localize", t2, j.fold)}, needs=(f"{t2}-fold{j.fold}",))
+        jobs += [dataclasses.replace(j, inputs={"spinal_points": _oof_of(cfg, "localize", t2, j.fold)}, needs=(fold_key(t2, j.fold),))
                  for j in fold_jobs(cfg, "localize", variant_member("axial", v), loc.axial, {})]
     return jobs
 
@@ -151,10 +151,7 @@ def stage2_jobs(cfg: PipelineConfig) -> list[FoldJob]:
     cross prediction (grader × stage-1 variant × fold) needs grader fold k and the variant's fold-k
     localisers.
     """
-    extra = {}
-    if cfg.exclude_labels:
-        read_flags(cfg.exclude_labels)  # a bad table fails here, in one line
-        extra = {"exclude_labels": cfg.exclude_labels}
+    extra = label_flags(cfg)
     jobs = []
     for m in cfg.grade:
         for j in fold_jobs(cfg, "grade", m.name, m, {}):
@@ -165,7 +162,7 @@ def stage2_jobs(cfg: PipelineConfig) -> list[FoldJob]:
         for m in cfg.grade:
             for j in fold_jobs(cfg, "cross", variant_member(m.name, v.name), m, {}):
                 points, needs = _points_inputs(cfg, v.name, [j.fold])
-                jobs.append(dataclasses.replace(j, inputs=points, needs=(f"{m.name}-fold{j.fold}", *needs)))
+                jobs.append(dataclasses.replace(j, inputs=points, needs=(fold_key(m.name, j.fold), *needs)))
     return jobs
 
 
@@ -212,10 +209,15 @@ def stage_inputs(cfg: PipelineConfig, stage: str) -> dict[str, str]:
         return {}
     if not exists(points_url(cfg)):
         raise SchemaError(points_url(cfg), "no stage-1 points: train the localize stage first")
+    return {"points": points_url(cfg), **label_flags(cfg)}
+
+
+def label_flags(cfg: PipelineConfig) -> dict[str, str]:
+    """The grade folds' `exclude_labels` input when the run has one (its table checked here, in one line), else none."""
     if not cfg.exclude_labels:
-        return {"points": points_url(cfg)}
-    read_flags(cfg.exclude_labels)  # a bad table fails here, in one line
-    return {"points": points_url(cfg), "exclude_labels": cfg.exclude_labels}
+        return {}
+    read_flags(cfg.exclude_labels)
+    return {"exclude_labels": cfg.exclude_labels}
 
 
 def write_cv(cfg: PipelineConfig, folds: pd.DataFrame, tables: list[pd.DataFrame]) -> dict:

@@ -56,13 +56,13 @@ def test_a_failed_job_skips_what_needs_it_and_nothing_else():
     assert out["done"] == ["b", "d"] and out["not_run"] == []
 
 
-def test_done_jobs_are_skipped_and_a_preferred_job_goes_first():
+def test_done_jobs_are_skipped_and_a_slot_ends_when_nothing_is_left_for_it():
     b = Board(["a", "b", "c"], {}, done={"a"})
-    assert b.job_for("s0", 0, prefer="c") == "c"
-    assert b.job_for("s1", 0) == "b"
-    b.finish("b")
-    assert b.job_for("s1", 1) == FINISHED  # c still runs on s0, and nothing is left for s1: it may end
+    assert b.job_for("s0", 0) == "b"
+    assert b.job_for("s1", 0) == "c"
     b.finish("c")
+    assert b.job_for("s1", 1) == FINISHED  # b still runs on s0, and nothing is left for s1: it may end
+    b.finish("b")
     assert b.job_for("s0", 1) == FINISHED
     with pytest.raises(ValueError, match="not on the board"):
         Board(["a"], {"a": ("x",)})

@@ -53,11 +53,8 @@ class Board:
         """Jobs that may still be handed out: not done, not running, not failed, not blocked by a failure."""
         return [k for k in self.order if k not in self.done and k not in self.running and k not in self.failed and self._blocked(k) is None]
 
-    def job_for(self, slot: str, index: int, prefer: str | None = None) -> str:
-        """The slot's `index`-th job (handed out now if it has none yet), WAIT or FINISHED.
-
-        `prefer`: a job this slot holds a checkpoint of, handed out first when it is open and ready.
-        """
+    def job_for(self, slot: str, index: int) -> str:
+        """The slot's `index`-th job (handed out now if it has none yet), WAIT or FINISHED."""
         held = self.held.setdefault(slot, [])
         if index < len(held):
             return held[index]
@@ -69,7 +66,7 @@ class Board:
         ready = [k for k in open_ if all(n in self.done for n in self.needs[k])]
         if not ready:
             return WAIT if open_ and self.running else FINISHED
-        key = prefer if prefer in ready else ready[0]
+        key = ready[0]
         held.append(key)
         self.running[key] = slot
         return key

@@ -171,9 +171,14 @@ def finish_fold(
     atomic_write_bytes(join(out, "model.pt"), buf.getvalue())
     atomic_write_parquet(join(out, "oof.parquet"), oof)
     selected = {k: int(v) for k, v in (metrics or {}).items() if k.endswith("_selected_epoch")}
-    done = {"fold": job.fold, "rows": len(oof), "resumed_from_epoch": resumed_from, "selected": selected, "finished": time.time()}
-    atomic_write_text(join(out, "done.json"), json.dumps({**done, "timeline": {**(timeline or {}), "finished": done["finished"]}}))
+    mark_done(job, len(oof), resumed_from, selected, timeline)
     return oof
+
+
+def mark_done(job: FoldJob, rows: int, resumed_from: int = -1, selected: dict[str, int] | None = None, timeline: dict[str, Any] | None = None) -> None:
+    """Write a job's done marker, last of its outputs: rows, the resumed epoch, the epochs steps selected, its timeline."""
+    done = {"fold": job.fold, "rows": rows, "resumed_from_epoch": resumed_from, "selected": selected or {}, "finished": time.time()}
+    atomic_write_text(join(fold_dir(job), "done.json"), json.dumps({**done, "timeline": {**(timeline or {}), "finished": done["finished"]}}))
 
 
 def read_oof(job: FoldJob) -> pd.DataFrame:

@@ -33,8 +33,8 @@ import pandas as pd
 
 from spine_ray.core.config import to_dict
 from spine_ray.core.raycluster import init_ray
-from spine_ray.core.storage import join
-from spine_ray.engine.board import FINISHED, WAIT, Board
+from spine_ray.core.storage import fs_for, is_local, join
+from spine_ray.engine.board import FINISHED, Board
 from spine_ray.engine.fold import read_oof
 from spine_ray.engine.plan import PlanJob, priority_order
 from spine_ray.engine.resources import ResourcesConfig
@@ -48,7 +48,7 @@ from spine_ray.engine.sample_cache import (
 from spine_ray.engine.stage import FoldJob, Stage, fold_epochs, is_done, job_key
 from spine_ray.engine.timelines import measured_hours
 from spine_ray.engine.tracking import tune_callbacks
-from spine_ray.engine.worker import train_worker
+from spine_ray.engine.worker import next_job, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ def _passes(job: FoldJob, url: str | None) -> tuple[float, float]:
 
 def _bytes_per_sample(url: str) -> float:
     """Stored bytes per sample of a finished sample cache (its parts' sizes over its sample count)."""
-    from spine_ray.core.storage import fs_for
-
     manifest = read_manifest(url)
     fs, root = fs_for(url)
     size = sum(fs.size(f"{root.rstrip('/')}/{p['file']}") for p in manifest["parts"])
@@ -91,12 +89,13 @@ def job_graph(stages: Mapping[str, Stage], jobs: list[FoldJob], plan_from: str |
     member's measured mean fold time (`spine_ray.engine.timelines.measured_hours`), and for members
     that run lacks, the proxy scaled by measured / proxy over the members it has.
     """
+    by_key = {job_key(j): j for j in jobs}
     cost: dict[str, float] = {}
     for j in sorted(jobs, key=lambda j: hasattr(stages[j.stage], "run")):
         if not hasattr(stages[j.stage], "run"):
             cost[job_key(j)] = job_cost(stages[j.stage], j)
         else:  # a prediction (cross) job: one held-out pass of the trained job it needs first
-            first = next(i for i in jobs if job_key(i) == j.needs[0])
+            first = by_key[j.needs[0]]
             train, val = _passes(first, first.inputs.get(cache_input("train")))
             cost[job_key(j)] = cost[j.needs[0]] * val / (fold_epochs(stages[first.stage], first) * (train + val))
     if plan_from:
@@ -125,7 +124,7 @@ def _slot_trial(config: dict[str, Any], stages: Mapping[str, Stage], jobs: dict[
     # Ray Train propagates this variable from here to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(resources.poll_interval_s))
     trial_started = time.time()
-    while (first := wait_for_job(board, slot, resources.poll_interval_s)) != FINISHED:
+    while (first := next_job(board, slot, ray.get(board.position.remote(slot)), resources.poll_interval_s)) != FINISHED:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"stages": stages, "jobs": jobs, "board": board, "slot": slot, "per_run": per_run,
@@ -154,22 +153,9 @@ def _slot_trial(config: dict[str, Any], stages: Mapping[str, Stage], jobs: dict[
             ray.get(board.fail.remote(key, line))
 
 
-def wait_for_job(board: Any, slot: str, poll_s: float) -> str:
-    """The slot's next job (handed out by the board when its needs are done), or FINISHED."""
-    import ray
-
-    while True:
-        key = ray.get(board.job_for.remote(slot, ray.get(board.position.remote(slot))))
-        if key != WAIT:
-            return key
-        time.sleep(poll_s)
-
-
 def pyarrow_fs(url: str):
     """A pyarrow filesystem for a storage URL (fsspec-backed, so s3:// honours AWS_ENDPOINT_URL)."""
     import pyarrow.fs as pafs
-
-    from spine_ray.core.storage import fs_for, is_local
 
     if is_local(url):
         return None
@@ -179,8 +165,6 @@ def pyarrow_fs(url: str):
 
 def storage_root(url: str) -> str:
     """A storage URL as Ray Train/Tune's storage_path wants it (absolute local path, or bucket/key)."""
-    from spine_ray.core.storage import fs_for, is_local
-
     if is_local(url):
         return os.path.abspath(url)
     return fs_for(url)[1]
@@ -227,9 +211,11 @@ def run_folds(stages: Stage | Mapping[str, Stage], jobs: list[FoldJob], resource
     if pending:
         init_ray()
         root = samples_dir or join(pending[0].run_dir, "samples")
-        ready = {job_key(j): j for name in dict.fromkeys(j.stage for j in pending)
-                 for j in (with_caches(by_name[name], [p for p in pending if p.stage == name], root)
-                           if not hasattr(by_name[name], "run") else [p for p in pending if p.stage == name])}
+        ready: dict[str, FoldJob] = {}
+        for name in dict.fromkeys(j.stage for j in pending):
+            mine = [j for j in pending if j.stage == name]
+            # A job that trains nothing (`run`) reads no training samples: no caches to build for it.
+            ready |= {job_key(j): j for j in (mine if hasattr(by_name[name], "run") else with_caches(by_name[name], mine, root))}
         graph = job_graph(by_name, [ready.get(job_key(j), j) for j in jobs], resources.plan_from)
         slots = resources.max_concurrent_folds or concurrent_folds(resources, len(pending))
         outcome = _run_board(by_name, ready, graph, resources, min(slots, len(pending)))

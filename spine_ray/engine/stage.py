@@ -151,9 +151,14 @@ def steps_per_epoch(n_samples: int, batch_size: int, world: int = 1) -> int:
     return max(1, -(-n_samples // (batch_size * world)))
 
 
+def fold_key(member: str, fold: int) -> str:
+    """A fold's name in progress tables, storage and `FoldJob.needs`: `{member}-fold{k}`."""
+    return f"{member}-fold{fold}"
+
+
 def job_key(job: FoldJob) -> str:
-    """A fold's name in progress tables and storage: `{member}-fold{k}`."""
-    return f"{job.member}-fold{job.fold}"
+    """A fold job's name (`fold_key` of its member and fold)."""
+    return fold_key(job.member, job.fold)
 
 
 def fold_path(run_dir: str, stage: str, member: str, fold: int) -> str:

@@ -49,7 +49,7 @@ def train_worker(config: dict[str, Any]) -> None:
     start = ray.get(board.position.remote(slot))
     index = start
     while not per_run or index < start + per_run:
-        key = _next_job(board, slot, index, resources.poll_interval_s)
+        key = next_job(board, slot, index, resources.poll_interval_s)
         if key == FINISHED:
             break
         job = jobs[key]
@@ -67,8 +67,8 @@ def train_worker(config: dict[str, Any]) -> None:
         index += 1
 
 
-def _next_job(board: Any, slot: str, index: int, poll_s: float) -> str:
-    """The slot's `index`-th job once the board hands it out (or FINISHED)."""
+def next_job(board: Any, slot: str, index: int, poll_s: float) -> str:
+    """The slot's `index`-th job once the board hands it out (or FINISHED), asking every `poll_s` seconds."""
     import ray
 
     while (key := ray.get(board.job_for.remote(slot, index))) == WAIT:

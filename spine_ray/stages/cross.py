@@ -19,12 +19,11 @@ skips it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 
 import torch
 
-from spine_ray.core.storage import atomic_write_parquet, atomic_write_text, join
+from spine_ray.core.storage import atomic_write_parquet, join
+from spine_ray.engine.fold import mark_done
 from spine_ray.engine.sample_cache import samples
 from spine_ray.engine.stage import FoldJob, fold_dir
 from spine_ray.stages.grade.config import GradeConfig
@@ -48,12 +47,8 @@ class CrossStage:
         grade, inner = STAGES["grade"], grader_job(job)
         model, _ = load_fold_model(job.run_dir, "grade", inner.member, job.fold, device)
         oof = grade.predict(inner, model, samples(grade, inner, "val")).assign(member=job.member)
-        out = fold_dir(job)
-        atomic_write_parquet(join(out, "oof.parquet"), oof)
-        finished = time.time()
-        done = {"fold": job.fold, "rows": len(oof), "resumed_from_epoch": -1, "selected": {}, "finished": finished,
-                "timeline": {**(timeline or {}), "finished": finished}}
-        atomic_write_text(join(out, "done.json"), json.dumps(done))
+        atomic_write_parquet(join(fold_dir(job), "oof.parquet"), oof)
+        mark_done(job, len(oof), timeline=timeline)
         return len(oof)
 
 
