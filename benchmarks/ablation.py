@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,22 @@ ARMS: dict[str, list[str]] = {
     "freeze": ["freeze={backbone: true, unfreeze_last: 2}"],
     "cutmix": ["mix={cutmix_p: 1.0, mixup_p: 0.0, alpha: 1.0}"],
     "mixup": ["mix={cutmix_p: 0.0, mixup_p: 1.0, alpha: 0.4}"],
+}
+
+
+def _batch_arm(factor: int, rule: str | None) -> Callable[[dict], list[str]]:
+    """`factor`× the base member's batch, the same epochs (so 1/factor the steps), its lr by the batch rule, or unchanged."""
+
+    def overrides(base: dict) -> list[str]:
+        b = int(base["train"]["batch_size"])
+        return [f"train.batch_size={factor * b}", *([f"train.lr_batch={b}", f"train.lr_rule={rule}"] if rule else [])]
+
+    return overrides
+
+
+# More work per GPU step (issue 28): not run by default; name them in --arms.
+BATCH_ARMS: dict[str, Callable[[dict], list[str]]] = {
+    "batch4x_sqrt": _batch_arm(4, "sqrt"), "batch4x_linear": _batch_arm(4, "linear"), "batch4x_same_lr": _batch_arm(4, None),
 }
 # cross: a second stage-1 member (another seed) and every grader on its points; onestage: the
 # one-stage member (stage-1-sized stacks of the base recipe); label_clean: a rerun of the base member
@@ -58,7 +75,7 @@ def arm_members(base: dict, arms: list[str]) -> list[dict]:
     for arm in arms:
         member = json.loads(json.dumps(base))
         member["name"] = arm
-        for o in ARMS[arm]:
+        for o in ARMS[arm] if arm in ARMS else BATCH_ARMS[arm](base):
             set_in(member, *parse_override(o))
         out.append(member)
     return out
@@ -126,7 +143,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--preset", default="realistic")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--arms", nargs="+", default=[*ARMS, *SPECIAL])
+    ap.add_argument("--arms", nargs="+", default=[*ARMS, *SPECIAL], choices=[*ARMS, *BATCH_ARMS, *SPECIAL])
     ap.add_argument("--share-stage1", action=argparse.BooleanOptionalAction, default=True,
                     help="every seed reuses the first seed's folds, stage-1 models (main and cross) and sample caches; "
                          "only the stage-2 and one-stage members' seeds change (paired arms, half the CPU)")
@@ -155,7 +172,7 @@ def main() -> None:
     labels = read_labels(os.path.join(data, "test_labels.csv"))
     y = label_matrix(labels)
     oracle = score_frames(labels, read_submission(os.path.join(data, "oracle_submission.csv"))).score
-    switch_arms = [a for a in args.arms if a in ARMS and a != BASE]
+    switch_arms = [a for a in args.arms if (a in ARMS or a in BATCH_ARMS) and a != BASE]
     results: dict = {"arms": args.arms, "seeds": {}, "oracle_test": oracle, "preset": args.preset, "studies": args.studies,
                      "test_studies": args.test_studies}
     first = args.seeds[0]

@@ -113,6 +113,26 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.01
 
 
+def test_a_larger_batch_trains_at_the_batch_rules_learning_rate(tmp_path):
+    """lr_batch: the optimiser runs at lr × √(batch·world / lr_batch) (or × the ratio, linear); 0 leaves lr alone."""
+    cfg = TrainConfig(batch_size=32, lr=1e-3, lr_batch=8)
+    assert cfg.scaled_lr() == pytest.approx(2e-3)
+    assert cfg.scaled_lr(world=4) == pytest.approx(4e-3)  # 4 workers of 32: a step of 128
+    assert dataclasses.replace(cfg, lr_rule="linear").scaled_lr() == pytest.approx(4e-3)
+    assert dataclasses.replace(cfg, lr_batch=0).scaled_lr(world=4) == 1e-3
+    with pytest.raises(ValueError, match="lr_rule"):
+        TrainConfig(lr_rule="cubic")
+
+    class Scaled(LinearStage):
+        def train_config(self, job):
+            return dataclasses.replace(super().train_config(job), epochs=1, batch_size=16, lr_batch=4, lr_rule="linear")
+
+    seen = []
+    run_fold(Scaled(), make_run(tmp_path)[0], device=torch.device("cpu"), on_epoch_end=seen.append)
+    group = seen[-1].state["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == pytest.approx(0.3 * 4)  # what the schedule warms up to and decays from
+
+
 def test_plain_fold_learns_and_predicts_held_out_studies(tmp_path):
     jobs = make_run(tmp_path)
     model, metrics, oof = run_fold(LinearStage(epochs=15), jobs[0], device=torch.device("cpu"))

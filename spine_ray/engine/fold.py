@@ -109,7 +109,7 @@ def fit_fold(
             validate=validate, on_epoch_end=tagged if on_epoch_end is not None else None,
             resume=resume if i == first else None, device=device,
             select=stage.select(step) if hasattr(stage, "select") else None,
-            on_device=(lambda b, step=step: stage.on_device(step, b)) if hasattr(stage, "on_device") else None,
+            on_device=(lambda b, step=step: stage.on_device(step, b)) if hasattr(stage, "on_device") else None, world=world,
         )
         if "selected_epoch" in metrics:
             selected[f"phase{i}_selected_epoch"] = metrics["selected_epoch"]

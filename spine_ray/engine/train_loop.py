@@ -47,6 +47,13 @@ class TrainConfig:
     # GPU speed-ups of the 2-D backbones (`models.backbone.speed_up`); no effect on CPU.
     channels_last: bool = False
     compile: bool = False  # torch.compile of each backbone, in place (falls back to eager where it fails)
+    # The batch `lr` was tuned at (summed over a fold's data-parallel workers); 0: lr is used as given.
+    # With it, a larger batch (more work per GPU step) trains at lr × rule(batch / lr_batch):
+    # "sqrt", the square-root rule for Adam-type optimisers (Malladi et al. 2022, "On the SDEs and
+    # scaling rules for adaptive gradient algorithms"), or "linear" (Goyal et al. 2017, for SGD).
+    # Warm-up stays warmup_frac of the (fewer) steps.
+    lr_batch: int = 0
+    lr_rule: str = "sqrt"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -55,6 +62,15 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError("amp_dtype must be bfloat16 or float16")
+        if self.lr_batch < 0 or self.lr_rule not in ("sqrt", "linear"):
+            raise ValueError(f"lr_batch must be ≥ 0 and lr_rule sqrt or linear, not {self.lr_batch}, {self.lr_rule!r}")
+
+    def scaled_lr(self, world: int = 1) -> float:
+        """The learning rate at this config's batch on `world` data-parallel workers (`lr_batch`, `lr_rule`)."""
+        if not self.lr_batch:
+            return self.lr
+        ratio = self.batch_size * world / self.lr_batch
+        return self.lr * (math.sqrt(ratio) if self.lr_rule == "sqrt" else ratio)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -89,12 +105,12 @@ class _Optim:
     autocast: Callable[[], Any]
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> _Optim:
-        """AdamW (fused on CUDA) over the trainable parameters, warm-up + cosine, AMP on CUDA."""
+    def build(cls, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, world: int = 1) -> _Optim:
+        """AdamW (fused on CUDA) at `cfg.scaled_lr(world)` over the trainable parameters, warm-up + cosine, AMP on CUDA."""
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("fit: every parameter is frozen, nothing to train")
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(params, lr=cfg.scaled_lr(world), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         total = cfg.epochs * max(1, steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
         use_amp = cfg.amp and device.type == "cuda"
@@ -169,6 +185,7 @@ def fit(
     device: torch.device | None = None,
     select: str | None = None,
     on_device: OnDevice | None = None,
+    world: int = 1,
 ) -> dict[str, float]:
     """Train for cfg.epochs; returns the last epoch's metrics.
 
@@ -177,11 +194,12 @@ def fit(
     when `validate` reports it, the model ends with the weights of the epoch where it was highest
     (kept in the checkpoint state, so a resumed run selects the same); otherwise the last epoch's.
     `on_device(batch)`, when given, finishes each batch once it is on the device (before autocast).
+    `world`: the data-parallel workers whose batches make one step (the learning rate's batch rule).
     """
     device = device or next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     model.to(device)
-    o = _Optim.build(model, cfg, steps_per_epoch, device)
+    o = _Optim.build(model, cfg, steps_per_epoch, device, world)
     raw = getattr(model, "module", model)  # the bare model under DistributedDataParallel
     start = 0
     if resume is not None:
