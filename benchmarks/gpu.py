@@ -14,6 +14,10 @@ networks built with pretrained=False: the same shapes, nothing to download) meas
   ready      the same `fit_fold` fed pre-collated pinned batches: the loop without its input pipeline;
   bare, 4x   the model, its loss and AdamW (the loop's: fused on CUDA, its autocast) on batches
              already on the device, at the recipe's batch and at 4x it, timed between synchronisations;
+  shared     --shared N processes (default 4) on the one device, each the bare step at the recipe's
+             batch over a common window, their samples/s summed: N fold jobs sharing a GPU
+             (`resources.gpus_per_worker: 1/N`), against one job at 4x the batch (`train.lr_batch`);
+             for the --shared-units (default the ConvNeXt grader), 15 % of the budget;
   peak GiB   torch.cuda.max_memory_allocated during fit (under Ray: NVML's device figure, less the start);
   util %     GPU utilisation during fit's second epoch, sampled through NVML (torch.cuda.utilization,
              else nvidia-smi, else n/a);
@@ -30,11 +34,13 @@ repository root; nothing travels but the working tree (no wheels, no data):
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
-with a run timeout of 540 s. It keeps inside --budget-s (420 s): each unit gets an equal share of
-what is left (a fifth of the budget is kept for inference) and its step counts are cut to fit it.
-Estimated from the issue's rates, not yet timed there: 40-70 s a unit at 20 steps (the one-stage
-member longest; without Ray the real path is held to one augmentation thread's rate), about 20 s
-of synthesis and CUDA start-up, 40-60 s of inference with 2 folds: about 6 minutes in all.
+with a run timeout of 540 s. It keeps inside --budget-s (450 s): each unit gets an equal share of
+what is left (a fifth of the budget is kept for inference, 15 % for the shared measurement) and its
+step counts are cut to fit it. Estimated from the issue's rates, not yet timed there: 35-60 s a unit
+at 20 steps (the one-stage member longest; without Ray the real path is held to one augmentation
+thread's rate), about 20 s of synthesis and CUDA start-up, 70 s for 4 jobs sharing the GPU (their
+start and compilation from the bare loop's warm cache, then a 20 s window), 40-60 s of inference
+with 2 folds: about 7 minutes in all.
 
 On CPU, tiny (timm's test_* networks, 64 px; what tests/test_gpu_bench.py runs):
 
@@ -425,6 +431,74 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
     return rates
 
 
+def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmup: int, seconds: float, barrier: Any, out: Any) -> None:
+    """One of the fold jobs that share a GPU (a spawned process): the bare step at the recipe's batch for `seconds` once all are ready."""
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    cfg = stage.train_config(job)
+    model = new_model(stage, job).to(device)
+    if device.type == "cuda":
+        speed_up(model, cfg.channels_last, cfg.compile)
+    if hasattr(stage, "set_trainable"):
+        stage.set_trainable(job, model)
+    model.train()
+    o = _Optim.build(model, cfg, 100, device)
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
+    for _ in range(warmup):  # first kernels, compilation (its cache is warm from the bare loop's)
+        _bare_step(stage, job, model, o, on_device)
+    _sync(device)
+    try:
+        barrier.wait()  # every job ready: the windows overlap
+    except threading.BrokenBarrierError:  # the parent gave up waiting for the slowest job
+        return
+    t0, done = time.perf_counter(), 0
+    while done < 2 or time.perf_counter() - t0 < seconds:
+        _bare_step(stage, job, model, o, on_device)
+        done += 1
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out.put((done * n / (time.perf_counter() - t0), peak))
+
+
+def shared_rate(stage: Stage, job: FoldJob, batch: dict, device: torch.device, jobs: int, seconds: float, timeout: float) -> dict[str, Any]:
+    """`jobs` processes on one device, each the bare step at the recipe's batch (what `resources.gpus_per_worker: 1/jobs`
+    gives: separate fold jobs, every optimisation step as it is); their summed samples/s over a common window.
+
+    `timeout`: how long to wait for every job to be ready (start-up, model, compilation); past it, n/a.
+    """
+    import queue
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(jobs + 1), ctx.Queue()
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_shared_job, args=(stage, job, batch, str(device), 3 if device.type == "cuda" else 1, seconds, barrier, out), daemon=True)
+             for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    results: list[tuple[float, float | None]] = []
+    try:
+        barrier.wait(timeout=timeout)
+        ready_s = time.perf_counter() - t0
+        for _ in procs:
+            results.append(out.get(timeout=seconds + 60))
+    except (threading.BrokenBarrierError, queue.Empty):
+        ready_s = float("nan")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if len(results) < jobs:
+        return {"jobs": jobs, "samples_per_s": None, "per_job": None, "peak_gib_sum": None, "ready_s": ready_s}
+    peaks = [p for _, p in results if p is not None]
+    return {"jobs": jobs, "samples_per_s": sum(r for r, _ in results), "per_job": [r for r, _ in results],
+            "peak_gib_sum": sum(peaks) if peaks else None, "ready_s": ready_s}
+
+
 def ray_fit(stage: Stage, job: FoldJob, resources: ResourcesConfig) -> dict[str, float]:
     """The fold through a one-worker Ray Train `TorchTrainer` (`train_worker`, as `spine-ray train` runs it, less Tune); its last epoch's metrics."""
     import ray
@@ -474,8 +548,9 @@ def path_name(resources: ResourcesConfig, use_ray: bool, why: str) -> str:
 
 
 def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.device, args: argparse.Namespace, seconds: float,
-                 util: Callable[[], float] | None, use_ray: bool, resources: ResourcesConfig) -> dict[str, Any]:
-    """Every figure of one unit, its measurements sized to take about `seconds` together."""
+                 util: Callable[[], float] | None, use_ray: bool, resources: ResourcesConfig, shared_s: float = 0.0) -> dict[str, Any]:
+    """Every figure of one unit, its measurements sized to take about `seconds` together (and `shared_s` more for
+    `args.shared` jobs sharing the device, when given)."""
     t_unit = time.perf_counter()
     stage, member = STAGES[unit.stage], cfg.member(unit.stage, unit.member)
     inputs = {"points": str(work / "points.parquet")} if unit.stage == "grade" else {}
@@ -493,6 +568,8 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         large = collate(stage, job, columns(rows.iloc[rng.integers(0, len(rows), 4 * bs)]), rng)
         augment = 5 * bs / max(time.process_time() - c0, 1e-9)
     bare, bare4 = bare_rates(stage, job, [small, large], device, args.steps, [0.1 * seconds, 0.15 * seconds])
+    # More work per GPU, the other way: several fold jobs on the device, each step unchanged.
+    shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(30.0, 0.65 * shared_s)) if shared_s > 0 else None
 
     # The real path, on enough copies of the samples for two epochs of `steps` batches.
     lanes = resources.data_concurrency if resources.pipeline() == "ray" else 1  # augmentation tasks in flight
@@ -540,7 +617,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "bare_samples_per_s": bare, "bare4x_samples_per_s": bare4, "fit_over_bare": float(fit["samples_per_s"]) / bare,
         "peak_gib_fit": peak, "gpu_util_pct": sampler.util_mean, "cpu_cores": sampler.cpu_cores, "pipeline_cores": sampler.pipeline_cores,
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
-        "augment_per_core": augment, "seconds": time.perf_counter() - t_unit,
+        "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
     }
 
@@ -604,6 +681,19 @@ def table(results: dict[str, Any]) -> str:
             _num(r["gpu_util_pct"], 0), cores, f"{_num(r['augment_per_core'])} ({i['augment_per_core']})",
         ]) + " |")
     m = results["meta"]
+    shared = [r for r in results["units"].values() if r.get("shared")]
+    if shared:
+        lines += ["", "More work per GPU: one job at the recipe's batch, one at 4x it (lr by `train.lr_batch`'s rule), "
+                  "or N fold jobs sharing the device at the recipe's batch (`resources.gpus_per_worker: 1/N`; bare steps, summed samples/s):", "",
+                  "| unit (recipe batch) | bare loop | bare loop 4x batch | N jobs sharing it | shared / bare | 4x batch / bare | peak GiB, N jobs | ready after |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in shared:
+            sh, bare = r["shared"], r["bare_samples_per_s"]
+            rate = sh["samples_per_s"]
+            lines.append("| " + " | ".join([
+                f"{r['label']} ({r['batch']})", _num(bare), _num(r["bare4x_samples_per_s"]), f"{_num(rate)} ({sh['jobs']} jobs)",
+                _num(rate / bare if rate else None, 2), _num(r["bare4x_samples_per_s"] / bare, 2), _num(sh["peak_gib_sum"]), f"{_num(sh['ready_s'], 0)} s",
+            ]) + " |")
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "
         f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {m['seconds']:.0f} s in all.",
@@ -627,7 +717,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20, help="timed steps a measurement at most (fits: per epoch, two epochs)")
     ap.add_argument("--size", choices=("real", "tiny"), default="real", help="tiny: timm's test_* networks at 64 px, for CPU")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; step counts are cut to keep inside it")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget; step counts are cut to keep inside it")
+    ap.add_argument("--shared", type=int, default=4, help="fold jobs sharing the device in the shared measurement (0 or 1: none)")
+    ap.add_argument("--shared-units", nargs="*", choices=[u.key for u in UNITS], default=["grade_convnext"],
+                    help="units whose shared measurement is taken (each gets an equal part of 15%% of the budget)")
     ap.add_argument("--infer-folds", type=int, default=2, help="folds per member in the inference run (the recipe has 5)")
     ap.add_argument("--infer-studies", type=int, default=0, help="studies timed in inference (default: every one)")
     ap.add_argument("--no-infer", action="store_true")
@@ -639,6 +732,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = start + args.budget_s
     reserve = 0.0 if args.no_infer else 0.2 * args.budget_s
+    shared_units = [k for k in args.shared_units if k in args.units] if args.shared > 1 else []
+    shared_s = 0.15 * args.budget_s / max(1, len(shared_units))
+    reserve += shared_s * len(shared_units)
     use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
     tiny = args.size == "tiny"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -669,8 +765,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {"meta": meta, "units": {}, "infer": None}
         units = [u for u in UNITS if u.key in args.units]
         for i, unit in enumerate(units):
-            seconds = max(5.0, (deadline - time.perf_counter() - reserve) / (len(units) - i))
-            r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources)
+            mine = shared_s if unit.key in shared_units else 0.0
+            reserve -= mine
+            seconds = max(5.0, (deadline - time.perf_counter() - reserve - mine) / (len(units) - i))
+            r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources, shared_s=mine)
             results["units"][unit.key] = r
             print(f"  {unit.label}: fit {r['fit_samples_per_s']:.1f}, bare {r['bare_samples_per_s']:.1f} samples/s ({r['seconds']:.0f} s)", flush=True)
         if not args.no_infer:

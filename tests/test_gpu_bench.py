@@ -11,7 +11,7 @@ from benchmarks import gpu
 
 def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
     out = tmp_path / "gpu.json"
-    gpu.main(["--size", "tiny", "--device", "cpu", "--studies", "3", "--steps", "2", "--no-ray", "--infer-studies", "1",
+    gpu.main(["--size", "tiny", "--device", "cpu", "--studies", "3", "--steps", "2", "--no-ray", "--infer-studies", "1", "--shared", "2",
               "--json", str(out), "--work", str(tmp_path / "work")])
     results = json.loads(out.read_text())
     assert results["meta"]["ray"] is False
@@ -21,12 +21,17 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
             assert math.isfinite(r[key]) and r[key] > 0, (r["label"], key, r[key])
         assert 0.0 <= r["data_wait_frac"] < 1.0
         assert r["samples_built"] > 0
+    shared = results["units"]["grade_convnext"]["shared"]  # two fold jobs in two processes on the one device
+    assert shared["jobs"] == 2 and len(shared["per_job"]) == 2 and all(r > 0 for r in shared["per_job"])
+    assert shared["samples_per_s"] == sum(shared["per_job"])
+    assert all(r["shared"] is None for k, r in results["units"].items() if k != "grade_convnext")
     assert results["infer"]["studies_per_s"] > 0 and results["infer"]["members"] == 11
     printed = capsys.readouterr().out
     assert "| unit (recipe batch) | fit samples/s |" in printed
     for u in gpu.UNITS:
         assert f"| {u.label} (" in printed
     assert "(90.6)" in printed  # the figure beside today's
+    assert "| grade, convnext_small (8) |" in printed.split("More work per GPU")[1]
 
 
 def test_synthetic_prepared_output_has_label_points(tmp_path: Path) -> None:
