@@ -1,17 +1,19 @@
 """Replay a run's job graph on N GPUs: stage barriers (today's stage-by-stage order) against one graph.
 
 Usage:
-    python benchmarks/schedule.py [--config jobs/rsna2024.yaml] [--gpus 8 5] [--scale 1.0] [--target-gpu-hours 12]
+    python benchmarks/schedule.py [--config jobs/rsna2024.yaml] [--gpus 8 5] [--scale 1.0] [--target-gpu-hours 12] [--rates gpu.json]
     python benchmarks/schedule.py --run-dir runs/demo/run --gpus 2 [--target-gpu-hours 0]
 
 The graph is the config's fold jobs (`spine_ray.pipeline.plan_jobs`): every view of every
 stage-1 member, every grader, every one-stage member and every cross prediction, per fold, with
 per-fold needs (axial fold k after sagittal T2 fold k; grader fold k after the three views of the
 main localisers' fold k; a cross prediction after its grader fold and the variant's fold k; the
-one-stage members need nothing). Durations are GPU-hours per fold (`UNIT_HOURS`, measured on one
-H200 in the GPU-throughput issue; the effnet localisers assumed 1.3x the convnext ones); `--scale`
-multiplies them all, and `--target-gpu-hours` adds the rates scaled to that total (12: the
-GPU-throughput issue's target for the recipe, 27.5 GPU-hours today). `--run-dir` takes the config
+one-stage members need nothing). Durations are GPU-hours per fold (`unit_hours`): a member's epochs
+over a fold's samples (1,975 studies: 4/5 training, 1/5 validated at a third of the cost) at its
+unit's samples/s, measured on one H200 in the GPU-throughput issue (`H200_RATES`; `--rates` takes
+benchmarks/gpu.py's JSON; the effnet localisers priced at the graders' effnet/convnext ratio); the
+table of members is printed first. `--scale` multiplies them all, and `--target-gpu-hours` adds the
+rates scaled to that total (12: the GPU-throughput issue's target for the recipe). `--run-dir` takes the config
 and the durations from a finished run instead: each member's mean fold time (job start to done
 marker) from the folds' `done.json` timelines, replayed on `--gpus` slots.
 
@@ -36,21 +38,62 @@ from spine_ray.run_config import Member, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BARRIERS = ("sagittal", "axial", "grade", "onestage", "cross")
-# GPU-hours per fold on one H200 (2026-12, the GPU-throughput issue): convnext_small localisers,
-# graders from their measured samples/s (convnext_small 90.6, efficientnet_b3 69.2 at 20 epochs),
-# the one-stage member; a cross prediction is one inference pass over a fold's held-out studies.
-UNIT_HOURS = {"sag_t2": 0.34, "sag_t1": 0.34, "axial": 0.51, "convnext": 0.40, "efficientnet": 0.52, "onestage": 0.96, "cross": 0.02}
-VARIANT_FACTOR = 1.3  # the effnet stage-1 variant against the convnext localisers (unmeasured)
+# Training samples/s per unit on one H200 (2026-12-04, the GPU-throughput issue's table: the train
+# loop's `fit` at the recipe's batch, bf16, the code of that day). `--rates gpu.json` takes
+# benchmarks/gpu.py's figures instead (its units' fit_samples_per_s).
+H200_RATES = {"sag_t2": 38.8, "axial": 86.3, "grade_convnext": 90.6, "grade_effnet": 69.2, "onestage": 13.7}
+STUDIES = 1975  # the competition's training studies
+# Samples a study gives each unit (sagittal: one stack; axial and grade: one per level).
+PER_STUDY = {"sag_t2": 1, "axial": 5, "grade_convnext": 5, "grade_effnet": 5, "onestage": 1}
+VAL_COST = 1 / 3  # a validation sample (forward only) against a training one
+CROSS_HOURS = 0.02  # a cross prediction: one inference pass over a fold's held-out studies
 
 
-def unit_hours(member: Member) -> float:
-    """GPU-hours of one fold of a member (cross predictions are priced by `plan_jobs`)."""
+def unit_of(member: Member) -> str:
+    """The measured unit whose rate prices a member (stage-1 variants: their view's)."""
     if member.stage == "localize":
-        view, _, variant = member.name.partition("@")
-        return UNIT_HOURS[view] * (VARIANT_FACTOR if variant else 1.0)
+        return "sag_t2" if member.name.partition("@")[0].startswith("sag") else "axial"
     if member.stage == "onestage":
-        return UNIT_HOURS["onestage"]
-    return UNIT_HOURS["efficientnet" if "efficientnet" in member.config.model.backbone else "convnext"]
+        return "onestage"
+    return "grade_effnet" if "efficientnet" in member.config.model.backbone else "grade_convnext"
+
+
+def epochs_of(member: Member) -> int:
+    """Epochs of a member's fold: its training, and a two-step member's second step (priced as a full step: an upper bound)."""
+    two = getattr(member.config, "two_step", None)
+    return member.config.train.epochs + (two.epochs if two is not None else 0)
+
+
+def unit_hours(member: Member, rates: dict[str, float], folds: int, studies: int = STUDIES) -> float:
+    """GPU-hours of one fold of a member: its epochs over the fold's training samples at the unit's rate, plus validation.
+
+    A stage-1 variant whose backbone is an EfficientNet (unmeasured as a localiser) is priced at
+    the graders' EfficientNet / ConvNeXt ratio.
+    """
+    unit = unit_of(member)
+    per_epoch = PER_STUDY[unit] * studies * ((folds - 1) / folds + VAL_COST / folds)
+    hours = epochs_of(member) * per_epoch / rates[unit] / 3600
+    if member.stage == "localize" and "efficientnet" in member.config.model.backbone:
+        hours *= rates["grade_convnext"] / rates["grade_effnet"]
+    return hours
+
+
+def read_rates(path: str) -> dict[str, float]:
+    """Every unit's `fit` samples/s from benchmarks/gpu.py's JSON (the H200 table's for units it lacks)."""
+    units = json.loads(Path(path).read_text())["units"]
+    return {**H200_RATES, **{k: float(u["fit_samples_per_s"]) for k, u in units.items() if k in H200_RATES}}
+
+
+def members_table(cfg: PipelineConfig, rates: dict[str, float], studies: int) -> str:
+    """A markdown row per trained member: its unit's rate, epochs, GPU-hours per fold and for every fold."""
+    lines = [f"{studies} studies, {cfg.folds} folds", "", "| member | unit | samples/s | epochs | GPU-hours per fold | all folds |", "|---|---|---:|---:|---:|---:|"]
+    total = 0.0
+    for m in cfg.members():
+        h = unit_hours(m, rates, cfg.folds, studies)
+        total += h * cfg.folds
+        lines.append(f"| {m.stage}/{m.name} | {unit_of(m)} | {rates[unit_of(m)]:.1f} | {epochs_of(m)} | {h:.2f} | {h * cfg.folds:.2f} |")
+    lines.append(f"| all members (cross predictions: {CROSS_HOURS} h a fold each, beside) | | | | | {total:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _t(hours: float) -> str:
@@ -65,9 +108,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, nargs="+", default=[1.0])
     ap.add_argument("--target-gpu-hours", type=float, default=12.0, help="Also the rates scaled to this total (0: not).")
     ap.add_argument("--run-dir", default="", help="Config and per-member durations from this finished run.")
+    ap.add_argument("--rates", default="", help="benchmarks/gpu.py's JSON: its measured samples/s instead of the H200 table's.")
+    ap.add_argument("--studies", type=int, default=STUDIES, help="training studies of the priced run")
     ap.add_argument("--json", default="", help="Also write the figures here.")
     args = ap.parse_args()
-    hours, cross = unit_hours, UNIT_HOURS["cross"]
+    rates = read_rates(args.rates) if args.rates else H200_RATES
+    cross = CROSS_HOURS
     if args.run_dir:
         cfg = load(PipelineConfig, str(Path(args.run_dir) / "config.yaml"))
         measured = measured_hours(args.run_dir)
@@ -77,6 +123,8 @@ def main() -> None:
         print(f"{args.run_dir}: measured fold times " + ", ".join(f"{s}/{m} {v * 3600:.1f} s" for (s, m), v in measured.items()))
     else:
         cfg = load(PipelineConfig, args.config)
+        hours = lambda m: unit_hours(m, rates, cfg.folds, args.studies)  # noqa: E731
+        print(members_table(cfg, rates, args.studies))
     rows = []
     today = sum(j.hours for j in plan_jobs(cfg, hours, cross_hours=cross))
     scales = [*args.scale, *([args.target_gpu_hours / today] if args.target_gpu_hours > 0 else [])]
