@@ -16,20 +16,23 @@
 #   ray/jars (Java workers), ray/rllib, ray/llm, ray/serve (other libraries), ray/dashboard/client
 #   (the web UI's static files: served only by the dashboard, which is off), console scripts (bin/).
 # Everything in ray/core (gcs_server, raylet, libjemalloc), ray/_raylet.so and ray/dashboard's
-# Python (the per-node agent) stay. No .pyc files: the device compiles what it imports.
+# Python (the per-node agent, the minimal dashboard head) stay. No .pyc files: the preamble compiles.
 #
-# Build here (pip and the registry needed; about 30 s of download, 1-2 minutes of xz):
-#     bash benchmarks/device_pack.sh                      # -> .whl/ray-site.tar.xz, ~29 MiB (cp312)
+# Build here (pip and the registry needed; ~10 s of download, ~1.5 minutes of xz on one core):
+#     bash benchmarks/device_pack.sh      # -> .whl/ray-site.tar.xz: 26 MiB (cp312), 157 MiB unpacked
 #     bash benchmarks/device_pack.sh --python-version 3.11 --out /tmp/ray-site311.tar.xz   # a local test
+# Nothing else may sit in .whl/: it all travels. Working tree (~4 MiB) + archive: ~31 MiB of the 64.
 #
-# On the device, with carry: [".whl"] (the working tree plus the archive stay under 64 MiB), the
-# preamble and then the benchmark:
-#     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0
-#
-#     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0; PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
-#
-# gpu.py's first line then says "fit: a one-worker Ray Train TorchTrainer (engine.worker.train_worker), ...".
-# Ray's worker processes inherit PYTHONPATH, so they find the same /tmp/site.
+# Device preamble (unpack, then compile to .pyc: Ray's raylet waits a fixed 15 s for its dashboard
+# agent's port file, and an agent importing Ray from uncompiled sources on a busy machine missed it
+# here: "Check failed: ... Timed out waiting for file .../metrics_agent_port_*"):
+#     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; }
+# then PYTHONPATH=/tmp/site:. (the repository root too) on the command. The benchmark, as one run
+# command with carry: [".whl"] and a run timeout of 540 s:
+#     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+# Its first line must say "fit: a one-worker Ray Train TorchTrainer (engine.worker.train_worker), Ray
+# Data input ..."; "in-process fit_fold (Ray not importable here)" means the archive did not unpack.
+# Ray's worker processes inherit PYTHONPATH, so they import the same /tmp/site.
 set -euo pipefail
 
 PYVER=3.12
@@ -54,14 +57,15 @@ PKGS=(
 TARGET=(--only-binary=:all: --python-version "$PYVER" --implementation cp
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps "${TARGET[@]}" -d "$tmp/wheels" "${PKGS[@]}"
 # --target with the target's tags: pip installs another Python's wheels without running them.
-python3 -m pip install -q --no-deps --no-compile "${TARGET[@]}" --target "$tmp/site" "$tmp"/wheels/*.whl
+python3 -m pip install -q --root-user-action=ignore --no-deps --no-compile "${TARGET[@]}" --target "$tmp/site" "$tmp"/wheels/*.whl
 
 site="$tmp/site"
-rm -rf "$site/bin" "$site/ray/jars" "$site/ray/rllib" "$site/ray/llm" "$site/ray/serve" "$site/ray/dashboard/client"
+rm -rf "${site:?}/bin" "$site/ray/jars" "$site/ray/rllib" "$site/ray/llm" "$site/ray/serve" "$site/ray/dashboard/client"
 find "$site" -name __pycache__ -type d -prune -exec rm -rf {} +
 for f in ray/_raylet.so ray/core/src/ray/raylet/raylet ray/core/src/ray/gcs/gcs_server; do
     test -s "$site/$f" || { echo "device_pack.sh: $f missing from the ray wheel" >&2; exit 1; }
@@ -72,3 +76,4 @@ nice -n 10 tar -C "$site" -cf - . | nice -n 10 xz -9 -T1 > "$OUT.part"
 mv "$OUT.part" "$OUT"
 echo "bundled (python $PYVER): ${PKGS[*]}"
 echo "$OUT: $(du -m "$OUT" | cut -f1) MiB ($(stat -c %s "$OUT") bytes), unpacked $(du -sm "$site" | cut -f1) MiB"
+echo "$(dirname "$OUT")/ holds $(du -sm "$(dirname "$OUT")" | cut -f1) MiB in all: carry takes the whole folder"

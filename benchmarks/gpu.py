@@ -30,11 +30,18 @@ run: it decodes DICOM files (pydicom) in Ray Data tasks, and these studies are n
 The table prints the issue's H200 figures (2026-12) in brackets beside today's.
 
 On the H200 machine (Python 3.12, torch, timm, pandas, pyarrow; no Ray, no pydicom), from the
-repository root; nothing travels but the working tree (no wheels, no data):
+repository root. With Ray (the real path through a Ray Train worker): build `.whl/ray-site.tar.xz`
+here first (`bash benchmarks/device_pack.sh`: Ray 2.60 stripped and its missing dependencies,
+26 MiB), then run with carry [".whl"]:
+
+    mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+
+Without it (the in-process path; nothing travels but the working tree):
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
-with a run timeout of 540 s. It keeps inside --budget-s (450 s): each unit gets an equal share of
+with a run timeout of 540 s either way. Then, here, `benchmarks/schedule.py --rates gpu.json` prices
+the recipe with the measured rates (docs/scale-out.md's tables). It keeps inside --budget-s (450 s): each unit gets an equal share of
 what is left (a fifth of the budget is kept for inference, 15 % for the shared measurement) and its
 step counts are cut to fit it. Estimated from the issue's rates, not yet timed there: 35-60 s a unit
 at 20 steps (the one-stage member longest; without Ray the real path is held to one augmentation
