@@ -777,7 +777,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seconds = max(5.0, (deadline - time.perf_counter() - reserve - mine) / (len(units) - i))
             r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources, shared_s=mine)
             results["units"][unit.key] = r
-            print(f"  {unit.label}: fit {r['fit_samples_per_s']:.1f}, bare {r['bare_samples_per_s']:.1f} samples/s ({r['seconds']:.0f} s)", flush=True)
+            shared = r["shared"] and r["shared"]["samples_per_s"]
+            print(f"  {unit.label}: fit {r['fit_samples_per_s']:.1f}, bare {r['bare_samples_per_s']:.1f}, bare 4x {r['bare4x_samples_per_s']:.1f}"
+                  + (f", {args.shared} jobs sharing {shared:.1f}" if shared else "") + f" samples/s ({r['seconds']:.0f} s)", flush=True)
+            if args.json:  # what is measured so far survives a run stopped at its time limit
+                meta["seconds"] = time.perf_counter() - start
+                Path(args.json).write_text(json.dumps(results, indent=1))
         if not args.no_infer:
             results["infer"] = measure_infer(cfg, wide, work, device, args.infer_folds, args.infer_studies or args.studies, max(5.0, deadline - time.perf_counter()))
         meta["seconds"] = time.perf_counter() - start
