@@ -410,8 +410,8 @@ def _bare_step(stage: Stage, job: FoldJob, model: torch.nn.Module, o: _Optim, ba
     o.scaler.update()
 
 
-def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float]) -> list[float]:
-    """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations."""
+def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int) -> tuple[torch.nn.Module, _Optim]:
+    """The job's model as the fold driver sets it up (speed-ups on CUDA, its trainable part) in train mode, and the loop's optimiser."""
     cfg = stage.train_config(job)
     model = new_model(stage, job).to(device)
     if device.type == "cuda":
@@ -419,7 +419,12 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
     if hasattr(stage, "set_trainable"):
         stage.set_trainable(job, model)
     model.train()
-    o = _Optim.build(model, cfg, steps, device)
+    return model, _Optim.build(model, cfg, steps, device)
+
+
+def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float]) -> list[float]:
+    """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations."""
+    model, o = _bare_model(stage, job, device, steps)
     rates = []
     for batch, limit in zip(batches, limits, strict=True):
         on_device = {k: v.to(device) for k, v in batch.items()}
@@ -443,14 +448,7 @@ def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmu
     device = torch.device(device_name)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    cfg = stage.train_config(job)
-    model = new_model(stage, job).to(device)
-    if device.type == "cuda":
-        speed_up(model, cfg.channels_last, cfg.compile)
-    if hasattr(stage, "set_trainable"):
-        stage.set_trainable(job, model)
-    model.train()
-    o = _Optim.build(model, cfg, 100, device)
+    model, o = _bare_model(stage, job, device, 100)
     on_device = {k: v.to(device) for k, v in batch.items()}
     n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
     for _ in range(warmup):  # first kernels, compilation (its cache is warm from the bare loop's)
