@@ -43,18 +43,26 @@ def draw_intensity(
     g = float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
     c = rng.uniform(*contrast)
     b = rng.uniform(-brightness, brightness)
-    n = rng.normal(0.0, noise, size=shape).astype(np.float32) if noise else None
+    n = None
+    if noise:
+        n = rng.standard_normal(size=shape)  # the draws of rng.normal(0, noise, shape), without its per-value loc and scale
+        n *= noise
+        n = n.astype(np.float32)
     return g, c, b, n
 
 
 def apply_intensity(x: np.ndarray, g: float, c: float, b: float, n: np.ndarray | None) -> np.ndarray:
     """Gamma g, contrast c about the mean, brightness b and additive noise n on a [0, 1] array (computed in float64) → float32."""
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0).astype(np.float64) ** g
-    m = x.mean()
-    x = (x - m) * c + m + b
+    y = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0).astype(np.float64)
+    y **= g  # in place, in the order of (y ** g − m) · c + m + b + n: the same values, fewer temporaries
+    m = y.mean()
+    y -= m
+    y *= c
+    y += m
+    y += b
     if n is not None:
-        x = x + n
-    return np.clip(x, 0.0, 1.0).astype(np.float32)
+        y += n
+    return np.clip(y, 0.0, 1.0, out=y).astype(np.float32)
 
 
 def intensity(

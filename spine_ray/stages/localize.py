@@ -31,6 +31,7 @@ from spine_ray.core.schema import AXIAL_T2, LEVELS, SAGITTAL_T1, SAGITTAL_T2, wi
 from spine_ray.core.storage import join, read_parquet
 from spine_ray.data import geometry
 from spine_ray.data.crops import normalise_intensity, resample_volume, to_native, to_resampled
+from spine_ray.data.half import to_float16, to_float32
 from spine_ray.data.transforms import intensity
 from spine_ray.data.volumes import LABELS_FILE, load_volume
 from spine_ray.engine.stage import FoldJob, VolumeStage, columns
@@ -131,7 +132,7 @@ def sagittal_sample(row: pd.Series, targets: tuple[str, ...], gt: pd.DataFrame, 
             visible[i] = True
     return {
         "study_id": int(row["study_id"]), "series_id": int(row["series_id"]), "stack": int(row["stack"]),
-        "level": "", "x": x.astype(np.float16).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
+        "level": "", "x": to_float16(x).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
         "visible": visible.tobytes(), "has_gt": visible.tobytes(), "scale": list(scale), "slice0": 0,
         "affine": list(meta["affine"].reshape(-1)), "gt": coords.tobytes(),
     }
@@ -171,7 +172,7 @@ def _axial_samples(rows: pd.DataFrame, study: int, spinal: pd.DataFrame, gt: pd.
                 has_gt[i] = True
         out.append({
             "study_id": study, "series_id": int(row["series_id"]), "stack": int(row["stack"]), "level": lv,
-            "x": x.astype(np.float16).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
+            "x": to_float16(x).tobytes(), "shape": list(x.shape), "coords": coords.tobytes(),
             "visible": visible.tobytes(), "has_gt": has_gt.tobytes(), "scale": list(scale), "slice0": slice0,
             "affine": list(meta["affine"].reshape(-1)), "gt": coords.tobytes(),
         })
@@ -235,14 +236,14 @@ class LocalizeStage(VolumeStage[ViewConfig]):
 
 def view_arrays(view: str, cfg: ViewConfig, rows: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """Sample rows → x [B, S, H, W] float16 (intensity-augmented when rng is given), coords [B, P, 3], visible [B, P]."""
-    xs = [np.frombuffer(b, np.float16).reshape(s).astype(np.float32) for b, s in zip(rows["x"], rows["shape"], strict=True)]
+    xs = [to_float32(np.frombuffer(b, np.float16).reshape(s)) for b, s in zip(rows["x"], rows["shape"], strict=True)]
     if rng is not None:
         xs = [intensity(x, rng) for x in xs]
     p = len(VIEWS[view][1])
     if not xs:
         return {"x": np.zeros((0, cfg.slices, cfg.size, cfg.size), np.float16), "coords": np.zeros((0, p, 3), np.float32), "visible": np.zeros((0, p), bool)}
     return {
-        "x": np.stack(xs).astype(np.float16),
+        "x": to_float16(np.stack(xs)),
         "coords": np.stack([np.frombuffer(c, np.float32).reshape(p, 3) for c in rows["coords"]]),
         "visible": np.stack([np.frombuffer(v, bool) for v in rows["visible"]]),
     }
@@ -251,7 +252,7 @@ def view_arrays(view: str, cfg: ViewConfig, rows: dict[str, np.ndarray], rng: np
 def view_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Arrays → x [B, S, 1, H, W] float32, coords [B, P, 3] (resampled voxels), visible [B, P]."""
     return {
-        "x": torch.from_numpy(np.asarray(arrays["x"], np.float32)[:, :, None]),
+        "x": torch.from_numpy(to_float32(arrays["x"])[:, :, None]),
         "coords": torch.from_numpy(np.asarray(arrays["coords"], np.float32)),
         "visible": torch.from_numpy(np.asarray(arrays["visible"], bool)),
     }

@@ -15,6 +15,7 @@ import torch
 
 from spine_ray.core.schema import CONDITIONS, LEVELS
 from spine_ray.data.crops import crop_stack
+from spine_ray.data.half import to_float16, to_float32
 from spine_ray.data.transforms import (
     INTENSITY_NOISE,
     apply_intensity,
@@ -75,10 +76,10 @@ def draw_crop(cfg: GradeConfig, view: int, rng: np.random.Generator, errors: np.
 
 
 def recrop(cfg: GradeConfig, patch: np.ndarray, view: int, shift: int, offset: np.ndarray, angle: float) -> np.ndarray:
-    """Stored patch [2K+1, P, P] → crop [2k+1, h, w]: slices moved by shift, centre by offset (patch pixels), turned by angle."""
+    """Stored patch [2K+1, P, P] (float16 as stored) → crop [2k+1, h, w] float32: slices moved by shift, centre by offset (patch pixels), turned by angle."""
     kk, c = cfg.k + cfg.max_shift, cfg.patch_px / 2 - 0.5
     point = (kk + shift, c + offset[0], c + offset[1])
-    return crop_stack(patch.astype(np.float32), cfg.patch_spacing(view), point, cfg.crop_mm(view), cfg.out_px, cfg.k, angle=angle)
+    return crop_stack(patch, cfg.patch_spacing(view), point, cfg.crop_mm(view), cfg.out_px, cfg.k, angle=angle)
 
 
 def _row_mask(rows: dict[str, np.ndarray], t: int) -> np.ndarray:
@@ -189,7 +190,7 @@ def sample_crops(cfg: GradeConfig, rows: dict[str, np.ndarray], p: Params | None
                 x[i] = apply_intensity(x[i], p["gamma"][j, i], p["contrast"][j, i], p["brightness"][j, i], p["noise"][j, i])
         if p is not None and p["flip"][j]:
             x = flip_sample(x, views, conditions)[0]
-        xs.append(x.astype(np.float16))  # half the bytes through Ray Data's object store
+        xs.append(to_float16(x))  # half the bytes through Ray Data's object store
     return np.stack(xs) if xs else np.zeros((0, len(slots), s, px, px), np.float16)
 
 
@@ -222,7 +223,7 @@ def defer_samples(cfg: GradeConfig, rows: dict[str, np.ndarray], rng: np.random.
     patches = [np.frombuffer(v, np.float16).reshape(tuple(sh)) for v, sh in zip(rows["x"], rows["shape"], strict=True)]
     patch = np.stack(patches) if patches else np.zeros((0, len(cfg.slots), 2 * kk + 1, cfg.patch_px, cfg.patch_px), np.float16)
     crop = {"patch": patch, **{n: p[n] for n in CROP_PARAMS if n in p}}
-    crop.update({"noise": p["noise"].astype(np.float16)} if "noise" in p else {"noise_seed": p["noise_seed"]})
+    crop.update({"noise": to_float16(p["noise"])} if "noise" in p else {"noise_seed": p["noise_seed"]})
     out.update({f"aug_{n}": v for n, v in crop.items()})
     if cfg.mix.enabled:
         out.update({f"mix_{n}": v[p["partner"]] for n, v in crop.items()})
@@ -309,7 +310,7 @@ def batch_tensors(cfg: GradeConfig, a: dict[str, np.ndarray]) -> dict[str, torch
     b, t = a["target_mask"].shape
     cond_idx = np.array([CONDITIONS.index(c) for c in conditions])
     spinal = np.array([c == CONDITIONS[0] for c in conditions])
-    x = {"x": torch.from_numpy(np.asarray(a["x"], np.float32)[:, :, :, None])} if "x" in a else {}  # [B, T, S, 1, H, W]
+    x = {"x": torch.from_numpy(to_float32(a["x"])[:, :, :, None])} if "x" in a else {}  # [B, T, S, 1, H, W]
     return {
         **x,
         "slice_mask": torch.from_numpy(np.asarray(a["slice_mask"], bool)),

@@ -10,6 +10,7 @@ import pandas as pd
 from spine_ray.core.schema import LEVELS, with_target
 from spine_ray.core.storage import join, read_parquet
 from spine_ray.data.crops import crop_stack
+from spine_ray.data.half import to_float16
 from spine_ray.data.label_flags import excluded_targets
 from spine_ray.data.volumes import LABELS_FILE, load_volume
 from spine_ray.engine.stage import FoldJob
@@ -141,10 +142,10 @@ def study_samples(
             row = stacks[key]
             mm = cfg.crop_mm(view)
             centre = np.array([float(pt["slice"]), float(pt["row"]), float(pt["col"])])
-            x[i] = crop_stack(
+            x[i] = to_float16(crop_stack(
                 vol, meta["pixel_spacing"], centre, (mm[0] * cfg.context, mm[1] * cfg.context), p, kk,
                 window=(float(row["intensity_p01"]), float(row["intensity_p99"])),
-            ).astype(np.float16)
+            ))
             inside[i] = (np.floor(centre[0] + 0.5) + np.arange(-kk, kk + 1) >= 0) & (
                 np.floor(centre[0] + 0.5) + np.arange(-kk, kk + 1) < vol.shape[0]
             )
