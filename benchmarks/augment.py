@@ -2,6 +2,7 @@
 
 At the recipe's sizes (the grade members of jobs/rsna2024.yaml, one per distinct augmentation:
 the plain members and the CutMix one), on random stored patches of the real shape, one thread:
+  cpu before       the CPU path with the code before the fast conversions (`augment_before.before`): the baseline
   cpu              `augment` of one part (Ray Data task) + shuffle pool + `to_batch` (trainer): today's CPU work per sample
   device CPU       the same with `augment_on: device`: parameters drawn, stored patches and draws collated
     of which draw  `draw_params` alone (mostly the intensity noise, 2k+1 × out_px² normals per slot)
@@ -10,7 +11,8 @@ the plain members and the CutMix one), on random stored patches of the real shap
   torch CUDA       the same on the GPU, when there is one (the batch already there)
 CPU figures are CPU-seconds of the process (they hold under load; GPU figures are wall time),
 with samples/s per core, the ratio against the baseline, and the cores one GPU needs at
-`--gpu-rate` samples/s (≈ 250 on an H200 for the grade model, from the issue). Not counted: the
+`--gpu-rate` samples/s (≈ 250 on an H200 for the grade model, from the issue). Then each localiser
+member's intensity augmentation + `to_batch` per sample, before and now. Not counted: the
 Parquet read of the stored patches, which every path pays alike. The machine may be shared: the
 ratios, not the seconds, are the result.
 
@@ -32,6 +34,7 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from benchmarks.augment_before import before  # noqa: E402
 from benchmarks.train_switches import sample_rows  # noqa: E402
 from spine_ray.core.config import load  # noqa: E402
 from spine_ray.engine.stage import FoldJob  # noqa: E402
@@ -40,6 +43,7 @@ from spine_ray.run_config import PipelineConfig  # noqa: E402
 from spine_ray.stages.grade.augment import draw_params  # noqa: E402
 from spine_ray.stages.grade.config import GradeConfig  # noqa: E402
 from spine_ray.stages.grade.stage import GradeStage  # noqa: E402
+from spine_ray.stages.localize import VIEWS, ViewConfig, view_arrays, view_tensors  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "jobs" / "rsna2024.yaml"
 
@@ -88,7 +92,12 @@ def measure(stage: GradeStage, cfg: GradeConfig, part: int, reps: int) -> tuple[
     jobs = {k: FoldJob("grade", c.name, 0, 5, c, "", "", {}) for k, c in cfgs.items()}
     rows = sample_rows(cfg, part, np.random.default_rng(0))
     out = {k: pipeline(stage, j, rows, 1) for k, j in jobs.items()}
+    def cpu_before() -> None:
+        with before():
+            pipeline(stage, jobs["cpu"], rows, 1)
+
     secs = timed({
+        "cpu before": cpu_before,
         "cpu": lambda: pipeline(stage, jobs["cpu"], rows, 1),
         "device CPU": lambda: pipeline(stage, jobs["device"], rows, 1),
         "  of which draw": lambda: draw_params(cfgs["device"], rows, np.random.default_rng(1)),
@@ -116,6 +125,29 @@ def measure(stage: GradeStage, cfg: GradeConfig, part: int, reps: int) -> tuple[
     return per, {k: v[1] for k, v in out.items()}
 
 
+def localisers(path: Path, n: int, reps: int) -> None:
+    """Each localiser member's CPU work per sample (intensity augmentation of the stored stack, `to_batch`), before and now."""
+    print(f"localisers: intensity augmentation + to_batch of {n} stored stacks; 1 thread, median of {reps}")
+    print(f"  {'member':<19}{'shape':>16}{'before ms':>11}{'now ms':>9}{'× before':>10}")
+    loc = load(PipelineConfig, path).localize
+    for name in VIEWS:
+        cfg, p = getattr(loc, name), len(VIEWS[name][1])
+        rng = np.random.default_rng(0)
+        shape = (cfg.slices, cfg.size, cfg.size)
+        rows = {"x": [rng.random(shape).astype(np.float16).tobytes() for _ in range(n)], "shape": np.asarray([shape] * n),
+                "coords": [np.zeros((p, 3), np.float32).tobytes()] * n, "visible": [np.ones(p, bool).tobytes()] * n}
+
+        def now(name: str = name, cfg: ViewConfig = cfg, rows: dict = rows) -> None:
+            view_tensors(view_arrays(name, cfg, rows, np.random.default_rng(1)))
+
+        def then(now: Callable[[], None] = now) -> None:
+            with before():
+                now()
+
+        t = timed({"before": then, "now": now}, reps)
+        print(f"  {name:<19}{' × '.join(map(str, shape)):>16}{t['before'] / n * 1e3:11.2f}{t['now'] / n * 1e3:9.2f}{t['before'] / t['now']:10.2f}")
+
+
 def main() -> None:
     """Print ms and samples/s per core of each path and the ratio against the CPU path."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,6 +155,7 @@ def main() -> None:
     ap.add_argument("--part", type=int, default=0, help="samples per part (default: the recipe's chunk_studies × 5 levels)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-rate", type=float, default=250.0, help="samples/s one GPU trains the grade model at")
+    ap.add_argument("--stacks", type=int, default=4, help="stored stacks per localiser measurement")
     args = ap.parse_args()
     torch.set_num_threads(1)
     part = args.part or load(PipelineConfig, Path(args.recipe)).resources.chunk_studies * 5
@@ -134,12 +167,13 @@ def main() -> None:
         per, nbytes = measure(stage, cfg, part, args.reps)
         print(f"  {'path':<19}{'ms/sample':>10}{'samples/s':>11}{'× cpu':>8}{'cores/GPU':>11}")
         for k, v in per.items():
-            cores = f"{args.gpu_rate * v:11.2f}" if k in ("cpu", "device CPU", "+ noise_on dev") else " " * 11
+            cores = f"{args.gpu_rate * v:11.2f}" if k in ("cpu before", "cpu", "device CPU", "+ noise_on dev") else " " * 11
             unit = "GPU" if "CUDA" in k else "core"
             print(f"  {k:<19}{v * 1e3:10.2f}{1 / v:11.1f}{per['cpu'] / v:8.2f}{cores}  (per {unit})")
         mib = {k: v / 2**20 for k, v in nbytes.items()}
         print(f"  bytes per sample through the pipeline: cpu {mib['cpu']:.2f} MiB, device {mib['device']:.2f} MiB "
               f"(×{mib['device'] / mib['cpu']:.1f}), noise_on device {mib['noise']:.2f} MiB (×{mib['noise'] / mib['cpu']:.1f})")
+    localisers(Path(args.recipe), args.stacks, args.reps)
 
 
 if __name__ == "__main__":
