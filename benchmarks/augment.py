@@ -35,7 +35,7 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from benchmarks.augment_before import before  # noqa: E402
-from benchmarks.train_switches import sample_rows  # noqa: E402
+from benchmarks.train_switches import sample_rows, stack_rows  # noqa: E402
 from spine_ray.core.config import load  # noqa: E402
 from spine_ray.engine.stage import FoldJob  # noqa: E402
 from spine_ray.engine.stream import EPOCH, ShufflePool  # noqa: E402
@@ -131,11 +131,9 @@ def localisers(path: Path, n: int, reps: int) -> None:
     print(f"  {'member':<19}{'shape':>16}{'before ms':>11}{'now ms':>9}{'× before':>10}")
     loc = load(PipelineConfig, path).localize
     for name in VIEWS:
-        cfg, p = getattr(loc, name), len(VIEWS[name][1])
-        rng = np.random.default_rng(0)
+        cfg = getattr(loc, name)
         shape = (cfg.slices, cfg.size, cfg.size)
-        rows = {"x": [rng.random(shape).astype(np.float16).tobytes() for _ in range(n)], "shape": np.asarray([shape] * n),
-                "coords": [np.zeros((p, 3), np.float32).tobytes()] * n, "visible": [np.ones(p, bool).tobytes()] * n}
+        rows = stack_rows(name, cfg, n, np.random.default_rng(0))
 
         def now(name: str = name, cfg: ViewConfig = cfg, rows: dict = rows) -> None:
             view_tensors(view_arrays(name, cfg, rows, np.random.default_rng(1)))

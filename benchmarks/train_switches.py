@@ -28,6 +28,7 @@ from spine_ray.models.grader import GraderConfig
 from spine_ray.stages.grade.augment import augment_samples, batch_tensors
 from spine_ray.stages.grade.config import FreezeConfig, GradeConfig, MixConfig
 from spine_ray.stages.grade.stage import GradeStage
+from spine_ray.stages.localize import VIEWS, ViewConfig
 
 
 def sample_rows(cfg: GradeConfig, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -42,6 +43,13 @@ def sample_rows(cfg: GradeConfig, n: int, rng: np.random.Generator) -> dict[str,
         "labels": np.array([rng.integers(0, 3, t).astype(np.int8).tobytes() for _ in range(n)], object),
         "gt_offset": np.array([np.zeros(t, np.int8).tobytes()] * n, object),
     }
+
+
+def stack_rows(view: str, cfg: ViewConfig, n: int, rng: np.random.Generator) -> dict[str, object]:
+    """n stage-1 sample rows of one view: random stored stacks [slices, size, size] float16, every point visible."""
+    p, shape = len(VIEWS[view][1]), (cfg.slices, cfg.size, cfg.size)
+    return {"x": [rng.random(shape).astype(np.float16).tobytes() for _ in range(n)], "shape": np.asarray([shape] * n),
+            "coords": [np.zeros((p, 3), np.float32).tobytes()] * n, "visible": [np.ones(p, bool).tobytes()] * n}
 
 
 def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:

@@ -88,17 +88,15 @@ def test_intensity_draws_and_applies_exactly_as_before():
 def test_grade_and_localiser_batches_are_the_arrays_of_before(mix):
     """The whole CPU path, sample rows to batch tensors, gives what the code before gave (`augment_before.before`), bit for bit."""
 
-    from benchmarks.train_switches import sample_rows
+    from benchmarks.train_switches import sample_rows, stack_rows
     from spine_ray.stages.grade.augment import collate_samples
     from spine_ray.stages.grade.config import GradeConfig, MixConfig
-    from spine_ray.stages.localize import VIEWS, ViewConfig, view_arrays, view_tensors
+    from spine_ray.stages.localize import ViewConfig, view_arrays, view_tensors
 
     cfg = GradeConfig(out_px=24, rotate_deg=20.0, mix=MixConfig(cutmix_p=0.5, mixup_p=0.5) if mix else MixConfig())
     rows = sample_rows(cfg, 6, np.random.default_rng(5))
     vcfg = ViewConfig(slices=6, size=40)
-    p = len(VIEWS["sag_t2"][1])
-    vrows = {"x": [np.random.default_rng(i).random((6, 40, 40)).astype(np.float16).tobytes() for i in range(3)], "shape": np.asarray([[6, 40, 40]] * 3),
-             "coords": [np.zeros((p, 3), np.float32).tobytes()] * 3, "visible": [np.ones(p, bool).tobytes()] * 3}
+    vrows = stack_rows("sag_t2", vcfg, 3, np.random.default_rng(8))
 
     def run() -> dict:
         grade = collate_samples(cfg, rows, np.random.default_rng(6))
