@@ -116,7 +116,7 @@ from spine_ray.engine.stream import StreamedBatches
 from spine_ray.engine.train_loop import _Optim  # the loop's own optimiser, scaler and autocast
 from spine_ray.ensemble.baseline import write_prior
 from spine_ray.ensemble.prior import fit_prior
-from spine_ray.models.backbone import speed_up
+from spine_ray.models.backbone import resolve_checkpointing, speed_up
 from spine_ray.run_config import PipelineConfig
 from spine_ray.stages.grade.config import GradeConfig
 from spine_ray.stages.grade.samples import fake_points
@@ -410,10 +410,12 @@ def _bare_step(stage: Stage, job: FoldJob, model: torch.nn.Module, o: _Optim, ba
     o.scaler.update()
 
 
-def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int) -> tuple[torch.nn.Module, _Optim]:
-    """The job's model as the fold driver sets it up (speed-ups on CUDA, its trainable part) in train mode, and the loop's optimiser."""
+def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int, share: float = 1.0) -> tuple[torch.nn.Module, _Optim]:
+    """The job's model as the fold driver sets it up (`grad_checkpointing: auto` for its `share` of the device, speed-ups on CUDA,
+    its trainable part) in train mode, and the loop's optimiser."""
     cfg = stage.train_config(job)
     model = new_model(stage, job).to(device)
+    resolve_checkpointing(model, device, share)
     if device.type == "cuda":
         speed_up(model, cfg.channels_last, cfg.compile)
     if hasattr(stage, "set_trainable"):
@@ -427,28 +429,35 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
     model, o = _bare_model(stage, job, device, steps)
     rates = []
     for batch, limit in zip(batches, limits, strict=True):
-        on_device = {k: v.to(device) for k, v in batch.items()}
         n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
-        for _ in range(3 if device.type == "cuda" else 1):
-            _bare_step(stage, job, model, o, on_device)
-        _sync(device)
-        t0, done = time.perf_counter(), 0
-        while done < max(2, steps) and (done < 2 or time.perf_counter() - t0 < limit):
-            _bare_step(stage, job, model, o, on_device)
-            done += 1
-        _sync(device)
-        rates.append(done * n / (time.perf_counter() - t0))
+        try:
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            for _ in range(3 if device.type == "cuda" else 1):
+                _bare_step(stage, job, model, o, on_device)
+            _sync(device)
+            t0, done = time.perf_counter(), 0
+            while done < max(2, steps) and (done < 2 or time.perf_counter() - t0 < limit):
+                _bare_step(stage, job, model, o, on_device)
+                done += 1
+            _sync(device)
+            rates.append(done * n / (time.perf_counter() - t0))
+        except torch.cuda.OutOfMemoryError:  # a batch the device cannot hold (e.g. 4x without checkpointing): n/a, the run goes on
+            print(f"  {job.stage}/{job.member}: batch of {n} does not fit on {device}: n/a", flush=True)
+            rates.append(float("nan"))
+            on_device = None
+            o.opt.zero_grad(set_to_none=True)
+            _free(device)
     del model, o, on_device
     _free(device)
     return rates
 
 
-def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmup: int, seconds: float, barrier: Any, out: Any) -> None:
+def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmup: int, seconds: float, barrier: Any, out: Any, share: float) -> None:
     """One of the fold jobs that share a GPU (a spawned process): the bare step at the recipe's batch for `seconds` once all are ready."""
     device = torch.device(device_name)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    model, o = _bare_model(stage, job, device, 100)
+    model, o = _bare_model(stage, job, device, 100, share)
     on_device = {k: v.to(device) for k, v in batch.items()}
     n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
     for _ in range(warmup):  # first kernels, compilation (its cache is warm from the bare loop's)
@@ -480,7 +489,7 @@ def shared_rate(stage: Stage, job: FoldJob, batch: dict, device: torch.device, j
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(jobs + 1), ctx.Queue()
     t0 = time.perf_counter()
-    procs = [ctx.Process(target=_shared_job, args=(stage, job, batch, str(device), 3 if device.type == "cuda" else 1, seconds, barrier, out), daemon=True)
+    procs = [ctx.Process(target=_shared_job, args=(stage, job, batch, str(device), 3 if device.type == "cuda" else 1, seconds, barrier, out, 1 / jobs), daemon=True)
              for _ in range(jobs)]
     for p in procs:
         p.start()
@@ -776,7 +785,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources, shared_s=mine)
             results["units"][unit.key] = r
             shared = r["shared"] and r["shared"]["samples_per_s"]
-            print(f"  {unit.label}: fit {r['fit_samples_per_s']:.1f}, bare {r['bare_samples_per_s']:.1f}, bare 4x {r['bare4x_samples_per_s']:.1f}"
+            print(f"  {unit.label}: fit {_num(r['fit_samples_per_s'])}, bare {_num(r['bare_samples_per_s'])}, bare 4x {_num(r['bare4x_samples_per_s'])}"
                   + (f", {args.shared} jobs sharing {shared:.1f}" if shared else "") + f" samples/s ({r['seconds']:.0f} s)", flush=True)
             if args.json:  # what is measured so far survives a run stopped at its time limit
                 meta["seconds"] = time.perf_counter() - start

@@ -9,8 +9,8 @@ stage-1 member, every grader, every one-stage member and every cross prediction,
 per-fold needs (axial fold k after sagittal T2 fold k; grader fold k after the three views of the
 main localisers' fold k; a cross prediction after its grader fold and the variant's fold k; the
 one-stage members need nothing). Durations are GPU-hours per fold (`unit_hours`): a member's epochs
-over a fold's samples (1,975 studies: 4/5 training, 1/5 validated at a third of the cost) at its
-unit's samples/s, measured on one H200 in the GPU-throughput issue (`H200_RATES`; `--rates` takes
+over a fold's training samples (4/5 of 1,975 studies) and its held-out fifth at a third of the cost,
+predicted once, or after every epoch by the members that select their best epoch, at its unit's samples/s, measured on one H200 in the GPU-throughput issue (`H200_RATES`; `--rates` takes
 benchmarks/gpu.py's JSON; the effnet localisers priced at the graders' effnet/convnext ratio); the
 table of members is printed first. `--scale` multiplies them all, and `--target-gpu-hours` adds the
 rates scaled to that total (12: the GPU-throughput issue's target for the recipe). `--run-dir` takes the config
@@ -32,9 +32,11 @@ from pathlib import Path
 
 from spine_ray.core.config import load
 from spine_ray.engine.plan import simulate, summary
+from spine_ray.engine.stage import FoldJob
 from spine_ray.engine.timelines import measured_hours
 from spine_ray.pipeline import plan_jobs
 from spine_ray.run_config import Member, PipelineConfig
+from spine_ray.stages.registry import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 BARRIERS = ("sagittal", "axial", "grade", "onestage", "cross")
@@ -64,15 +66,26 @@ def epochs_of(member: Member) -> int:
     return member.config.train.epochs + (two.epochs if two is not None else 0)
 
 
+def validates_each_epoch(member: Member) -> bool:
+    """Whether a member's folds pass over their held-out samples after every epoch: only where a step keeps its best
+    epoch by a validation metric (`select`; the grade stage's `validate` skips the others, the other stages have none)."""
+    stage = STAGES[member.stage]
+    if not (hasattr(stage, "validate") and hasattr(stage, "select")):
+        return False
+    return stage.select(FoldJob(member.stage, member.name, 0, 1, member.config, "", "", {})) is not None
+
+
 def unit_hours(member: Member, rates: dict[str, float], folds: int, studies: int = STUDIES) -> float:
-    """GPU-hours of one fold of a member: its epochs over the fold's training samples at the unit's rate, plus validation.
+    """GPU-hours of one fold of a member at its unit's rate: its epochs over the fold's training samples, and the
+    held-out samples at a third of the cost, once (the fold's OOF prediction) or after every epoch (`validates_each_epoch`).
 
     A stage-1 variant whose backbone is an EfficientNet (unmeasured as a localiser) is priced at
     the graders' EfficientNet / ConvNeXt ratio.
     """
-    unit = unit_of(member)
-    per_epoch = PER_STUDY[unit] * studies * ((folds - 1) / folds + VAL_COST / folds)
-    hours = epochs_of(member) * per_epoch / rates[unit] / 3600
+    unit, epochs = unit_of(member), epochs_of(member)
+    val_passes = epochs if validates_each_epoch(member) else 1
+    samples = PER_STUDY[unit] * studies * (epochs * (folds - 1) / folds + val_passes * VAL_COST / folds)
+    hours = samples / rates[unit] / 3600
     if member.stage == "localize" and "efficientnet" in member.config.model.backbone:
         hours *= rates["grade_convnext"] / rates["grade_effnet"]
     return hours

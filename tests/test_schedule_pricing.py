@@ -19,9 +19,14 @@ def test_members_are_priced_by_their_epochs_samples_and_unit_rate(tmp_path: Path
     members = {m.name: m for m in cfg.members()}
     rates = schedule.H200_RATES
     grade = members["convnext_small"]
-    # 20 epochs of 5 samples a study: 4/5 of 1,975 studies trained, 1/5 validated at a third of the cost.
-    expected = 20 * 5 * 1975 * (4 / 5 + 1 / 15) / 90.6 / 3600
+    # 20 epochs of 5 samples a study over 4/5 of 1,975 studies, the held-out 1/5 predicted once at a third of the cost.
+    expected = 5 * 1975 * (20 * 4 / 5 + 1 / 15) / 90.6 / 3600
     assert schedule.unit_hours(grade, rates, 5) == pytest.approx(expected)
+    # The two-step member keeps its best epoch by validation AUC: it validates after each of its 15 + 5 epochs.
+    two = members["convnext_small_2step"]
+    assert schedule.validates_each_epoch(two) and not schedule.validates_each_epoch(grade)
+    assert not any(schedule.validates_each_epoch(m) for m in cfg.members() if m.stage != "grade")
+    assert schedule.unit_hours(two, rates, 5) == pytest.approx(5 * 1975 * 20 * (4 / 5 + 1 / 15) / 90.6 / 3600)
     assert schedule.unit_of(members["efficientnet_b3"]) == "grade_effnet"
     assert schedule.epochs_of(members["convnext_small_2step"]) == 15 + 5  # both steps
     sag, sag_effnet = members["sag_t1"], members["sag_t1@effnet"]

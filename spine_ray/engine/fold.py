@@ -46,7 +46,7 @@ from spine_ray.engine.stage import (
     steps_per_epoch,
 )
 from spine_ray.engine.train_loop import EpochResult, fit
-from spine_ray.models.backbone import speed_up
+from spine_ray.models.backbone import resolve_checkpointing, speed_up
 
 
 def validator(stage: Stage, job: FoldJob, val: pd.DataFrame) -> Callable[[nn.Module], dict[str, float]] | None:
@@ -68,6 +68,7 @@ def fit_fold(
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
+    gpu_share: float = 1.0,
 ) -> tuple[nn.Module, dict[str, float]]:
     """A seeded fresh model trained on `batches(epoch)`; returns (bare model, metrics).
 
@@ -76,12 +77,14 @@ def fit_fold(
     model for distributed training (Ray Train's `prepare_model`), once per step because DDP fixes
     the trainable parameters when it wraps; the returned model is the bare one, in eval mode. The
     metrics are the last step's, plus `phase{i}_selected_epoch` for every step that kept its best
-    epoch by a validation metric (`select`).
+    epoch by a validation metric (`select`). `gpu_share`: the part of the device this job holds
+    (`resources.gpus_per_worker`), which settles `grad_checkpointing: auto`.
     """
     steps = phases(stage, job)
     model = new_model(stage, job)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    resolve_checkpointing(model, device, gpu_share)
     cfg0 = stage.train_config(job)
     if device.type == "cuda":
         speed_up(model, cfg0.channels_last, cfg0.compile)

@@ -114,7 +114,7 @@ def _train_job(stage: Stage, job: FoldJob, index: int, resources: ResourcesConfi
     model, metrics = fit_fold(
         stage, job, StreamedBatches(stage, job, resources, steps, rank, world, pin), n_train,
         device=device, world=world, prepare=ray.train.torch.prepare_model, resume=resume, on_epoch_end=report,
-        validate=validator(stage, job, val) if val is not None else None,
+        validate=validator(stage, job, val) if val is not None else None, gpu_share=min(resources.gpus_per_worker, 1.0),
     )
     timeline["training_finished"] = time.time()
     if val is not None:

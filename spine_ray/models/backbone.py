@@ -20,7 +20,7 @@ import inspect
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -57,10 +57,16 @@ class BackboneConfig:
     # Extra timm constructor kwargs, e.g. {depth: 2}, {window_size: 8} or (maps) {out_indices: 1}; see README "Backbones".
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     normalise_input: bool = True  # standardise [0, 1] input with the backbone's mean/std
-    grad_checkpointing: bool = False  # trade compute for memory in the encoder
+    # Trade compute for memory in the encoder: timm's activation checkpointing keeps each block's
+    # input and runs its forward again in backward (same gradients). "auto": on where a fold job's
+    # share of its GPU has less than AUTO_CHECKPOINT_BELOW_GIB (A10G, L4, T4, or a quarter of an
+    # H100), off on a whole A100-80/H100/H200 and on CPU (`resolve_checkpointing`).
+    grad_checkpointing: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
         check_weights(self.pretrained, self.weights)
+        if self.grad_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"grad_checkpointing must be true, false or 'auto', got {self.grad_checkpointing!r}")
 
 
 def _one_line(e: BaseException) -> str:
@@ -155,6 +161,36 @@ def set_grad_checkpointing(encoder: nn.Module, enable: bool) -> None:
     _inner(encoder).set_grad_checkpointing(enable)
 
 
+# `grad_checkpointing: auto` checkpoints where a fold job's GPU memory is under this. On an H200 the
+# recipe's units peak at 7-15 GiB, the one-stage member at 10.6 with checkpointing; without it, at
+# its batch of 4, it keeps 19 GiB more for backward (benchmarks/checkpointing.py), ≈ 30 GiB in all,
+# as two views of the sagittal localiser (the same network, 14.1 GiB for one) suggest.
+AUTO_CHECKPOINT_BELOW_GIB = 40.0
+
+
+def checkpointing_wanted(setting: bool | str, device_type: str, device_gib: float, gpu_share: float = 1.0) -> bool:
+    """What a `grad_checkpointing` setting means for a job on a device of `device_type` with `device_gib` of memory, `gpu_share` of it its own (pure)."""
+    if setting != "auto":
+        return bool(setting)
+    if device_type != "cuda":
+        return False  # CPU: host memory; checkpointing would only cost time
+    return device_gib * gpu_share < AUTO_CHECKPOINT_BELOW_GIB
+
+
+def resolve_checkpointing(model: nn.Module, device: torch.device, gpu_share: float = 1.0) -> bool | None:
+    """Settle `grad_checkpointing: auto` for a model about to train on `device`: every encoder built with it, on or off
+    (`checkpointing_wanted`); returns what was chosen, None when no encoder asked."""
+    chosen = None
+    for enc in backbones(model):
+        if getattr(enc, AUTO_MARK, False):
+            gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
+            chosen = checkpointing_wanted("auto", device.type, gib, gpu_share)
+            set_grad_checkpointing(enc, chosen)
+    if chosen is not None:
+        log.info("grad_checkpointing auto: %s on %s (share %.2f)", "on" if chosen else "off", device, gpu_share)
+    return chosen
+
+
 def check_input_size(encoder: nn.Module, name: str, in_chans: int, img_size: int, maps: bool) -> None:
     """One probe at [1, in_chans, img_size, img_size]; ValueError naming the backbone and size if it cannot run.
 
@@ -204,13 +240,16 @@ def build_encoder(
     )
     if img_size is not None:
         check_input_size(encoder, cfg.backbone, cfg.in_chans, img_size, maps=maps)
-    set_grad_checkpointing(encoder, cfg.grad_checkpointing)
+    # "auto" builds without; the fold driver settles it for its device (`resolve_checkpointing`).
+    set_grad_checkpointing(encoder, cfg.grad_checkpointing is True)
+    setattr(encoder, AUTO_MARK, cfg.grad_checkpointing == "auto")
     mean, std = input_stats(encoder, cfg.in_chans)
     setattr(encoder, BACKBONE_MARK, True)  # what `speed_up` finds: the 2-D timm encoders, nothing 3-D
     return encoder, mean, std
 
 
 BACKBONE_MARK = "_spine_ray_backbone"
+AUTO_MARK = "_spine_ray_checkpointing_auto"
 
 
 def backbones(model: nn.Module) -> list[nn.Module]:
