@@ -116,7 +116,7 @@ from spine_ray.engine.stream import StreamedBatches
 from spine_ray.engine.train_loop import _Optim  # the loop's own optimiser, scaler and autocast
 from spine_ray.ensemble.baseline import write_prior
 from spine_ray.ensemble.prior import fit_prior
-from spine_ray.models.backbone import resolve_checkpointing, speed_up
+from spine_ray.models.backbone import checkpointing_of, resolve_checkpointing, speed_up
 from spine_ray.run_config import PipelineConfig
 from spine_ray.stages.grade.config import GradeConfig
 from spine_ray.stages.grade.samples import fake_points
@@ -582,6 +582,10 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         large = collate(stage, job, columns(rows.iloc[rng.integers(0, len(rows), 4 * bs)]), rng)
         augment = 5 * bs / max(time.process_time() - c0, 1e-9)
     bare, bare4 = bare_rates(stage, job, [small, large], device, args.steps, [0.1 * seconds, 0.15 * seconds])
+    probe = new_model(stage, job)  # what `grad_checkpointing` comes to for one whole device (the issue's figures had it on for the one-stage unit)
+    resolve_checkpointing(probe, device)
+    checkpointing = checkpointing_of(probe)
+    del probe
     # More work per GPU, the other way: several fold jobs on the device, each step unchanged.
     shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(30.0, 0.65 * shared_s)) if shared_s > 0 else None
 
@@ -632,6 +636,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "peak_gib_fit": peak, "gpu_util_pct": sampler.util_mean, "cpu_cores": sampler.cpu_cores, "pipeline_cores": sampler.pipeline_cores,
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
+        "grad_checkpointing": any(checkpointing),
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
     }
 
@@ -689,7 +694,8 @@ def table(results: dict[str, Any]) -> str:
         # Under Ray the augmentation runs in other processes: only the machine's total is read.
         cores = _num(r["cpu_cores"], 2) + ("" if results["meta"]["ray"] else f" ({_num(r['pipeline_cores'], 2)})")
         lines.append("| " + " | ".join([
-            f"{r['label']} ({r['batch']})", f"{_num(r['fit_samples_per_s'])} ({i['fit']})", _num(r["ready_samples_per_s"]),
+            f"{r['label']} ({r['batch']}{', checkpointed' if r.get('grad_checkpointing') else ''})", f"{_num(r['fit_samples_per_s'])} ({i['fit']})",
+            _num(r["ready_samples_per_s"]),
             f"{_num(r['bare_samples_per_s'])} ({i['bare']})", f"{_num(r['bare4x_samples_per_s'])} ({i['bare4x']})",
             _num(r["fit_over_bare"], 2), f"{_num(r['peak_gib_fit'])} ({i['peak_gib']})", _num(r["data_wait_frac"], 3),
             _num(r["gpu_util_pct"], 0), cores, f"{_num(r['augment_per_core'])} ({i['augment_per_core']})",
@@ -711,7 +717,7 @@ def table(results: dict[str, Any]) -> str:
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "
         f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {m['seconds']:.0f} s in all.",
-        f"fit: {m['path']}. GPU utilisation: {m['util']}. In brackets: the issue's H200 figures (2026-12).",
+        f"fit: {m['path']}. GPU utilisation: {m['util']}. In brackets: the issue's H200 figures (2026-12; the one-stage unit's with gradient checkpointing).",
         "", *lines, "",
     ]
     inf = results.get("infer")

@@ -13,17 +13,12 @@ from spine_ray.engine.fold import fit_fold
 from spine_ray.engine.stage import FoldJob, collate, epoch_rng
 from spine_ray.engine.train_loop import TrainConfig
 from spine_ray.models import backbone
-from spine_ray.models.backbone import _inner, backbones, checkpointing_wanted, resolve_checkpointing
+from spine_ray.models.backbone import checkpointing_of, checkpointing_wanted, resolve_checkpointing
 from spine_ray.models.grader import Grader, GraderConfig
 from spine_ray.models.localizer import Localizer, LocalizerConfig
 from spine_ray.stages.grade.config import GradeConfig
 from spine_ray.stages.grade.stage import GradeStage
 from tests.test_grade_augment import TINY, _rows
-
-
-def _on(model: torch.nn.Module) -> list[bool]:
-    """timm's own checkpointing flag of every encoder in a model."""
-    return [bool(_inner(e).grad_checkpointing) for e in backbones(model)]
 
 
 @pytest.mark.parametrize(("setting", "device", "gib", "share", "want"), [
@@ -38,13 +33,13 @@ def test_auto_checkpoints_where_the_jobs_gpu_memory_is_under_the_threshold(setti
 
 
 def test_auto_is_built_off_and_settled_for_the_device():
-    assert _on(Localizer(LocalizerConfig(backbone="test_resnet", hidden=8, grad_checkpointing=True))) == [True]
+    assert checkpointing_of(Localizer(LocalizerConfig(backbone="test_resnet", hidden=8, grad_checkpointing=True))) == [True]
     for model in (Localizer(LocalizerConfig(backbone="test_resnet", hidden=8, grad_checkpointing="auto")),
                   Grader(GraderConfig(backbone="test_resnet", dim=16, lstm_hidden=8, grad_checkpointing="auto"))):
-        assert _on(model) == [False]
-        assert resolve_checkpointing(model, torch.device("cpu")) is False and _on(model) == [False]
+        assert checkpointing_of(model) == [False]
+        assert resolve_checkpointing(model, torch.device("cpu")) is False and checkpointing_of(model) == [False]
     fixed = Localizer(LocalizerConfig(backbone="test_resnet", hidden=8, grad_checkpointing=True))
-    assert resolve_checkpointing(fixed, torch.device("cpu")) is None and _on(fixed) == [True]  # not asked: left alone
+    assert resolve_checkpointing(fixed, torch.device("cpu")) is None and checkpointing_of(fixed) == [True]  # not asked: left alone
     assert from_dict(LocalizerConfig, {"grad_checkpointing": "auto"}).grad_checkpointing == "auto"
     with pytest.raises(ConfigError):
         from_dict(LocalizerConfig, {"grad_checkpointing": "sometimes"})
@@ -68,7 +63,7 @@ def test_the_fold_driver_settles_auto_with_the_jobs_gpu_share(monkeypatch):
         return [collate(stage, job, rows, epoch_rng(0, 0, epoch))]
 
     model, metrics = fit_fold(stage, job, batches, 4, device=torch.device("cpu"), gpu_share=0.25)
-    assert asked == [("auto", "cpu", 0.25)] and _on(model) == [True] and metrics["train_loss"] > 0
+    assert asked == [("auto", "cpu", 0.25)] and checkpointing_of(model) == [True] and metrics["train_loss"] > 0
 
 
 def test_the_checkpointing_benchmark_measures_memory_not_gradients():

@@ -21,6 +21,7 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
             assert math.isfinite(r[key]) and r[key] > 0, (r["label"], key, r[key])
         assert 0.0 <= r["data_wait_frac"] < 1.0
         assert r["samples_built"] > 0
+        assert r["grad_checkpointing"] is False  # `auto` (the one-stage unit) is off on CPU
     shared = results["units"]["grade_convnext"]["shared"]  # two fold jobs in two processes on the one device
     assert shared["jobs"] == 2 and len(shared["per_job"]) == 2 and all(r > 0 for r in shared["per_job"])
     assert shared["samples_per_s"] == sum(shared["per_job"])
@@ -32,6 +33,30 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
         assert f"| {u.label} (" in printed
     assert "(90.6)" in printed  # the figure beside today's
     assert "| grade, convnext_small (8) |" in printed.split("More work per GPU")[1]
+
+
+def test_a_batch_the_device_cannot_hold_is_na_and_the_run_goes_on(monkeypatch) -> None:
+    import torch
+
+    from spine_ray.engine.stage import FoldJob, collate, epoch_rng
+    from spine_ray.stages.grade.stage import GradeStage
+    from tests.test_grade_augment import CFG, _rows
+
+    stage, job = GradeStage(), FoldJob("grade", CFG.name, 0, 2, CFG, "", "", {})
+    rows = _rows(CFG, 8, 0)
+    small = collate(stage, job, {k: v[:4] for k, v in rows.items()}, epoch_rng(0, 0, 0))
+    large = collate(stage, job, rows, epoch_rng(0, 0, 1))
+    step = gpu._bare_step
+
+    def bounded(stage, job, model, o, batch):  # as a device with room for 4 samples
+        if batch["x"].shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        step(stage, job, model, o, batch)
+
+    monkeypatch.setattr(gpu, "_bare_step", bounded)
+    bare, bare4 = gpu.bare_rates(stage, job, [small, large], torch.device("cpu"), 2, [0.05, 0.05])
+    assert bare > 0 and math.isnan(bare4)
+    assert gpu._num(bare4) == "n/a"
 
 
 def test_synthetic_prepared_output_has_label_points(tmp_path: Path) -> None:

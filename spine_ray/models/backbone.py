@@ -177,6 +177,11 @@ def checkpointing_wanted(setting: bool | str, device_type: str, device_gib: floa
     return device_gib * gpu_share < AUTO_CHECKPOINT_BELOW_GIB
 
 
+def checkpointing_of(model: nn.Module) -> list[bool]:
+    """Whether timm checkpoints each 2-D encoder of a model (`backbones` order)."""
+    return [bool(getattr(_inner(e), "grad_checkpointing", False)) for e in backbones(model)]
+
+
 def resolve_checkpointing(model: nn.Module, device: torch.device, gpu_share: float = 1.0) -> bool | None:
     """Settle `grad_checkpointing: auto` for a model about to train on `device`: every encoder built with it, on or off
     (`checkpointing_wanted`); returns what was chosen, None when no encoder asked."""
