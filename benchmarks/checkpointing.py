@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.train_switches import stack_rows  # noqa: E402
+from benchmarks.train_switches import stack_rows, timed  # noqa: E402
 from spine_ray.core.config import load  # noqa: E402
 from spine_ray.engine.stage import FoldJob  # noqa: E402
 from spine_ray.run_config import PipelineConfig  # noqa: E402
@@ -153,19 +151,6 @@ def same_gradients(pair: dict[str, tuple[OneStageConfig, torch.nn.Module]], b: d
         grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
         model.zero_grad(set_to_none=True)
     return max(float((a - c).abs().max()) for a, c in zip(*grads, strict=True))
-
-
-def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall seconds per call of each function after a warm-up call; calls alternate so load drifts hit all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
