@@ -24,6 +24,8 @@ networks built with pretrained=False: the same shapes, nothing to download) meas
   CPU cores  CPU time / wall during that epoch: this process's (in brackets its augmentation
              thread's), or the whole machine's under Ray, whose trainer and tasks are other processes;
   augment    augment + collate samples/s per CPU core (one thread, process CPU time);
+  on device  (grade units) the same two figures with `augment_on: device`: the CPU share per core, and
+             the bare step that makes the crops on the device (`on_device`, as the loop calls it);
 then `StudyPredictor.predict`, the per-study work of `spine-ray infer` (every member and fold on the
 device, decoding excluded), in studies/s on the synthetic studies. `spine-ray infer` itself is not
 run: it decodes DICOM files (pydicom) in Ray Data tasks, and these studies are never written as DICOM.
@@ -401,7 +403,10 @@ def _free(device: torch.device) -> None:
 
 
 def _bare_step(stage: Stage, job: FoldJob, model: torch.nn.Module, o: _Optim, batch: dict) -> None:
-    """One optimiser step as the loop takes it, less clipping, the schedule and the loss bookkeeping."""
+    """One optimiser step as the loop takes it (the stage's `on_device` first, outside autocast: a deferred grade batch
+    is augmented there), less clipping, the schedule and the loss bookkeeping."""
+    if hasattr(stage, "on_device"):
+        batch = stage.on_device(job, batch)
     with o.autocast():
         loss, _ = stage.loss(job, model, batch)
     o.opt.zero_grad(set_to_none=True)
@@ -576,12 +581,23 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
 
     # Augment + collate, one thread: its samples/s per core, and the bare loop's two batches.
     rng = np.random.default_rng(0)
+    picks = [rng.integers(0, len(rows), bs), rng.integers(0, len(rows), 4 * bs)]
     with one_thread():
         c0 = time.process_time()
-        small = collate(stage, job, columns(rows.iloc[rng.integers(0, len(rows), bs)]), rng)
-        large = collate(stage, job, columns(rows.iloc[rng.integers(0, len(rows), 4 * bs)]), rng)
+        small, large = (collate(stage, job, columns(rows.iloc[i]), rng) for i in picks)
         augment = 5 * bs / max(time.process_time() - c0, 1e-9)
-    bare, bare4 = bare_rates(stage, job, [small, large], device, args.steps, [0.1 * seconds, 0.15 * seconds])
+    batches, limits = [small, large], [0.1 * seconds, 0.15 * seconds]
+    # The grade stage's other path (`augment_on: device`): the pipeline draws the parameters and ships the stored
+    # patches, the step makes the crops on the device. Its CPU share per core, and the bare step with that work in it.
+    device_aug = unit.stage == "grade"
+    if device_aug:
+        dev_job = dataclasses.replace(job, config=dataclasses.replace(job.config, augment_on="device"))
+        with one_thread():
+            c0 = time.process_time()
+            deferred = [collate(stage, dev_job, columns(rows.iloc[i]), rng) for i in picks]
+            augment_dev = 5 * bs / max(time.process_time() - c0, 1e-9)
+        batches, limits = [*batches, deferred[0]], [*limits, 0.1 * seconds]
+    bare, bare4, *dev = bare_rates(stage, job, batches, device, args.steps, limits)
     probe = new_model(stage, job)  # what `grad_checkpointing` comes to for one whole device (the issue's figures had it on for the one-stage unit)
     resolve_checkpointing(probe, device)
     checkpointing = checkpointing_of(probe)
@@ -637,6 +653,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
         "grad_checkpointing": any(checkpointing),
+        "bare_device_aug_samples_per_s": dev[0] if device_aug else None, "augment_device_per_core": augment_dev if device_aug else None,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
     }
 
@@ -713,6 +730,18 @@ def table(results: dict[str, Any]) -> str:
             lines.append("| " + " | ".join([
                 f"{r['label']} ({r['batch']})", _num(bare), _num(r["bare4x_samples_per_s"]), f"{_num(rate)} ({sh['jobs']} jobs)",
                 _num(rate / bare if rate else None, 2), _num(r["bare4x_samples_per_s"] / bare, 2), _num(sh["peak_gib_sum"]), f"{_num(sh['ready_s'], 0)} s",
+            ]) + " |")
+    dev = [r for r in results["units"].values() if r.get("bare_device_aug_samples_per_s")]
+    if dev:
+        lines += ["", "Grade augmentation on the device (`augment_on: device`: the pipeline draws the parameters and ships the stored "
+                  "patches, the step makes the crops): the bare step with that work in it, and the CPU each path needs at the bare rate:", "",
+                  "| unit (recipe batch) | bare loop | bare, crops made on the device | device / bare | augment+collate per core: CPU path | device path | cores at the bare rate: CPU path | device path |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in dev:
+            bare, on_dev = r["bare_samples_per_s"], r["bare_device_aug_samples_per_s"]
+            lines.append("| " + " | ".join([
+                f"{r['label']} ({r['batch']})", _num(bare), _num(on_dev), _num(on_dev / bare, 2), _num(r["augment_per_core"]),
+                _num(r["augment_device_per_core"]), _num(bare / r["augment_per_core"], 2), _num(on_dev / r["augment_device_per_core"], 2),
             ]) + " |")
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "

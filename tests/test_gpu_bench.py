@@ -22,6 +22,9 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
         assert 0.0 <= r["data_wait_frac"] < 1.0
         assert r["samples_built"] > 0
         assert r["grad_checkpointing"] is False  # `auto` (the one-stage unit) is off on CPU
+    for key, r in results["units"].items():  # the grade units also measure `augment_on: device`
+        dev = (r["bare_device_aug_samples_per_s"], r["augment_device_per_core"])
+        assert all(math.isfinite(v) and v > 0 for v in dev) if key.startswith("grade") else dev == (None, None), (key, dev)
     shared = results["units"]["grade_convnext"]["shared"]  # two fold jobs in two processes on the one device
     assert shared["jobs"] == 2 and len(shared["per_job"]) == 2 and all(r > 0 for r in shared["per_job"])
     assert shared["samples_per_s"] == sum(shared["per_job"])
@@ -33,6 +36,8 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
         assert f"| {u.label} (" in printed
     assert "(90.6)" in printed  # the figure beside today's
     assert "| grade, convnext_small (8) |" in printed.split("More work per GPU")[1]
+    on_device = printed.split("Grade augmentation on the device")[1]
+    assert "| grade, convnext_small (8) |" in on_device and "| grade, tf_efficientnet_b3 (8) |" in on_device and "localiser" not in on_device
 
 
 def test_a_batch_the_device_cannot_hold_is_na_and_the_run_goes_on(monkeypatch) -> None:
