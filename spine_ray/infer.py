@@ -29,6 +29,7 @@ from spine_ray.core.config import load
 from spine_ray.core.schema import N_TARGETS, read_series, submission_frame, write_submission
 from spine_ray.core.storage import atomic_write_text, exists, join
 from spine_ray.ensemble.baseline import read_prior
+from spine_ray.models.backbone import speed_up
 from spine_ray.run_config import Member, PipelineConfig
 from spine_ray.stages.localize import VIEWS, variant_member
 
@@ -67,6 +68,10 @@ class StudyPredictor:
         self.prior = read_prior(join(run_dir, "prior.csv"))
         # Every fold's model of every member, with the member config stored beside its weights.
         loaded = {(m.stage, m.name): load_member(run_dir, m.stage, m.name, cfg.folds, self.device) for m in submitted_members(cfg)}
+        if self.device.type == "cuda":  # as each member trained: channels-last encoders (its autocast is applied where it predicts)
+            for models, mcfg in loaded.values():
+                for model in models:
+                    speed_up(model, mcfg.train.channels_last, compile_backbone=False)
         # Stage-1 members: the main localisers ("") and each variant's, every view's folds.
         self.localizers: dict[str, tuple[dict, dict]] = {}
         for variant, _ in cfg.stage1_members():

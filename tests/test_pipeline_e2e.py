@@ -189,3 +189,26 @@ def test_every_stage_trains_in_one_schedule_and_stage_two_starts_before_stage_on
     assert min(t["job_started"] for (s, _, _), t in spans.items() if s == "grade") < max(
         t["finished"] for (s, _, _), t in spans.items() if s == "localize")
     assert len({t["worker_started"] for t in spans.values()}) < len(spans) / 4  # lanes: a slot's Ray Train workers take job after job
+
+
+def test_every_member_predicts_in_its_training_precision(smoke_run, demo, monkeypatch):
+    """Inference (and OOF, validation: the same stage functions) runs each member under its training autocast, which
+    takes effect on CUDA; here it is let act on the CPU: every member's probabilities move by bf16's rounding, no more."""
+    from spine_ray.data.volumes import read_volumes
+    from spine_ray.engine import train_loop
+    from spine_ray.infer import StudyPredictor
+
+    run, cfg, _ = smoke_run
+    assert all(m.config.train.amp and m.config.train.amp_dtype == "bfloat16" for m in cfg.members())  # the defaults
+    volumes = read_volumes(str(demo[0] / "prepared"))
+    study = volumes[volumes["study_id"] == volumes["study_id"].iloc[0]]
+    predictor = StudyPredictor(str(run))
+    full, masks = predictor.member_probs(study)
+    monkeypatch.setattr(train_loop, "AMP_DEVICES", ("cuda", "cpu"))
+    half, half_masks = predictor.member_probs(study)
+    assert set(half) == set(full) == {"a", "b", "a@s1", "b@s1", "one"}
+    for name in full:
+        assert np.array_equal(masks[name], half_masks[name]), name
+        assert np.isfinite(half[name]).all() and np.allclose(half[name].sum(-1), 1, atol=1e-3), name
+        assert not np.array_equal(half[name], full[name]), f"{name} did not run under autocast"
+        assert np.abs(half[name] - full[name]).max() < 0.05, name

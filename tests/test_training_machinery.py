@@ -312,3 +312,20 @@ def test_fractional_gpus_put_several_fold_jobs_on_one_gpu(monkeypatch):
     for bad in (0.0, 1.5, -1.0):
         with pytest.raises(ValueError, match="gpus_per_worker"):
             ResourcesConfig(use_gpu=True, gpus_per_worker=bad)
+
+
+def test_precision_is_the_members_autocast_where_amp_takes_effect(monkeypatch):
+    from contextlib import nullcontext
+
+    from spine_ray.engine import train_loop
+    from spine_ray.engine.train_loop import TrainConfig, precision
+
+    cpu = torch.device("cpu")
+    assert isinstance(precision(TrainConfig(), cpu), nullcontext)  # amp acts on CUDA only
+    monkeypatch.setattr(train_loop, "AMP_DEVICES", ("cuda", "cpu"))
+    on = precision(TrainConfig(), cpu)
+    assert isinstance(on, torch.autocast) and on.fast_dtype == torch.bfloat16
+    assert precision(TrainConfig(amp_dtype="float16"), cpu).fast_dtype == torch.float16
+    assert isinstance(precision(TrainConfig(amp=False), cpu), nullcontext)
+    with precision(TrainConfig(), cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16

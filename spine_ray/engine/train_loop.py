@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,18 @@ class TrainConfig:
         return self.lr * (math.sqrt(ratio) if self.lr_rule == "sqrt" else ratio)
 
 
+# Where `TrainConfig.amp` takes effect (tests add "cpu" to run the reduced-precision paths on a CPU).
+AMP_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
+    """The autocast a member trains in on `device`, and predicts in (validation, OOF, inference): `cfg.amp_dtype` where
+    `cfg.amp` takes effect, else none (float32)."""
+    if not (cfg.amp and device.type in AMP_DEVICES):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at `total` steps."""
     if warmup > 0 and step < warmup:
@@ -113,11 +125,9 @@ class _Optim:
         opt = torch.optim.AdamW(params, lr=cfg.scaled_lr(world), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         total = cfg.epochs * max(1, steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, int(cfg.warmup_frac * total)))
-        use_amp = cfg.amp and device.type == "cuda"
-        dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
-        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else nullcontext
-        return cls(opt, sched, scaler, params, autocast)
+        use_amp = cfg.amp and device.type in AMP_DEVICES
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp_dtype == "float16")
+        return cls(opt, sched, scaler, params, lambda: precision(cfg, device))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of it."""

@@ -35,7 +35,7 @@ from spine_ray.data.half import to_float16, to_float32
 from spine_ray.data.transforms import intensity
 from spine_ray.data.volumes import LABELS_FILE, load_volume
 from spine_ray.engine.stage import FoldJob, VolumeStage, columns
-from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.engine.train_loop import TrainConfig, precision
 from spine_ray.models.heatmap import decode_points, keypoint_loss, scale_coords
 from spine_ray.models.localizer import Localizer, LocalizerConfig
 
@@ -281,7 +281,9 @@ def predict_points(view: str, cfg: ViewConfig, model: nn.Module, samples: pd.Dat
     for i in range(0, len(samples), batch_size):
         part = samples.iloc[i : i + batch_size]
         batch = view_tensors(view_arrays(view, cfg, columns(part), None))
-        logits = model(batch["x"].to(device)).float()
+        with precision(cfg.train, device):  # the view's training precision
+            logits = model(batch["x"].to(device))
+        logits = logits.float()
         coords, conf = decode_points(logits)  # heatmap voxels
         coords = scale_coords(coords, [1.0, float(cfg.model.out_stride), float(cfg.model.out_stride)]).cpu().numpy()
         for j, (_, s) in enumerate(part.iterrows()):

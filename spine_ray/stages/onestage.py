@@ -43,7 +43,7 @@ from spine_ray.core.storage import join, read_parquet
 from spine_ray.data.transforms import mirror_name
 from spine_ray.data.volumes import LABELS_FILE
 from spine_ray.engine.stage import FoldJob, VolumeStage, columns
-from spine_ray.engine.train_loop import TrainConfig
+from spine_ray.engine.train_loop import TrainConfig, precision
 from spine_ray.models.heatmap import gaussian_heatmap, keypoint_loss, scale_coords
 from spine_ray.models.onestage import OneStageNet, OneStageNetConfig
 from spine_ray.stages.localize import (
@@ -247,7 +247,9 @@ def sample_probs(models: list[nn.Module], cfg: OneStageConfig, samples: pd.DataF
         for m in models:
             device = next(m.parameters()).device
             for k, b in enumerate(views):
-                p = _logits(forward(cfg, m, {n: t.to(device) for n, t in b.items()})).float().softmax(-1).cpu().numpy()
+                with precision(cfg.train, device):  # the member's training precision
+                    logits = _logits(forward(cfg, m, {n: t.to(device) for n, t in b.items()}))
+                p = logits.float().softmax(-1).cpu().numpy()
                 acc = acc + (p[:, MIRROR] if k else p)  # a mirrored slot's prediction belongs to its mirror
         probs.append(acc / (len(models) * len(views)))
         has = np.stack([batch[f"has_{v}"].numpy() for v in VIEW_NAMES], 1)  # [B, 2]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from spine_ray.core.schema import CONDITIONS, LABEL_COLUMNS, target_index
+from spine_ray.engine.train_loop import precision
 from spine_ray.stages.grade.augment import collate_samples, slot_permutation
 from spine_ray.stages.grade.config import SAGITTAL_VIEWS, SAMPLE_COLUMNS, SLOTS, GradeConfig
 from spine_ray.stages.grade.samples import study_samples
@@ -65,7 +66,9 @@ def sample_probs(models: list[nn.Module], cfg: GradeConfig, samples: pd.DataFram
         for m in models:
             device = next(m.parameters()).device
             for v, b in enumerate(views):
-                p = forward(m, {k: t.to(device) for k, t in b.items()})["logits"].float().softmax(-1).cpu().numpy()
+                with precision(cfg.train, device):  # the member's training precision (bf16 on CUDA in the recipe)
+                    logits = forward(m, {k: t.to(device) for k, t in b.items()})["logits"]
+                p = logits.float().softmax(-1).cpu().numpy()
                 acc = acc + (p[:, perm] if v else p)  # a mirrored slot's prediction belongs to its mirror
         probs.append(acc / (len(models) * len(views)))
         masks.append(batch["target_mask"].numpy())
