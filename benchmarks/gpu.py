@@ -713,48 +713,56 @@ def _num(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _markdown(head: list[str], rows: list[list[str]], align: str = "---") -> list[str]:
+    """A markdown table's lines: the header, its rule (the first column left, the others `align`) and a line per row."""
+    return ["| " + " | ".join(head) + " |", "|---|" + f"{align}|" * (len(head) - 1), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def table(results: dict[str, Any]) -> str:
-    """The markdown table: today's figures, the issue's in brackets where it has them."""
+    """The markdown tables: today's figures, the issue's in brackets where it has them."""
     head = ["unit (recipe batch)", "fit samples/s", "fit, data ready", "bare loop", "bare loop 4x batch", "fit / bare",
             "peak GPU GiB in fit", "data_wait_frac", "GPU util %", "CPU cores (pipeline)", "augment+collate per CPU core"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results["units"].values():
         i = r["issue"]
         # Under Ray the augmentation runs in other processes: only the machine's total is read.
         cores = _num(r["cpu_cores"], 2) + ("" if results["meta"]["ray"] else f" ({_num(r['pipeline_cores'], 2)})")
-        lines.append("| " + " | ".join([
+        rows.append([
             f"{r['label']} ({r['batch']}{', checkpointed' if r.get('grad_checkpointing') else ''})", f"{_num(r['fit_samples_per_s'])} ({i['fit']})",
             _num(r["ready_samples_per_s"]),
             f"{_num(r['bare_samples_per_s'])} ({i['bare']})", f"{_num(r['bare4x_samples_per_s'])} ({i['bare4x']})",
             _num(r["fit_over_bare"], 2), f"{_num(r['peak_gib_fit'])} ({i['peak_gib']})", _num(r["data_wait_frac"], 3),
             _num(r["gpu_util_pct"], 0), cores, f"{_num(r['augment_per_core'])} ({i['augment_per_core']})",
-        ]) + " |")
+        ])
+    lines = _markdown(head, rows)
     m = results["meta"]
     shared = [r for r in results["units"].values() if r.get("shared")]
     if shared:
-        lines += ["", "More work per GPU: one job at the recipe's batch, one at 4x it (lr by `train.lr_batch`'s rule), "
-                  "or N fold jobs sharing the device at the recipe's batch (`resources.gpus_per_worker: 1/N`; bare steps, summed samples/s):", "",
-                  "| unit (recipe batch) | bare loop | bare loop 4x batch | N jobs sharing it | shared / bare | 4x batch / bare | peak GiB, N jobs | ready after |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = []
         for r in shared:
             sh, bare = r["shared"], r["bare_samples_per_s"]
             rate = sh["samples_per_s"]
-            lines.append("| " + " | ".join([
+            rows.append([
                 f"{r['label']} ({r['batch']})", _num(bare), _num(r["bare4x_samples_per_s"]), f"{_num(rate)} ({sh['jobs']} jobs)",
                 _num(rate / bare if rate else None, 2), _num(r["bare4x_samples_per_s"] / bare, 2), _num(sh["peak_gib_sum"]), f"{_num(sh['ready_s'], 0)} s",
-            ]) + " |")
+            ])
+        lines += ["", "More work per GPU: one job at the recipe's batch, one at 4x it (lr by `train.lr_batch`'s rule), "
+                  "or N fold jobs sharing the device at the recipe's batch (`resources.gpus_per_worker: 1/N`; bare steps, summed samples/s):", "",
+                  *_markdown(["unit (recipe batch)", "bare loop", "bare loop 4x batch", "N jobs sharing it", "shared / bare", "4x batch / bare",
+                              "peak GiB, N jobs", "ready after"], rows, "---:")]
     dev = [r for r in results["units"].values() if r.get("bare_device_aug_samples_per_s")]
     if dev:
-        lines += ["", "Grade augmentation on the device (`augment_on: device`: the pipeline draws the parameters and ships the stored "
-                  "patches, the step makes the crops): the bare step with that work in it, and the CPU each path needs at the bare rate:", "",
-                  "| unit (recipe batch) | bare loop | bare, crops made on the device | device / bare | augment+collate per core: CPU path | device path | cores at the bare rate: CPU path | device path |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = []
         for r in dev:
             bare, on_dev = r["bare_samples_per_s"], r["bare_device_aug_samples_per_s"]
-            lines.append("| " + " | ".join([
+            rows.append([
                 f"{r['label']} ({r['batch']})", _num(bare), _num(on_dev), _num(on_dev / bare, 2), _num(r["augment_per_core"]),
                 _num(r["augment_device_per_core"]), _num(bare / r["augment_per_core"], 2), _num(on_dev / r["augment_device_per_core"], 2),
-            ]) + " |")
+            ])
+        lines += ["", "Grade augmentation on the device (`augment_on: device`: the pipeline draws the parameters and ships the stored "
+                  "patches, the step makes the crops): the bare step with that work in it, and the CPU each path needs at the bare rate:", "",
+                  *_markdown(["unit (recipe batch)", "bare loop", "bare, crops made on the device", "device / bare", "augment+collate per core: CPU path",
+                              "device path", "cores at the bare rate: CPU path", "device path"], rows, "---:")]
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "
         f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {m['seconds']:.0f} s in all.",
