@@ -430,9 +430,11 @@ def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int, sh
     return model, _Optim.build(model, cfg, steps, device)
 
 
-def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float]) -> list[float]:
-    """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations."""
+def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float]) -> tuple[list[float], bool]:
+    """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations;
+    and whether the model trained checkpointed (`grad_checkpointing`, `auto` settled for the whole device)."""
     model, o = _bare_model(stage, job, device, steps)
+    checkpointed = any(checkpointing_of(model))
     rates = []
     for batch, limit in zip(batches, limits, strict=True):
         n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
@@ -455,7 +457,7 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
             _free(device)
     del model, o, on_device
     _free(device)
-    return rates
+    return rates, checkpointed
 
 
 def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmup: int, seconds: float, barrier: Any, out: Any, share: float) -> None:
@@ -598,11 +600,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
             deferred = [collate(stage, dev_job, columns(rows.iloc[i]), rng) for i in picks]
             augment_dev = 5 * bs / max(time.process_time() - c0, 1e-9)
         batches, limits = [*batches, deferred[0]], [*limits, 0.1 * seconds]
-    bare, bare4, *dev = bare_rates(stage, job, batches, device, args.steps, limits)
-    probe = new_model(stage, job)  # what `grad_checkpointing` comes to for one whole device (the issue's figures had it on for the one-stage unit)
-    resolve_checkpointing(probe, device)
-    checkpointing = checkpointing_of(probe)
-    del probe
+    (bare, bare4, *dev), checkpointed = bare_rates(stage, job, batches, device, args.steps, limits)  # the issue's one-stage figures: checkpointed
     # More work per GPU, the other way: several fold jobs on the device, each step unchanged.
     shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(30.0, 0.65 * shared_s)) if shared_s > 0 else None
 
@@ -653,7 +651,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "peak_gib_fit": peak, "gpu_util_pct": sampler.util_mean, "cpu_cores": sampler.cpu_cores, "pipeline_cores": sampler.pipeline_cores,
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
-        "grad_checkpointing": any(checkpointing),
+        "grad_checkpointing": checkpointed,
         "bare_device_aug_samples_per_s": dev[0] if device_aug else None, "augment_device_per_core": augment_dev if device_aug else None,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
     }
