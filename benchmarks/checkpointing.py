@@ -172,13 +172,13 @@ def main() -> None:
     print(f"{recipe.name}: {recipe.model.net.backbone}, {px}² px, bf16 autocast, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("bytes kept for backward (one study, both views), and at the recipe's batch "
           f"({recipe.train.batch_size} × {len(VIEW_NAMES)} views × {recipe.slices} slices = {full} images):")
+    sizes = (4, 8)
+    kept: dict[str, list[int]] = {"checkpointing on": [], "checkpointing off": []}
+    for s in sizes:
+        for name, (cfg, model) in models(Path(args.recipe), s, px).items():
+            kept[name].append(saved_bytes(cfg, model, batch(cfg, 1)))
     fits: dict[str, tuple[float, float]] = {}
-    for name in ("checkpointing on", "checkpointing off"):
-        sizes = (4, 8)
-        got = []
-        for s in sizes:
-            cfg, model = models(Path(args.recipe), s, px)[name]
-            got.append(saved_bytes(cfg, model, batch(cfg, 1)))
+    for name, got in kept.items():
         per = (got[1] - got[0]) / (len(VIEW_NAMES) * (sizes[1] - sizes[0]))  # bytes per image
         fits[name] = (got[0] - per * len(VIEW_NAMES) * sizes[0], per)
         print(f"  {name:<18} {got[0] / 2**20:8.1f} MiB at {sizes[0]} slices, {got[1] / 2**20:8.1f} MiB at {sizes[1]}: "
