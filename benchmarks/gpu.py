@@ -127,9 +127,11 @@ from spine_ray.stages.localize import ViewConfig
 from spine_ray.stages.onestage import OneStageConfig
 from spine_ray.stages.registry import STAGES, model_url
 from spine_ray.synth.acquisition import AcquisitionConfig, plan_study
+from spine_ray.synth.anatomy import sample_spine
 from spine_ray.synth.labels import sample_labels
 from spine_ray.synth.phantom import N_LEVELS, sample_phantom
-from spine_ray.synth.render import render_series
+from spine_ray.synth.presets import preset_acquisition
+from spine_ray.synth.render import render_realistic, render_series, sample_scanner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,19 +162,31 @@ IMAGE_SIZE = {"real": 512, "tiny": 64}  # native pixels of the synthetic series 
 # ---- synthetic studies, written as a finished `prepare` output without DICOM ----
 
 
-def synth_study(index: int, study_id: int, labels: np.ndarray, latent: np.ndarray, image_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """One study's volume rows and label points: the project's phantom rendered per series, one stack each."""
+def synth_study(index: int, study_id: int, labels: np.ndarray, latent: np.ndarray, image_size: int, seed: int, preset: str = "simple") -> tuple[list[dict], list[dict]]:
+    """One study's volume rows and label points, one stack a series: the project's phantom rendered per series.
+
+    `preset` "simple": the flat phantom at `image_size`; "realistic": the `realistic` preset's anatomy,
+    scanner contrast and acquisition (its 384-640 px image sizes; `image_size` is not used). Label
+    points are the structures' true points (no reader's placement error).
+    """
     rng = np.random.default_rng([seed, 1, index])
-    phantom = sample_phantom(latent, rng)
+    realistic = preset == "realistic"
+    phantom = sample_spine(latent, rng) if realistic else sample_phantom(latent, rng)
+    scanner = sample_scanner(rng) if realistic else None
+    acq = preset_acquisition("realistic") if realistic else AcquisitionConfig(image_sizes=(image_size,))
     # One continuous axial stack and every series present: a sample's shape does not depend on them.
-    acq = AcquisitionConfig(image_sizes=(image_size,), axial_block_fraction=0.0, extra_axial=(0.0, 0.0), missing_series=0.0)
+    acq = dataclasses.replace(acq, axial_block_fraction=0.0, extra_axial=(0.0, 0.0), missing_series=0.0)
     rows, stacks = [], {}
     for plan in plan_study(phantom, labels, rng, acq):
         first = plan.geometry.slices[0]
         orientation = (*first.row_dir, *first.col_dir)
         positions = np.array([s.position for s in plan.geometry.slices], np.float64)
         order = np.argsort(geometry.slice_distances(positions, orientation), kind="stable")  # as the decoder orders slices
-        images = np.stack(render_series(phantom, plan.geometry, plan.description, rng))[order]
+        if scanner is not None:
+            rendered = render_realistic(phantom, plan.geometry, plan.description, scanner, rng)
+        else:
+            rendered = render_series(phantom, plan.geometry, plan.description, rng)
+        images = np.stack(rendered)[order]
         stack = Stack(
             images, [plan.instance_numbers[i] for i in order], positions[order], orientation, first.spacing,
             plan.geometry.spacing_between, geometry.affine(positions[order], orientation, first.spacing, plan.geometry.thickness),
@@ -200,11 +214,16 @@ def synth_study(index: int, study_id: int, labels: np.ndarray, latent: np.ndarra
 POINT_COLUMNS = ["series_id", "instance_number", "stack", "slice", "row", "col", "x_mm", "y_mm", "z_mm"]
 
 
-def synth_prepared(out: Path, studies: int, image_size: int, seed: int, workers: int) -> pd.DataFrame:
+def synth_labels(studies: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labels [n, 25], latents and oracle probabilities [n, 25, 3] of `synth_prepared`'s studies."""
+    return sample_labels(studies, np.random.default_rng([seed, 0]))
+
+
+def synth_prepared(out: Path, studies: int, image_size: int, seed: int, workers: int, preset: str = "simple") -> pd.DataFrame:
     """`studies` synthetic studies as a finished prepare output (volumes, labels.parquet, manifest); returns the wide labels."""
-    labels, latent, _ = sample_labels(studies, np.random.default_rng([seed, 0]))
+    labels, latent, _ = synth_labels(studies, seed)
     ids = [100_000 + i for i in range(studies)]
-    args = (range(studies), ids, labels, latent, [image_size] * studies, [seed] * studies)
+    args = (range(studies), ids, labels, latent, [image_size] * studies, [seed] * studies, [preset] * studies)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             made = list(pool.map(synth_study, *args))
@@ -221,7 +240,7 @@ def synth_prepared(out: Path, studies: int, image_size: int, seed: int, workers:
     long = long.astype({c: "Int64" if c in POINT_COLUMNS[:4] else "Float64" for c in POINT_COLUMNS})
     long.to_parquet(out / LABELS_FILE)
     manifest = {"schema_version": SCHEMA_VERSION, "kind": "benchmarks/gpu.py synthetic", "split": "train",
-                "files": {"volumes": names, "labels": LABELS_FILE, "errors": None}, "config": {"image_size": image_size, "seed": seed}}
+                "files": {"volumes": names, "labels": LABELS_FILE, "errors": None}, "config": {"image_size": image_size, "seed": seed, "preset": preset}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return wide
 

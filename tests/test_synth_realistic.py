@@ -124,3 +124,12 @@ def test_cli_defaults_to_realistic_and_rejects_unknown_presets(tmp_path):
     assert yaml.safe_load((tmp_path / "d" / "synth_config.yaml").read_text())["preset"] == "realistic"
     bad = subprocess.run([*base, str(tmp_path / "e"), "--preset", "cartoon"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cartoon" in bad.stderr
+
+
+def test_a_presets_acquisition_is_the_one_its_synth_config_gets() -> None:
+    from spine_ray.synth.acquisition import AcquisitionConfig
+    from spine_ray.synth.presets import preset_acquisition
+
+    assert preset_acquisition("realistic") == load(SynthConfig, None, list(PRESETS["realistic"])).acquisition
+    assert preset_acquisition("realistic").image_sizes == (384, 448, 512, 640)
+    assert preset_acquisition("simple") == AcquisitionConfig()

@@ -27,20 +27,9 @@ from spine_ray.synth.dicomwrite import (
 from spine_ray.synth.geometry import SeriesGeometry, Slice, nearest_slice
 from spine_ray.synth.labels import LabelConfig
 from spine_ray.synth.phantom import N_LEVELS, sample_phantom
+from spine_ray.synth.presets import PRESETS
 from spine_ray.synth.render import render_realistic, render_series, sample_scanner
 
-PRESETS: dict[str, tuple[str, ...]] = {
-    # The phantom of flat shapes at 256 px: fast, for tests.
-    "simple": (),
-    # Anatomy, mechanisms of narrowing, scanner variety and reader-like coordinates at 384–640 px.
-    "realistic": (
-        "preset=realistic",
-        "acquisition.image_sizes=[384,448,512,640]",
-        "acquisition.sagittal_fov_mm=[260.0,320.0]",
-        "acquisition.axial_fov_mm=[160.0,220.0]",
-        "acquisition.sagittal_centre_sd_mm=15.0",
-    ),
-}
 QUIRKS: tuple[str, ...] = (
     "monochrome1", "rescale", "explicit", "implicit", "deflated", "mixed_sizes", "non_image", "truncated",
 )
