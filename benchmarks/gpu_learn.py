@@ -1,0 +1,282 @@
+"""Does the real recipe learn at real size? One fold of its ConvNeXt grader and of its one-stage member (issue 28, item 6).
+
+A prepared script for the bare GPU machine, like `benchmarks/gpu.py` (no DICOM, no pydicom; Ray only
+where its archive is unpacked). It synthesises --studies studies of the `realistic` preset (its
+anatomy, scanner contrast and 384-640 px acquisition; one continuous axial stack a study, every
+series present, label points at the structures' true positions: `gpu.synth_study`) straight into
+a prepared volumes table, deals them into --folds study-level folds, and trains fold --fold of each
+--members member of `jobs/rsna2024.yaml` (networks built with pretrained=False: nothing can be
+downloaded there) for as many epochs as its share of --budget-s admits at its measured rate
+(`--rates gpu.json` from `benchmarks/gpu.py`'s run on the same machine, else the issue's H200
+rates; capped at the recipe's epochs; --epochs fixes them). Then it scores the held-out studies
+with the competition metric (`ensemble.metric.score_arrays`), each member's predictions with the
+training folds' prior where it predicts nothing (the one-stage member predicts spinal and
+foraminal targets only), against the prior alone and the oracle (the generator's own
+probabilities), the member-minus-prior difference with a paired bootstrap over the held-out
+studies (5-95 %). Grade crops sit on the label points plus stage-1-like noise (`fake_points`), as in
+`benchmarks/grade_cv.py`: no stage 1 is trained.
+
+The real path is the one `spine-ray train` runs: a one-worker Ray Train `TorchTrainer` on the fold
+driver with Ray Data augmentation (`gpu.ray_fit`) where Ray is importable, else the in-process
+driver (`engine.fold.run_fold`, augmentation on the training thread: slower, the same models).
+Samples are built in a process pool before CUDA starts.
+
+On the GPU machine, after `benchmarks/gpu.py` in the same command (its Ray archive unpacked at
+/tmp/site) and with what time is left (run timeout ≥ --budget-s + 60 s):
+
+    PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_learn.py --rates $OUT/gpu.json --budget-s 300 --json $OUT/learn.json 2>&1 | tee $OUT/learn.log
+
+On CPU, tiny (what tests/test_gpu_bench.py runs, without Ray, pydicom or optuna importable):
+
+    PYTHONPATH=. python benchmarks/gpu_learn.py --size tiny --preset simple --studies 6 --folds 2 --epochs 1 --device cpu --no-ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from benchmarks.gpu import (  # noqa: E402
+    IMAGE_SIZE,
+    ROOT,
+    UNITS,
+    fit_resources,
+    ray_fit,
+    recipe,
+    synth_labels,
+    synth_prepared,
+    with_epochs,
+)
+from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix  # noqa: E402
+from spine_ray.data.volumes import LABELS_FILE  # noqa: E402
+from spine_ray.engine.fold import run_fold  # noqa: E402
+from spine_ray.engine.folds import assign_folds  # noqa: E402
+from spine_ray.engine.sample_cache import (  # noqa: E402
+    build_part,
+    cache_input,
+    cache_url,
+    chunks,
+    count_samples,
+    ensure_cache,
+    split_studies,
+)
+from spine_ray.engine.stage import FoldJob, Stage, fold_dir  # noqa: E402
+from spine_ray.engine.tracking import METRICS_FILE  # noqa: E402
+from spine_ray.ensemble.metric import score_arrays  # noqa: E402
+from spine_ray.ensemble.prior import fit_prior  # noqa: E402
+from spine_ray.stages.grade.samples import fake_points  # noqa: E402
+from spine_ray.stages.registry import STAGES  # noqa: E402
+
+MEMBERS = ("grade:convnext_small", "onestage:onestage_convnext_small")
+UNIT_OF = {("grade", "convnext_small"): "grade_convnext", ("onestage", "onestage_convnext_small"): "onestage"}  # gpu.py's unit keys
+CHUNK = 8  # studies a sample-cache part (ensure_cache's default)
+
+
+def build_cache(stage: Stage, job: FoldJob, split: str, root: str, workers: int) -> str:
+    """A split's finished sample cache, its parts built in a process pool (before CUDA starts); its URL."""
+    url = cache_url(root, stage, job, split)
+    parts = chunks(split_studies(job, "all"), CHUNK)
+    if workers > 1 and len(parts) > 1:
+        with ProcessPoolExecutor(min(workers, len(parts))) as pool:
+            list(pool.map(build_part, [stage] * len(parts), [job] * len(parts), [split] * len(parts), parts,
+                          [f"{url}/part-{i:05d}.parquet" for i in range(len(parts))]))
+    return ensure_cache(stage, job, split, root, CHUNK, parallel=False)[0]  # finds every part built: writes the manifest
+
+
+def fold_epochs(n_train: int, rate: float, seconds: float, cap: int) -> int:
+    """Epochs of `n_train` samples at `rate` samples/s that fit in `seconds` (1..cap)."""
+    return int(min(cap, max(1, seconds * rate // max(n_train, 1))))
+
+
+def unit_rates(path: str | None, cuda: bool) -> dict[str, float]:
+    """Fit samples/s per gpu.py unit: a gpu.py JSON's where given (and measured), else the issue's H200 figures on a GPU."""
+    rates = {u.key: u.issue[0] for u in UNITS} if cuda else {}
+    if path and Path(path).exists():
+        units = json.loads(Path(path).read_text()).get("units", {})
+        rates.update({k: float(r["fit_samples_per_s"]) for k, r in units.items() if r.get("fit_samples_per_s")})
+    return rates
+
+
+def member_probs(oof: pd.DataFrame, studies: list[int], prior: np.ndarray) -> tuple[np.ndarray, int]:
+    """Probabilities [n, 25, 3] for `studies`: the member's where its OOF table has a row, the prior elsewhere; and how many it gave."""
+    probs = np.broadcast_to(prior, (len(studies), len(LABEL_COLUMNS), 3)).copy()
+    index = {s: i for i, s in enumerate(studies)}
+    mean = oof.groupby("row_id")[list(PROB_COLUMNS)].mean()
+    given = 0
+    for rid, p in zip(mean.index, mean.to_numpy(), strict=True):
+        study, target = rid.split("_", 1)
+        if int(study) in index:
+            probs[index[int(study)], LABEL_COLUMNS.index(target)] = p
+            given += 1
+    return probs, given
+
+
+def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, draws: int, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of score(a) - score(b) over studies drawn with replacement (both scored on the same draw)."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, len(labels), len(labels))
+        try:
+            diffs.append(score_arrays(labels[i], a[i]).score - score_arrays(labels[i], b[i]).score)
+        except ValueError:  # a draw without a scored label of some condition: skip it
+            continue
+    return (float(np.percentile(diffs, 5)), float(np.percentile(diffs, 95))) if diffs else (float("nan"), float("nan"))
+
+
+def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The metric and its parts."""
+    s = score_arrays(labels, probs)
+    return {"score": s.score, "spinal": s.spinal, "foraminal": s.foraminal, "subarticular": s.subarticular, "any_severe": s.any_severe_spinal}
+
+
+def train_member(stage: Stage, job: FoldJob, device: torch.device, use_ray: bool, resources: Any) -> tuple[pd.DataFrame, list[dict]]:
+    """Train the fold the way `spine-ray train` would here; its OOF table and per-epoch metrics."""
+    if use_ray:
+        ray_fit(stage, job, resources)
+        out = Path(fold_dir(job))
+        return pd.read_parquet(out / "oof.parquet"), [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    epochs: list[dict] = []
+    _, _, oof = run_fold(stage, job, device=device, on_epoch_end=lambda r: epochs.append(dict(r.metrics)))
+    return oof, epochs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Synthesise, train one fold of each member, score the held-out studies; returns what --json writes."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "jobs" / "rsna2024.yaml"))
+    ap.add_argument("--members", nargs="+", default=list(MEMBERS), help="stage:member of the recipe")
+    ap.add_argument("--studies", type=int, default=100)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--fold", type=int, default=0, help="the held-out fold")
+    ap.add_argument("--preset", choices=("realistic", "simple"), default="realistic")
+    ap.add_argument("--size", choices=("real", "tiny"), default="real", help="tiny: timm's test_* networks at 64 px, for CPU")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="wall clock for everything; the members share what synthesis leaves")
+    ap.add_argument("--overhead-s", type=float, default=40.0, help="a member's time outside its epochs (start, compilation, prediction)")
+    ap.add_argument("--rates", help="benchmarks/gpu.py's JSON: its fit samples/s size the epochs")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs for every member (0: from the budget)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--no-ray", action="store_true", help="the in-process driver even where Ray is importable")
+    ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    start = time.perf_counter()
+    tiny = args.size == "tiny"
+    use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-learn-"))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    try:
+        workers = max(1, min(args.studies, os.cpu_count() or 1)) if not tiny else 1
+        prepared, run = work / "prepared", work / "run"
+        wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], args.seed, workers, args.preset)
+        oracle = synth_labels(args.studies, args.seed)[2]
+        folds = assign_folds(wide, args.folds, args.seed)
+        run.mkdir()
+        folds.to_parquet(run / "folds.parquet")
+        fake_points(pd.read_parquet(prepared / LABELS_FILE), np.random.default_rng(args.seed)).to_parquet(work / "points.parquet")
+        cfg = recipe(args.config, prepared, run, tiny)
+        jobs = []
+        for spec in args.members:
+            stage_name, member = spec.split(":", 1)
+            stage, config = STAGES[stage_name], cfg.member(stage_name, member).config
+            inputs = {"points": str(work / "points.parquet")} if stage_name == "grade" else {}
+            job = FoldJob(stage_name, member, args.fold, args.folds, config, str(prepared), str(run), inputs)
+            urls = {cache_input(s): build_cache(stage, job, s, str(work / "samples"), workers) for s in ("train", "val")}
+            jobs.append((stage, dataclasses.replace(job, inputs={**inputs, **urls})))
+        prep_s = time.perf_counter() - start
+        # Only now: the pools above were forked from a process that had not touched CUDA.
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(1 if tiny else threads)
+        resources = fit_resources(cfg, device.type == "cuda", use_ray)
+        rates = unit_rates(args.rates, device.type == "cuda")
+
+        lm = label_matrix(wide)
+        ids = [int(s) for s in wide["study_id"]]
+        fold_of = folds.set_index("study_id").loc[ids, "fold"].to_numpy()
+        held, trained = fold_of == args.fold, fold_of != args.fold
+        held_ids = [s for s, h in zip(ids, held, strict=True) if h]
+        prior = fit_prior(lm[trained])
+        prior_probs = np.broadcast_to(prior, (int(held.sum()), len(LABEL_COLUMNS), 3)).copy()
+        base = scores(lm[held], prior_probs)
+        best = scores(lm[held], oracle[held])
+        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
+                "studies": args.studies, "held_out": int(held.sum()), "folds": args.folds, "fold": args.fold, "preset": args.preset,
+                "size": args.size, "ray": use_ray, "prep_s": prep_s, "budget_s": args.budget_s}
+        results: dict[str, Any] = {"meta": meta, "prior": base, "oracle": best, "members": {}}
+        print(f"{args.studies} {args.preset} studies and their samples in {prep_s:.0f} s; held-out fold {args.fold}: {int(held.sum())} studies;"
+              f" prior {base['score']:.4f}, oracle {best['score']:.4f}", flush=True)
+        for i, (stage, job) in enumerate(jobs):
+            n_train = count_samples(job.inputs[cache_input("train")], split_studies(job, "train"))
+            cap = stage.train_config(job).epochs
+            share = (args.budget_s - (time.perf_counter() - start)) / (len(jobs) - i) - args.overhead_s
+            rate = rates.get(UNIT_OF.get((job.stage, job.member), ""), 0.0)
+            epochs = args.epochs or (fold_epochs(n_train, rate, share, cap) if rate else 1)
+            job = dataclasses.replace(job, config=with_epochs(job.config, epochs))
+            t = time.perf_counter()
+            oof, curve = train_member(stage, job, device, use_ray, resources)
+            probs, given = member_probs(oof, held_ids, prior)
+            got = scores(lm[held], probs)
+            lo, hi = paired_bootstrap(lm[held], probs, prior_probs, args.bootstrap)
+            r = {"epochs": epochs, "of_recipe": cap, "train_samples": n_train, "rate_assumed": rate, "seconds": time.perf_counter() - t,
+                 "targets_predicted": given, **got, "minus_prior": got["score"] - base["score"], "minus_prior_5_95": [lo, hi],
+                 "gap_closed": (base["score"] - got["score"]) / (base["score"] - best["score"]),
+                 "train_loss": [float(e["train_loss"]) for e in curve if "train_loss" in e],
+                 "samples_per_s": [float(e["samples_per_s"]) for e in curve if "samples_per_s" in e]}
+            results["members"][f"{job.stage}/{job.member}"] = r
+            print(f"  {job.stage}/{job.member}: {epochs} of {cap} epochs ({n_train} samples) in {r['seconds']:.0f} s; held-out {got['score']:.4f}"
+                  f" (prior {base['score']:.4f}: {r['minus_prior']:+.4f}, 5-95 % [{lo:+.4f}, {hi:+.4f}]); gap closed {r['gap_closed']:.3f}", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+        meta["seconds"] = time.perf_counter() - start
+        print(table(results), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return results
+    finally:
+        torch.set_num_threads(threads)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The held-out scores as a markdown table."""
+    m = results["meta"]
+    head = (f"{m['studies']} {m['preset']} studies, held-out fold {m['fold']} of {m['folds']} ({m['held_out']} studies), {m['device']}, "
+            f"{'Ray Train' if m['ray'] else 'in-process'}")
+    lines = [head, "", "| | epochs | held-out score | spinal | foraminal | subarticular | any-severe | − prior (5–95 %) | gap closed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(name: str, s: dict[str, Any], extra: list[str]) -> str:
+        parts = [f"{s[k]:.4f}" for k in ("score", "spinal", "foraminal", "subarticular", "any_severe")]
+        return "| " + " | ".join([name, extra[0], *parts, *extra[1:]]) + " |"
+
+    lines.append(row("prior (training folds)", results["prior"], ["", "", ""]))
+    for name, r in results["members"].items():
+        lo, hi = r["minus_prior_5_95"]
+        lines.append(row(name, r, [f"{r['epochs']} of {r['of_recipe']}", f"{r['minus_prior']:+.4f} ({lo:+.4f}, {hi:+.4f})", f"{r['gap_closed']:.3f}"]))
+    lines.append(row("oracle", results["oracle"], ["", "", ""]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
