@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -342,8 +341,11 @@ def _thread_cpu(prefix: str) -> dict[int, float]:
 
 
 def _machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all processes)."""
-    import psutil  # a Ray dependency: only the Ray path asks
+    """CPU seconds the whole machine has been busy (all processes); only the Ray path asks."""
+    # isort: off
+    import ray  # noqa: F401 - first: puts Ray's own psutil (ray/thirdparty_files) on the path where none is installed
+    import psutil
+    # isort: on
 
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
@@ -578,6 +580,18 @@ def fit_resources(cfg: PipelineConfig, cuda: bool, use_ray: bool) -> ResourcesCo
         # On CPU every core is a trainer's: augmentation shares them (ResourcesConfig's own defaults).
         **({} if cuda else {"cpus_per_worker": 1.0, "data_cpus": 0.0, "data_concurrency": 1}),
     )
+
+
+def ray_unusable(no_ray: bool) -> str | None:
+    """Why the real path cannot go through Ray here (None: it can): --no-ray, or Ray failing to import
+    (absent, or an unpacked archive built for another Python: found, but its _raylet does not load)."""
+    if no_ray:
+        return "--no-ray"
+    try:
+        import ray  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError from a binary of another Python
+        return f"Ray not importable here: {type(e).__name__}: {e}"
+    return None
 
 
 def path_name(resources: ResourcesConfig, use_ray: bool, why: str) -> str:
@@ -823,7 +837,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shared_units = [k for k in args.shared_units if k in args.units] if args.shared > 1 else []
     shared_s = 0.15 * args.budget_s / max(1, len(shared_units))
     reserve += shared_s * len(shared_units)
-    use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
+    why_not_ray = ray_unusable(args.no_ray)
+    use_ray = why_not_ray is None
     tiny = args.size == "tiny"
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -843,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fake_points(pd.read_parquet(prepared / LABELS_FILE), np.random.default_rng(0)).to_parquet(work / "points.parquet")
         util, util_how = gpu_util_reader(device)
         resources = fit_resources(cfg, device.type == "cuda", use_ray)
-        path = path_name(resources, use_ray, "--no-ray" if args.no_ray else "Ray not importable here")
+        path = path_name(resources, use_ray, why_not_ray or "")
         meta = {
             "config": Path(args.config).name, "size": args.size, "studies": args.studies, "image_px": IMAGE_SIZE[args.size], "steps": args.steps,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,

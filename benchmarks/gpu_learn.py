@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -65,6 +64,7 @@ from benchmarks.gpu import (  # noqa: E402
     UNITS,
     fit_resources,
     ray_fit,
+    ray_unusable,
     recipe,
     synth_labels,
     synth_prepared,
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     tiny = args.size == "tiny"
-    use_ray = not args.no_ray and importlib.util.find_spec("ray") is not None
+    why_not_ray = ray_unusable(args.no_ray)
+    use_ray = why_not_ray is None
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-learn-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = scores(lm[held], oracle[held])
         meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
                 "studies": args.studies, "held_out": int(held.sum()), "folds": args.folds, "fold": args.fold, "preset": args.preset,
-                "size": args.size, "ray": use_ray, "prep_s": prep_s, "budget_s": args.budget_s}
+                "size": args.size, "ray": use_ray, "why_not_ray": why_not_ray, "prep_s": prep_s, "budget_s": args.budget_s}
         results: dict[str, Any] = {"meta": meta, "prior": base, "oracle": best, "members": {}}
         print(f"{args.studies} {args.preset} studies and their samples in {prep_s:.0f} s; held-out fold {args.fold}: {int(held.sum())} studies;"
               f" prior {base['score']:.4f}, oracle {best['score']:.4f}", flush=True)

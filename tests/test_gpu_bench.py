@@ -77,3 +77,13 @@ def test_synthetic_prepared_output_has_label_points(tmp_path: Path) -> None:
     # Every point lies on a slice of the stack it names.
     merged = points.merge(volumes[["study_id", "series_id", "n_slices"]], on=["study_id", "series_id"])
     assert len(merged) == len(points) and (merged["slice"] < merged["n_slices"]).all()
+
+
+def test_the_ray_path_is_taken_only_where_ray_imports(monkeypatch) -> None:
+    import sys
+
+    assert gpu.ray_unusable(no_ray=True) == "--no-ray"
+    assert gpu.ray_unusable(no_ray=False) is None  # this environment has Ray
+    monkeypatch.setitem(sys.modules, "ray", None)  # as an archive that is found but does not load
+    why = gpu.ray_unusable(no_ray=False)
+    assert why is not None and why.startswith("Ray not importable here: ImportError")
