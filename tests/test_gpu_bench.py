@@ -86,4 +86,4 @@ def test_the_ray_path_is_taken_only_where_ray_imports(monkeypatch) -> None:
     assert gpu.ray_unusable(no_ray=False) is None  # this environment has Ray
     monkeypatch.setitem(sys.modules, "ray", None)  # as an archive that is found but does not load
     why = gpu.ray_unusable(no_ray=False)
-    assert why is not None and why.startswith("Ray not importable here: ImportError")
+    assert why is not None and why.startswith("Ray not importable here: ModuleNotFoundError")
