@@ -36,9 +36,9 @@ repository root. With Ray (the real path through a Ray Train worker): build `.wh
 here first (`bash benchmarks/device_pack.sh`: Ray 2.60 stripped and its missing dependencies,
 26 MiB), then run with carry [".whl"]:
 
-    mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+    mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log; cp $OUT/gpu.json /tmp/gpu.json
 
-Without it (the in-process path; nothing travels but the working tree):
+(the copy in /tmp is for `benchmarks/gpu_learn.py`, the next call's). Without it (the in-process path; nothing travels but the working tree):
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 

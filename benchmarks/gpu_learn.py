@@ -21,12 +21,12 @@ driver with Ray Data augmentation (`gpu.ray_fit`) where Ray is importable, else 
 driver (`engine.fold.run_fold`, augmentation on the training thread: slower, the same models).
 Samples are built in a process pool before CUDA starts.
 
-On the GPU machine, as a second call right after `benchmarks/gpu.py`'s (the machine still warm, so
-its Ray archive is still unpacked at /tmp/site; each call's $OUT starts empty, so that run's
-gpu.json travels back in the working tree, e.g. as benchmarks/results/gpu.json, untracked), with
-the device time left (run timeout ≥ --budget-s + 60 s):
+On the GPU machine, as a second call right after `benchmarks/gpu.py`'s, whose command ends with
+`; cp $OUT/gpu.json /tmp/gpu.json` (each call's $OUT starts empty; /tmp, the unpacked Ray archive
+and torch's compile cache stay while the machine is warm; on a fresh machine the archive is
+unpacked again and the issue's rates size the epochs), run timeout ≥ --budget-s + 60 s:
 
-    [ -d /tmp/site ] || { mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_learn.py --rates benchmarks/results/gpu.json --budget-s 240 --json $OUT/learn.json 2>&1 | tee $OUT/learn.log
+    [ -d /tmp/site ] || { mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site; }; PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_learn.py --rates /tmp/gpu.json --budget-s 240 --json $OUT/learn.json 2>&1 | tee $OUT/learn.log
 
 Estimated from the H200 rates of the issue, not yet timed there: 100 studies synthesised and their
 samples built in about a minute on 16 cores (a realistic study renders in 8-20 s on one core here),
