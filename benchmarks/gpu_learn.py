@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="processes synthesising and building samples (0: every core; tiny: 1)")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     try:
-        workers = max(1, min(args.studies, os.cpu_count() or 1)) if not tiny else 1
+        workers = args.workers or (1 if tiny else max(1, min(args.studies, os.cpu_count() or 1)))
         prepared, run = work / "prepared", work / "run"
         wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], args.seed, workers, args.preset)
         oracle = synth_labels(args.studies, args.seed)[2]
