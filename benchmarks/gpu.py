@@ -444,20 +444,28 @@ def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int, sh
     model = new_model(stage, job).to(device)
     resolve_checkpointing(model, device, share)
     if device.type == "cuda":
-        speed_up(model, cfg.channels_last, cfg.compile)
+        speed_up(model, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark)
     if hasattr(stage, "set_trainable"):
         stage.set_trainable(job, model)
     model.train()
     return model, _Optim.build(model, cfg, steps, device)
 
 
-def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float]) -> tuple[list[float], bool]:
+def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float],
+               flip_cudnn: float = 0.0) -> tuple[list[float], bool]:
     """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations;
-    and whether the model trained checkpointed (`grad_checkpointing`, `auto` settled for the whole device)."""
+    and whether the model trained checkpointed (`grad_checkpointing`, `auto` settled for the whole device).
+
+    `flip_cudnn` > 0: one more rate at the end, the first batch again for about that many seconds with cuDNN's
+    autotuner the other way from the member's `train.cudnn_benchmark` (the same model; restored after).
+    """
     model, o = _bare_model(stage, job, device, steps)
     checkpointed = any(checkpointing_of(model))
     rates = []
-    for batch, limit in zip(batches, limits, strict=True):
+    recipe_cudnn = torch.backends.cudnn.benchmark
+    runs = list(zip(batches, limits, strict=True)) + ([(batches[0], flip_cudnn)] if flip_cudnn > 0 else [])
+    for i, (batch, limit) in enumerate(runs):
+        torch.backends.cudnn.benchmark = recipe_cudnn if i < len(batches) else not recipe_cudnn
         n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
         try:
             on_device = {k: v.to(device) for k, v in batch.items()}
@@ -476,6 +484,7 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
             on_device = None
             o.opt.zero_grad(set_to_none=True)
             _free(device)
+    torch.backends.cudnn.benchmark = recipe_cudnn
     del model, o, on_device
     _free(device)
     return rates, checkpointed
@@ -633,7 +642,10 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
             deferred = [collate(stage, dev_job, columns(rows.iloc[i]), rng) for i in picks]
             augment_dev = 5 * bs / max(time.process_time() - c0, 1e-9)
         batches, limits = [*batches, deferred[0]], [*limits, 0.1 * seconds]
-    (bare, bare4, *dev), checkpointed = bare_rates(stage, job, batches, device, args.steps, limits)  # the issue's one-stage figures: checkpointed
+    cudnn = stage.train_config(job).cudnn_benchmark
+    flip = 0.05 * seconds if cuda else 0.0  # cuDNN's autotuner the other way (a CPU has no cuDNN)
+    (bare, bare4, *more), checkpointed = bare_rates(stage, job, batches, device, args.steps, limits, flip)  # the issue's one-stage figures: checkpointed
+    dev_rate, flipped = (more[0] if device_aug else None), (more[-1] if flip else None)
     # More work per GPU, the other way: several fold jobs on the device, each step unchanged.
     shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(30.0, 0.65 * shared_s)) if shared_s > 0 else None
 
@@ -685,7 +697,8 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
         "grad_checkpointing": checkpointed,
-        "bare_device_aug_samples_per_s": dev[0] if device_aug else None, "augment_device_per_core": augment_dev if device_aug else None,
+        "cudnn_benchmark": cudnn, "bare_cudnn_flipped_samples_per_s": flipped,
+        "bare_device_aug_samples_per_s": dev_rate, "augment_device_per_core": augment_dev if device_aug else None,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
     }
 
@@ -794,6 +807,15 @@ def table(results: dict[str, Any]) -> str:
                   "patches, the step makes the crops): the bare step with that work in it, and the CPU each path needs at the bare rate:", "",
                   *_markdown(["unit (recipe batch)", "bare loop", "bare, crops made on the device", "device / bare", "augment+collate per core: CPU path",
                               "device path", "cores at the bare rate: CPU path", "device path"], rows, "---:")]
+    flips = [r for r in results["units"].values() if r.get("bare_cudnn_flipped_samples_per_s")]
+    if flips:
+        rows = []
+        for r in flips:
+            on = r.get("cudnn_benchmark", False)
+            rates = {on: r["bare_samples_per_s"], not on: r["bare_cudnn_flipped_samples_per_s"]}
+            rows.append([f"{r['label']} ({r['batch']})", "on" if on else "off", _num(rates[False]), _num(rates[True]), _num(rates[True] / rates[False], 2)])
+        lines += ["", "cuDNN's autotuner (`train.cudnn_benchmark`, torch.backends.cudnn.benchmark): the bare step at the recipe's batch both ways, the same model:", "",
+                  *_markdown(["unit (recipe batch)", "recipe", "bare loop, autotuner off", "on", "on / off"], rows, "---:")]
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "
         f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {m['seconds']:.0f} s in all.",

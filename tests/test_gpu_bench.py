@@ -30,6 +30,7 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
     assert shared["samples_per_s"] == sum(shared["per_job"])
     assert all(r["shared"] is None for k, r in results["units"].items() if k != "grade_convnext")
     assert results["infer"]["studies_per_s"] > 0 and results["infer"]["members"] == 11
+    assert all(r["cudnn_benchmark"] is False and r["bare_cudnn_flipped_samples_per_s"] is None for r in results["units"].values())  # no cuDNN on CPU
     printed = capsys.readouterr().out
     assert "| unit (recipe batch) | fit samples/s |" in printed
     for u in gpu.UNITS:
@@ -38,6 +39,11 @@ def test_tiny_cpu_run_measures_every_unit(tmp_path: Path, capsys) -> None:
     assert "| grade, convnext_small (8) |" in printed.split("More work per GPU")[1]
     on_device = printed.split("Grade augmentation on the device")[1]
     assert "| grade, convnext_small (8) |" in on_device and "| grade, tf_efficientnet_b3 (8) |" in on_device and "localiser" not in on_device
+    assert "cuDNN's autotuner" not in printed
+    unit = results["units"]["grade_convnext"]  # as a GPU run reports it: the autotuner flipped on, at twice the rate
+    unit["bare_cudnn_flipped_samples_per_s"] = 2 * unit["bare_samples_per_s"]
+    cudnn = gpu.table(results).split("cuDNN's autotuner")[1]
+    assert "| grade, convnext_small (8) | off |" in cudnn and cudnn.split("\n")[4].endswith("| 2.00 |")
 
 
 def test_a_batch_the_device_cannot_hold_is_na_and_the_run_goes_on(monkeypatch) -> None:
@@ -62,6 +68,12 @@ def test_a_batch_the_device_cannot_hold_is_na_and_the_run_goes_on(monkeypatch) -
     (bare, bare4), checkpointed = gpu.bare_rates(stage, job, [small, large], torch.device("cpu"), 2, [0.05, 0.05])
     assert bare > 0 and math.isnan(bare4) and checkpointed is False
     assert gpu._num(bare4) == "n/a"
+    # With `flip_cudnn`, one more rate: the first batch with the autotuner the other way; the member's setting after.
+    seen: list[bool] = []
+    monkeypatch.setattr(gpu, "_bare_step", lambda *a: (seen.append(torch.backends.cudnn.benchmark), step(*a)))
+    rates, _ = gpu.bare_rates(stage, job, [small], torch.device("cpu"), 2, [0.05], flip_cudnn=0.05)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert set(seen) == {False, True} and seen[0] is False and seen[-1] is True and torch.backends.cudnn.benchmark is False
 
 
 def test_synthetic_prepared_output_has_label_points(tmp_path: Path) -> None:

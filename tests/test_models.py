@@ -386,3 +386,16 @@ def test_compile_is_in_place_so_weights_keep_their_names(monkeypatch):
     assert speed_up(m, channels_last=False, compile_backbone=True) == ["compile"]
     assert compiled == [m.encoder] and list(m.state_dict()) == keys
     assert speed_up(m, channels_last=False, compile_backbone=False) == []
+
+
+def test_speed_up_sets_the_cudnn_autotuner_either_way():
+    from spine_ray.models.backbone import speed_up
+
+    m = _speed_models()["grader"]
+    try:
+        assert speed_up(m, channels_last=False, compile_backbone=False, cudnn_benchmark=True) == ["cudnn_benchmark"]
+        assert torch.backends.cudnn.benchmark is True
+        assert speed_up(m, channels_last=False, compile_backbone=False) == []  # the next member's own setting: off
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = False

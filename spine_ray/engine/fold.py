@@ -87,7 +87,7 @@ def fit_fold(
     resolve_checkpointing(model, device, gpu_share)
     cfg0 = stage.train_config(job)
     if device.type == "cuda":
-        speed_up(model, cfg0.channels_last, cfg0.compile)
+        speed_up(model, cfg0.channels_last, cfg0.compile, cfg0.cudnn_benchmark)
     first = int(resume.get("phase", 0)) if resume is not None else 0
     if not 0 <= first < len(steps):
         raise ValueError(f"checkpoint of step {first}, but {job.member} trains in {len(steps)} step(s)")

@@ -47,6 +47,9 @@ class TrainConfig:
     # GPU speed-ups of the 2-D backbones (`models.backbone.speed_up`); no effect on CPU.
     channels_last: bool = False
     compile: bool = False  # torch.compile of each backbone, in place (falls back to eager where it fails)
+    # cuDNN's autotuner for the process (torch.backends.cudnn.benchmark): each convolution shape's
+    # algorithms are timed once and the fastest kept; the choice may differ from run to run.
+    cudnn_benchmark: bool = False
     # The batch `lr` was tuned at (summed over a fold's data-parallel workers); 0: lr is used as given.
     # With it, a larger batch (more work per GPU step) trains at lr × rule(batch / lr_batch):
     # "sqrt", the square-root rule for Adam-type optimisers (Malladi et al. 2022, "On the SDEs and

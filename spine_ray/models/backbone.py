@@ -266,8 +266,9 @@ def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any,
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool) -> list[str]:
-    """Channels-last memory and torch.compile for a model's 2-D backbones, in place; returns what was applied.
+def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool, cudnn_benchmark: bool = False) -> list[str]:
+    """Channels-last memory and torch.compile for a model's 2-D backbones, in place, and cuDNN's autotuner
+    set for the process (on or off, so members trained one after another each get their own); returns what was applied.
 
     Only the 2-D encoders change: the localisers' 3-D context convolutions refuse channels_last
     ("required rank 4 tensor"). Weights keep their names (`nn.Module.compile` compiles in place),
@@ -276,6 +277,9 @@ def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool) -> l
     (torch < 2.2) it is skipped with one log line.
     """
     done: list[str] = []
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if cudnn_benchmark:
+        done.append("cudnn_benchmark")
     encoders = backbones(model)
     if channels_last and encoders:
         for enc in encoders:
