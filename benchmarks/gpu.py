@@ -14,6 +14,8 @@ networks built with pretrained=False: the same shapes, nothing to download) meas
   ready      the same `fit_fold` fed pre-collated pinned batches: the loop without its input pipeline;
   bare, 4x   the model, its loss and AdamW (the loop's: fused on CUDA, its autocast) on batches
              already on the device, at the recipe's batch and at 4x it, timed between synchronisations;
+  cuDNN      (on a GPU) the bare step at the recipe's batch again with cuDNN's autotuner the other way from the
+             member's `train.cudnn_benchmark` (off in the recipe): whether turning it on pays;
   shared     --shared N processes (default 4) on the one device, each the bare step at the recipe's
              batch over a common window, their samples/s summed: N fold jobs sharing a GPU
              (`resources.gpus_per_worker: 1/N`), against one job at 4x the batch (`train.lr_batch`);
