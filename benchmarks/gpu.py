@@ -834,6 +834,26 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+@contextlib.contextmanager
+def workspace(path: str | None, prefix: str) -> Iterator[Path]:
+    """A run's working folder: `path`, or a temporary one removed at the end; torch's thread count is restored after."""
+    work = Path(path or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    try:
+        yield work
+    finally:
+        torch.set_num_threads(threads)
+        if not path:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def save_json(results: dict[str, Any], path: str | None) -> None:
+    """Every figure so far, where --json asks."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure every unit and inference, print the table; returns what --json writes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -864,10 +884,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     why_not_ray = ray_unusable(args.no_ray)
     use_ray = why_not_ray is None
     tiny = args.size == "tiny"
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
-    work.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    try:
+    with workspace(args.work, "bench-gpu-") as work:
         prepared = work / "prepared"
         workers = 1 if tiny else min(args.studies, os.cpu_count() or 1)
         wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], seed=0, workers=workers)
@@ -900,20 +917,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shared = r["shared"] and r["shared"]["samples_per_s"]
             print(f"  {unit.label}: fit {_num(r['fit_samples_per_s'])}, bare {_num(r['bare_samples_per_s'])}, bare 4x {_num(r['bare4x_samples_per_s'])}"
                   + (f", {args.shared} jobs sharing {shared:.1f}" if shared else "") + f" samples/s ({r['seconds']:.0f} s)", flush=True)
-            if args.json:  # what is measured so far survives a run stopped at its time limit
-                meta["seconds"] = time.perf_counter() - start
-                Path(args.json).write_text(json.dumps(results, indent=1))
+            meta["seconds"] = time.perf_counter() - start
+            save_json(results, args.json)  # what is measured so far survives a run stopped at its time limit
         if not args.no_infer:
             results["infer"] = measure_infer(cfg, wide, work, device, args.infer_folds, args.infer_studies or args.studies, max(5.0, deadline - time.perf_counter()))
         meta["seconds"] = time.perf_counter() - start
         print(table(results), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        save_json(results, args.json)
         return results
-    finally:
-        torch.set_num_threads(threads)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -66,9 +64,11 @@ from benchmarks.gpu import (  # noqa: E402
     ray_fit,
     ray_unusable,
     recipe,
+    save_json,
     synth_labels,
     synth_prepared,
     with_epochs,
+    workspace,
 )
 from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix  # noqa: E402
 from spine_ray.data.volumes import LABELS_FILE  # noqa: E402
@@ -191,10 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tiny = args.size == "tiny"
     why_not_ray = ray_unusable(args.no_ray)
     use_ray = why_not_ray is None
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench-learn-"))
-    work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
-    try:
+    with workspace(args.work, "bench-learn-") as work:
         workers = args.workers or (1 if tiny else max(1, min(args.studies, os.cpu_count() or 1)))
         prepared, run = work / "prepared", work / "run"
         wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], args.seed, workers, args.preset)
@@ -255,17 +253,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["members"][f"{job.stage}/{job.member}"] = r
             print(f"  {job.stage}/{job.member}: {epochs} of {cap} epochs ({n_train} samples) in {r['seconds']:.0f} s; held-out {got['score']:.4f}"
                   f" (prior {base['score']:.4f}: {r['minus_prior']:+.4f}, 5-95 % [{lo:+.4f}, {hi:+.4f}]); gap closed {r['gap_closed']:.3f}", flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
+            save_json(results, args.json)
         meta["seconds"] = time.perf_counter() - start
         print(table(results), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        save_json(results, args.json)
         return results
-    finally:
-        torch.set_num_threads(threads)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def table(results: dict[str, Any]) -> str:
