@@ -144,7 +144,7 @@ def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, draws: in
             diffs.append(score_arrays(labels[i], a[i]).score - score_arrays(labels[i], b[i]).score)
         except ValueError:  # a draw without a scored label of some condition: skip it
             continue
-    return (float(np.percentile(diffs, 5)), float(np.percentile(diffs, 95))) if diffs else (float("nan"), float("nan"))
+    return (float(np.nanpercentile(diffs, 5)), float(np.nanpercentile(diffs, 95))) if diffs else (float("nan"), float("nan"))
 
 
 def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
