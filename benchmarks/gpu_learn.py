@@ -28,11 +28,12 @@ unpacked again and the issue's rates size the epochs), run timeout ≥ --budget-
 
     [ -d /tmp/site ] || { mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site; }; PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_learn.py --rates /tmp/gpu.json --budget-s 240 --json $OUT/learn.json 2>&1 | tee $OUT/learn.log
 
-Estimated from the H200 rates of the issue, not yet timed there: 100 studies synthesised and their
-samples built in about a minute on 16 cores (a realistic study renders in 8-20 s on one core here),
-then each member its share of what is left, about 40-60 s of it starting Ray Train and compiling:
-with --budget-s 240 the grader (400 training samples a fold) gets about 9 of its 20 epochs, the
-one-stage member (80) about 6 of 30; faster compiled rates in gpu.json give more.
+Estimated from the H200 rates of the issue and this machine's synthesis, not yet timed there: 100
+studies synthesised and their samples built in 1-1.5 min on 16 cores (≈ 12 CPU-s a realistic
+study here, mostly the renderer's texture), then each member its share of what is left, 40-60 s
+of it starting Ray Train and compiling: with --budget-s 240 the grader (400 training samples a
+fold) gets about 5-9 of its 20 epochs, the one-stage member (80) about 4-6 of 30; faster compiled
+rates in gpu.json give more, and the recipe's full epochs need about 7 minutes in all.
 
 On CPU, tiny (tests/test_gpu_learn.py runs it with Ray, pydicom, optuna, s3fs and MLflow made unimportable):
 
