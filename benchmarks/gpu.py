@@ -220,10 +220,15 @@ def synth_labels(studies: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return sample_labels(studies, np.random.default_rng([seed, 0]))
 
 
+def synth_ids(studies: int) -> list[int]:
+    """The study ids of `synth_prepared`'s studies."""
+    return [100_000 + i for i in range(studies)]
+
+
 def synth_prepared(out: Path, studies: int, image_size: int, seed: int, workers: int, preset: str = "simple") -> pd.DataFrame:
     """`studies` synthetic studies as a finished prepare output (volumes, labels.parquet, manifest); returns the wide labels."""
     labels, latent, _ = synth_labels(studies, seed)
-    ids = [100_000 + i for i in range(studies)]
+    ids = synth_ids(studies)
     args = (range(studies), ids, labels, latent, [image_size] * studies, [seed] * studies, [preset] * studies)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -241,7 +246,7 @@ def synth_prepared(out: Path, studies: int, image_size: int, seed: int, workers:
     long = long.astype({c: "Int64" if c in POINT_COLUMNS[:4] else "Float64" for c in POINT_COLUMNS})
     long.to_parquet(out / LABELS_FILE)
     manifest = {"schema_version": SCHEMA_VERSION, "kind": "benchmarks/gpu.py synthetic", "split": "train",
-                "files": {"volumes": names, "labels": LABELS_FILE, "errors": None}, "config": {"image_size": image_size, "seed": seed, "preset": preset}}
+                "files": {"volumes": names, "labels": LABELS_FILE, "errors": None}, "config": {"image_size": image_size, "seed": seed, "preset": preset, "studies": studies}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return wide
 

@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -66,13 +67,14 @@ from benchmarks.gpu import (  # noqa: E402
     ray_unusable,
     recipe,
     save_json,
+    synth_ids,
     synth_labels,
     synth_prepared,
     with_epochs,
     workspace,
 )
-from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix  # noqa: E402
-from spine_ray.data.volumes import LABELS_FILE  # noqa: E402
+from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, labels_from_matrix  # noqa: E402
+from spine_ray.data.volumes import LABELS_FILE, MANIFEST  # noqa: E402
 from spine_ray.engine.fold import run_fold  # noqa: E402
 from spine_ray.engine.folds import assign_folds  # noqa: E402
 from spine_ray.engine.sample_cache import (  # noqa: E402
@@ -84,7 +86,7 @@ from spine_ray.engine.sample_cache import (  # noqa: E402
     ensure_cache,
     split_studies,
 )
-from spine_ray.engine.stage import FoldJob, Stage, fold_dir  # noqa: E402
+from spine_ray.engine.stage import FoldJob, Stage, fold_dir, job_key  # noqa: E402
 from spine_ray.engine.tracking import METRICS_FILE  # noqa: E402
 from spine_ray.ensemble.metric import score_arrays  # noqa: E402
 from spine_ray.ensemble.prior import fit_prior  # noqa: E402
@@ -105,6 +107,28 @@ def build_cache(stage: Stage, job: FoldJob, split: str, root: str, workers: int)
             list(pool.map(build_part, [stage] * len(parts), [job] * len(parts), [split] * len(parts), parts,
                           [f"{url}/part-{i:05d}.parquet" for i in range(len(parts))]))
     return ensure_cache(stage, job, split, root, CHUNK, parallel=False)[0]  # finds every part built: writes the manifest
+
+
+def prepared_synthesis(out: Path, studies: int, image_size: int, seed: int, workers: int, preset: str) -> pd.DataFrame:
+    """The synthetic prepared output at `out` (made now, or kept from an earlier run with the same settings); its wide labels."""
+    manifest = out / MANIFEST  # written last: its presence means a finished synthesis
+    if not manifest.exists():
+        return synth_prepared(out, studies, image_size, seed, workers, preset)
+    made = json.loads(manifest.read_text())["config"]
+    wanted = {"image_size": image_size, "seed": seed, "preset": preset, "studies": studies}
+    if made != wanted:
+        raise SystemExit(f"{out} holds a synthesis of {made}, not {wanted}: give another --work")
+    return labels_from_matrix(synth_ids(studies), synth_labels(studies, seed)[0])
+
+
+def training_subset(folds: pd.DataFrame, fold: int, n: int, seed: int) -> pd.DataFrame:
+    """The folds table with the held-out fold whole and `n` of the other studies (drawn by `seed`); the rest left out."""
+    held = folds["fold"] == fold
+    others = folds.loc[~held, "study_id"].to_numpy()
+    if not 0 < n <= len(others):
+        raise SystemExit(f"--train-studies {n}: the training folds hold {len(others)} studies")
+    keep = set(np.random.default_rng([seed, 7]).choice(others, n, replace=False).tolist())
+    return folds[held | folds["study_id"].isin(keep)].reset_index(drop=True)
 
 
 def fold_epochs(n_train: int, rate: float, seconds: float, cap: int) -> int:
@@ -155,7 +179,10 @@ def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 
 def train_member(stage: Stage, job: FoldJob, device: torch.device, use_ray: bool, resources: Any) -> tuple[pd.DataFrame, list[dict]]:
-    """Train the fold the way `spine-ray train` would here; its OOF table and per-epoch metrics."""
+    """Train the fold the way `spine-ray train` would here, afresh (a reused --work's earlier fold and Ray run are removed);
+    its OOF table and per-epoch metrics."""
+    shutil.rmtree(fold_dir(job), ignore_errors=True)
+    shutil.rmtree(Path(job.run_dir) / "ray" / job_key(job), ignore_errors=True)
     if use_ray:
         ray_fit(stage, job, resources)
         out = Path(fold_dir(job))
@@ -173,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--studies", type=int, default=100)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold", type=int, default=0, help="the held-out fold")
+    ap.add_argument("--train-studies", type=int, default=0, help="train on this many of the training folds' studies (0: all): a learning curve on one held-out fold")
     ap.add_argument("--preset", choices=("realistic", "simple"), default="realistic")
     ap.add_argument("--size", choices=("real", "tiny"), default="real", help="tiny: timm's test_* networks at 64 px, for CPU")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -183,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--no-ray", action="store_true", help="the in-process driver even where Ray is importable")
     ap.add_argument("--json", help="write every figure here")
-    ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end); a finished synthesis there is reused")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="processes synthesising and building samples (0: every core; tiny: 1)")
     args = ap.parse_args(argv)
@@ -195,11 +223,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     with workspace(args.work, "bench-learn-") as work:
         workers = args.workers or (1 if tiny else max(1, min(args.studies, os.cpu_count() or 1)))
-        prepared, run = work / "prepared", work / "run"
-        wide = synth_prepared(prepared, args.studies, IMAGE_SIZE[args.size], args.seed, workers, args.preset)
+        prepared = work / "prepared"
+        wide = prepared_synthesis(prepared, args.studies, IMAGE_SIZE[args.size], args.seed, workers, args.preset)
         oracle = synth_labels(args.studies, args.seed)[2]
         folds = assign_folds(wide, args.folds, args.seed)
-        run.mkdir()
+        if args.train_studies:
+            folds = training_subset(folds, args.fold, args.train_studies, args.seed)
+        tag = f"train{args.train_studies or 'all'}"  # a run's folds, models and sample caches: one folder per training set
+        run = work / f"run-{tag}"
+        run.mkdir(exist_ok=True)
         folds.to_parquet(run / "folds.parquet")
         fake_points(pd.read_parquet(prepared / LABELS_FILE), np.random.default_rng(args.seed)).to_parquet(work / "points.parquet")
         cfg = recipe(args.config, prepared, run, tiny)
@@ -209,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage, config = STAGES[stage_name], cfg.member(stage_name, member).config
             inputs = {"points": str(work / "points.parquet")} if stage_name == "grade" else {}
             job = FoldJob(stage_name, member, args.fold, args.folds, config, str(prepared), str(run), inputs)
-            urls = {cache_input(s): build_cache(stage, job, s, str(work / "samples"), workers) for s in ("train", "val")}
+            urls = {cache_input(s): build_cache(stage, job, s, str(run / "samples"), workers) for s in ("train", "val")}
             jobs.append((stage, dataclasses.replace(job, inputs={**inputs, **urls})))
         prep_s = time.perf_counter() - start
         # Only now: the pools above were forked from a process that had not touched CUDA.
@@ -221,15 +253,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         lm = label_matrix(wide)
         ids = [int(s) for s in wide["study_id"]]
-        fold_of = folds.set_index("study_id").loc[ids, "fold"].to_numpy()
-        held, trained = fold_of == args.fold, fold_of != args.fold
+        fold_of = folds.set_index("study_id")["fold"].reindex(ids).to_numpy()  # NaN: left out by --train-studies
+        held, trained = fold_of == args.fold, ~np.isnan(fold_of) & (fold_of != args.fold)
         held_ids = [s for s, h in zip(ids, held, strict=True) if h]
         prior = fit_prior(lm[trained])
         prior_probs = np.broadcast_to(prior, (int(held.sum()), len(LABEL_COLUMNS), 3)).copy()
         base = scores(lm[held], prior_probs)
         best = scores(lm[held], oracle[held])
         meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
-                "studies": args.studies, "held_out": int(held.sum()), "folds": args.folds, "fold": args.fold, "preset": args.preset,
+                "studies": args.studies, "held_out": int(held.sum()), "train_studies": int(trained.sum()), "folds": args.folds, "fold": args.fold, "preset": args.preset,
                 "size": args.size, "ray": use_ray, "why_not_ray": why_not_ray, "prep_s": prep_s, "budget_s": args.budget_s}
         results: dict[str, Any] = {"meta": meta, "prior": base, "oracle": best, "members": {}}
         print(f"{args.studies} {args.preset} studies and their samples in {prep_s:.0f} s; held-out fold {args.fold}: {int(held.sum())} studies;"

@@ -54,6 +54,25 @@ def test_member_probabilities_fall_back_to_the_prior_where_it_predicts_nothing()
     np.testing.assert_allclose(probs[untouched], np.broadcast_to(prior[0], (int(untouched.sum()), 3)))
 
 
+def test_a_training_subset_keeps_the_held_out_fold_whole() -> None:
+    folds = pd.DataFrame({"study_id": range(20), "fold": [i % 4 for i in range(20)]})
+    sub = gpu_learn.training_subset(folds, 1, 6, seed=0)
+    assert set(sub.loc[sub["fold"] == 1, "study_id"]) == set(folds.loc[folds["fold"] == 1, "study_id"])
+    assert (sub["fold"] != 1).sum() == 6 and sub["study_id"].is_unique
+    assert sub.equals(gpu_learn.training_subset(folds, 1, 6, seed=0))  # the same draw for the same seed
+    with pytest.raises(SystemExit, match="hold 15 studies"):
+        gpu_learn.training_subset(folds, 1, 16, seed=0)
+
+
+def test_a_finished_synthesis_is_reused_and_another_one_refused(tmp_path: Path, monkeypatch) -> None:
+    prep = tmp_path / "prep"
+    wide = gpu_learn.prepared_synthesis(prep, 2, 64, 3, 1, "simple")
+    monkeypatch.setattr(gpu_learn, "synth_prepared", lambda *a: pytest.fail("synthesised again"))
+    assert gpu_learn.prepared_synthesis(prep, 2, 64, 3, 1, "simple").equals(wide)
+    with pytest.raises(SystemExit, match="give another --work"):
+        gpu_learn.prepared_synthesis(prep, 3, 64, 3, 1, "simple")
+
+
 def test_the_paired_bootstrap_brackets_the_difference_and_is_zero_for_the_same_predictions() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (30, len(LABEL_COLUMNS)))
@@ -86,7 +105,7 @@ def test_tiny_run_without_the_packages_the_gpu_machine_lacks(tmp_path: Path) -> 
     out = tmp_path / "learn.json"
     block = "; ".join(f"sys.modules[{name!r}] = None" for name in ABSENT)
     code = (f"import sys; {block}; from benchmarks import gpu_learn; "
-            f"gpu_learn.main(['--size', 'tiny', '--preset', 'simple', '--studies', '6', '--folds', '2', '--epochs', '1', '--device', 'cpu',"
+            f"gpu_learn.main(['--size', 'tiny', '--preset', 'simple', '--studies', '6', '--folds', '2', '--train-studies', '2', '--epochs', '1', '--device', 'cpu',"
             f" '--bootstrap', '20', '--json', {str(out)!r}, '--work', {str(tmp_path / 'work')!r}])")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -94,6 +113,7 @@ def test_tiny_run_without_the_packages_the_gpu_machine_lacks(tmp_path: Path) -> 
     results = json.loads(out.read_text())
     meta = results["meta"]
     assert meta["ray"] is False and meta["held_out"] == 3 and meta["studies"] == 6  # Ray not importable: the in-process driver
+    assert meta["train_studies"] == 2  # --train-studies: 2 of the other fold's 3
     assert results["oracle"]["score"] < results["prior"]["score"]
     assert set(results["members"]) == {"grade/convnext_small", "onestage/onestage_convnext_small"}
     for name, r in results["members"].items():
