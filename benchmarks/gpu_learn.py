@@ -113,6 +113,7 @@ def prepared_synthesis(out: Path, studies: int, image_size: int, seed: int, work
     """The synthetic prepared output at `out` (made now, or kept from an earlier run with the same settings); its wide labels."""
     manifest = out / MANIFEST  # written last: its presence means a finished synthesis
     if not manifest.exists():
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished one (a stopped run): start again
         return synth_prepared(out, studies, image_size, seed, workers, preset)
     made = json.loads(manifest.read_text())["config"]
     wanted = {"image_size": image_size, "seed": seed, "preset": preset, "studies": studies}
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cap = stage.train_config(job).epochs
             share = (args.budget_s - (time.perf_counter() - start)) / (len(jobs) - i) - args.overhead_s
             rate = rates.get(UNIT_OF.get((job.stage, job.member), ""), 0.0)
-            epochs = args.epochs or (fold_epochs(n_train, rate, share, cap) if rate else 1)
+            epochs = args.epochs or (fold_epochs(n_train, rate, share, cap) if rate else cap)  # no rate (CPU): the recipe's
             job = dataclasses.replace(job, config=with_epochs(job.config, epochs))
             t = time.perf_counter()
             oof, curve = train_member(stage, job, device, use_ray, resources)
