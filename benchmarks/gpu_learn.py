@@ -78,10 +78,7 @@ from spine_ray.data.volumes import LABELS_FILE, MANIFEST  # noqa: E402
 from spine_ray.engine.fold import run_fold  # noqa: E402
 from spine_ray.engine.folds import assign_folds  # noqa: E402
 from spine_ray.engine.sample_cache import (  # noqa: E402
-    build_part,
     cache_input,
-    cache_url,
-    chunks,
     count_samples,
     ensure_cache,
     split_studies,
@@ -95,18 +92,14 @@ from spine_ray.stages.registry import STAGES  # noqa: E402
 
 MEMBERS = ("grade:convnext_small", "onestage:onestage_convnext_small")
 UNIT_OF = {("grade", "convnext_small"): "grade_convnext", ("onestage", "onestage_convnext_small"): "onestage"}  # gpu.py's unit keys
-CHUNK = 8  # studies a sample-cache part (ensure_cache's default)
 
 
 def build_cache(stage: Stage, job: FoldJob, split: str, root: str, workers: int) -> str:
     """A split's finished sample cache, its parts built in a process pool (before CUDA starts); its URL."""
-    url = cache_url(root, stage, job, split)
-    parts = chunks(split_studies(job, "all"), CHUNK)
-    if workers > 1 and len(parts) > 1:
-        with ProcessPoolExecutor(min(workers, len(parts))) as pool:
-            list(pool.map(build_part, [stage] * len(parts), [job] * len(parts), [split] * len(parts), parts,
-                          [f"{url}/part-{i:05d}.parquet" for i in range(len(parts))]))
-    return ensure_cache(stage, job, split, root, CHUNK, parallel=False)[0]  # finds every part built: writes the manifest
+    if workers <= 1:
+        return ensure_cache(stage, job, split, root, parallel=False)[0]
+    with ProcessPoolExecutor(workers) as pool:
+        return ensure_cache(stage, job, split, root, parallel=False, pool=pool)[0]
 
 
 def prepared_synthesis(out: Path, studies: int, image_size: int, seed: int, workers: int, preset: str) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_training_machinery import N_STUDIES, LinearStage, make_run
 
@@ -85,6 +86,19 @@ def test_an_interrupted_build_resumes_with_the_missing_parts_only(tmp_path):
     assert again["built_parts"] == 1 and again["reused_parts"] == N_STUDIES // 8 - 1
     assert stage.built == N_STUDIES + 8
     assert read_cache(url, list(range(1000, 1000 + N_STUDIES)))["study_id"].is_unique
+
+
+def test_a_pool_builds_the_same_cache_as_this_process(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = make_run(tmp_path)
+    stage = CountingStage()
+    url, manifest = ensure_cache(stage, jobs[0], "train", str(tmp_path / "serial"), chunk=8, parallel=False)
+    with ThreadPoolExecutor(2) as pool:
+        url2, manifest2 = ensure_cache(stage, jobs[0], "train", str(tmp_path / "pooled"), chunk=8, parallel=False, pool=pool)
+    assert manifest2["built_parts"] == manifest["built_parts"] == N_STUDIES // 8 and manifest2["parts"] == manifest["parts"]
+    studies = list(range(1000, 1000 + N_STUDIES))
+    pd.testing.assert_frame_equal(read_cache(url2, studies), read_cache(url, studies))
 
 
 def test_a_cache_without_its_manifest_is_not_used(tmp_path):

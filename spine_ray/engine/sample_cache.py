@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 import pandas as pd
@@ -150,10 +151,13 @@ def _part_counts(url: str) -> dict[str, int]:
     return out
 
 
-def ensure_cache(stage: Stage, job: FoldJob, split: str, root: str, chunk: int = 8, parallel: bool = True) -> tuple[str, dict[str, Any]]:
+def ensure_cache(
+    stage: Stage, job: FoldJob, split: str, root: str, chunk: int = 8, parallel: bool = True, pool: Executor | None = None,
+) -> tuple[str, dict[str, Any]]:
     """The finished cache of a split (built now if missing, resumed if partial); returns (url, manifest).
 
-    With `parallel`, parts are built by Ray tasks (one CPU each); otherwise in this process.
+    With `parallel`, parts are built by Ray tasks (one CPU each); else by `pool` where given (e.g. a
+    process pool on a machine without Ray); otherwise in this process.
     """
     url = cache_url(root, stage, job, split)
     if exists(join(url, MANIFEST)):
@@ -176,6 +180,9 @@ def ensure_cache(stage: Stage, job: FoldJob, split: str, root: str, chunk: int =
         build = ray.remote(num_cpus=1)(build_part)
         refs = {i: build.remote(stage, job, split, parts[i], join(url, names[i])) for i in todo}
         counts.update({i: ray.get(r) for i, r in refs.items()})
+    elif todo and pool is not None:
+        built = pool.map(build_part, *zip(*[(stage, job, split, parts[i], join(url, names[i])) for i in todo], strict=True))
+        counts.update(zip(todo, built, strict=True))
     else:
         for i in todo:
             counts[i] = build_part(stage, job, split, parts[i], join(url, names[i]))
