@@ -73,7 +73,7 @@ from benchmarks.gpu import (  # noqa: E402
     with_epochs,
     workspace,
 )
-from spine_ray.core.schema import LABEL_COLUMNS, PROB_COLUMNS, label_matrix, labels_from_matrix  # noqa: E402
+from spine_ray.core.schema import LABEL_COLUMNS, label_matrix, labels_from_matrix  # noqa: E402
 from spine_ray.data.volumes import LABELS_FILE, MANIFEST  # noqa: E402
 from spine_ray.engine.fold import run_fold  # noqa: E402
 from spine_ray.engine.folds import assign_folds  # noqa: E402
@@ -85,6 +85,7 @@ from spine_ray.engine.sample_cache import (  # noqa: E402
 )
 from spine_ray.engine.stage import FoldJob, Stage, fold_dir, job_key  # noqa: E402
 from spine_ray.engine.tracking import METRICS_FILE  # noqa: E402
+from spine_ray.ensemble.blend import member_matrix  # noqa: E402
 from spine_ray.ensemble.metric import score_arrays  # noqa: E402
 from spine_ray.ensemble.prior import fit_prior  # noqa: E402
 from spine_ray.stages.grade.samples import fake_points  # noqa: E402
@@ -140,17 +141,11 @@ def unit_rates(path: str | None, cuda: bool) -> dict[str, float]:
 
 
 def member_probs(oof: pd.DataFrame, studies: list[int], prior: np.ndarray) -> tuple[np.ndarray, int]:
-    """Probabilities [n, 25, 3] for `studies`: the member's where its OOF table has a row, the prior elsewhere; and how many it gave."""
-    probs = np.broadcast_to(prior, (len(studies), len(LABEL_COLUMNS), 3)).copy()
-    index = {s: i for i, s in enumerate(studies)}
-    mean = oof.groupby("row_id")[list(PROB_COLUMNS)].mean()
-    given = 0
-    for rid, p in zip(mean.index, mean.to_numpy(), strict=True):
-        study, target = rid.split("_", 1)
-        if int(study) in index:
-            probs[index[int(study)], LABEL_COLUMNS.index(target)] = p
-            given += 1
-    return probs, given
+    """Probabilities [n, 25, 3] for `studies`: the member's where its OOF table has a row, the prior elsewhere
+    (`ensemble.blend.member_matrix`, as the blend aligns them); and how many rows it gave."""
+    member = str(oof["member"].iloc[0]) if len(oof) else ""
+    m = member_matrix(oof, studies, [member], prior)
+    return m.probs[0], len(studies) * len(LABEL_COLUMNS) - m.filled[member]
 
 
 def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, draws: int, seed: int = 0) -> tuple[float, float]:
@@ -164,12 +159,6 @@ def paired_bootstrap(labels: np.ndarray, a: np.ndarray, b: np.ndarray, draws: in
         except ValueError:  # a draw without a scored label of some condition: skip it
             continue
     return (float(np.nanpercentile(diffs, 5)), float(np.nanpercentile(diffs, 95))) if diffs else (float("nan"), float("nan"))
-
-
-def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The metric and its parts."""
-    s = score_arrays(labels, probs)
-    return {"score": s.score, "spinal": s.spinal, "foraminal": s.foraminal, "subarticular": s.subarticular, "any_severe": s.any_severe_spinal}
 
 
 def train_member(stage: Stage, job: FoldJob, device: torch.device, use_ray: bool, resources: Any) -> tuple[pd.DataFrame, list[dict]]:
@@ -252,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         held_ids = [s for s, h in zip(ids, held, strict=True) if h]
         prior = fit_prior(lm[trained])
         prior_probs = np.broadcast_to(prior, (int(held.sum()), len(LABEL_COLUMNS), 3)).copy()
-        base = scores(lm[held], prior_probs)
-        best = scores(lm[held], oracle[held])
+        base = score_arrays(lm[held], prior_probs).as_dict()
+        best = score_arrays(lm[held], oracle[held]).as_dict()
         meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
                 "studies": args.studies, "held_out": int(held.sum()), "train_studies": int(trained.sum()), "folds": args.folds, "fold": args.fold, "preset": args.preset,
                 "size": args.size, "ray": use_ray, "why_not_ray": why_not_ray, "prep_s": prep_s, "budget_s": args.budget_s}
@@ -270,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             oof, curve = train_member(stage, job, device, use_ray, resources)
             probs, given = member_probs(oof, held_ids, prior)
-            got = scores(lm[held], probs)
+            got = score_arrays(lm[held], probs).as_dict()
             lo, hi = paired_bootstrap(lm[held], probs, prior_probs, args.bootstrap)
             r = {"epochs": epochs, "of_recipe": cap, "train_samples": n_train, "rate_assumed": rate, "seconds": time.perf_counter() - t,
                  "targets_predicted": given, **got, "minus_prior": got["score"] - base["score"], "minus_prior_5_95": [lo, hi],
@@ -296,7 +285,7 @@ def table(results: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(name: str, s: dict[str, Any], extra: list[str]) -> str:
-        parts = [f"{s[k]:.4f}" for k in ("score", "spinal", "foraminal", "subarticular", "any_severe")]
+        parts = [f"{s[k]:.4f}" for k in ("score", "spinal", "foraminal", "subarticular", "any_severe_spinal")]
         return "| " + " | ".join([name, extra[0], *parts, *extra[1:]]) + " |"
 
     lines.append(row("prior (training folds)", results["prior"], ["", "", ""]))

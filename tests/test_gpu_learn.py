@@ -39,12 +39,12 @@ def test_rates_come_from_a_gpu_run_where_measured_else_the_issue(tmp_path: Path)
 
 def test_member_probabilities_fall_back_to_the_prior_where_it_predicts_nothing() -> None:
     prior = np.tile(np.array([0.7, 0.2, 0.1]), (len(LABEL_COLUMNS), 1))
-    oof = pd.DataFrame([
-        {"row_id": f"7_{LABEL_COLUMNS[0]}", **dict(zip(PROB_COLUMNS, (0.1, 0.1, 0.8), strict=True))},
-        {"row_id": f"7_{LABEL_COLUMNS[0]}", **dict(zip(PROB_COLUMNS, (0.3, 0.3, 0.4), strict=True))},  # averaged with the row above
+    rows = [
+        {"row_id": f"7_{LABEL_COLUMNS[0]}", **dict(zip(PROB_COLUMNS, (0.2, 0.2, 0.6), strict=True))},
         {"row_id": f"9_{LABEL_COLUMNS[3]}", **dict(zip(PROB_COLUMNS, (0.0, 1.0, 0.0), strict=True))},
         {"row_id": f"8_{LABEL_COLUMNS[1]}", **dict(zip(PROB_COLUMNS, (1.0, 0.0, 0.0), strict=True))},  # not a held-out study
-    ])
+    ]
+    oof = pd.DataFrame(rows).assign(member="m")
     probs, given = gpu_learn.member_probs(oof, [7, 9], prior)
     assert given == 2 and probs.shape == (2, len(LABEL_COLUMNS), 3)
     np.testing.assert_allclose(probs[0, 0], [0.2, 0.2, 0.6])
@@ -52,6 +52,8 @@ def test_member_probabilities_fall_back_to_the_prior_where_it_predicts_nothing()
     untouched = np.ones(probs.shape[:2], bool)
     untouched[0, 0] = untouched[1, 3] = False
     np.testing.assert_allclose(probs[untouched], np.broadcast_to(prior[0], (int(untouched.sum()), 3)))
+    with pytest.raises(ValueError, match="twice"):  # a stage's OOF table holds a row once (`Stage.predict`)
+        gpu_learn.member_probs(pd.concat([oof, oof.iloc[:1]]), [7, 9], prior)
 
 
 def test_a_training_subset_keeps_the_held_out_fold_whole() -> None:
