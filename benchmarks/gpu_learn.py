@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tiny = args.size == "tiny"
     why_not_ray = ray_unusable(args.no_ray)
     use_ray = why_not_ray is None
-    threads = torch.get_num_threads()
     with workspace(args.work, "bench-learn-") as work:
         workers = args.workers or (1 if tiny else max(1, min(args.studies, os.cpu_count() or 1)))
         prepared = work / "prepared"
@@ -229,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prep_s = time.perf_counter() - start
         # Only now: the pools above were forked from a process that had not touched CUDA.
         device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(1 if tiny else threads)
+        if device.type == "cpu" and tiny:
+            torch.set_num_threads(1)  # restored by `workspace`
         resources = fit_resources(cfg, device.type == "cuda", use_ray)
         rates = unit_rates(args.rates, device.type == "cuda")
 
