@@ -381,11 +381,50 @@ def test_compile_is_in_place_so_weights_keep_their_names(monkeypatch):
 
     m = _speed_models()["grader"]
     keys = list(m.state_dict())
-    compiled: list[torch.nn.Module] = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    compiled: list[tuple[torch.nn.Module, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((self, k)))
     assert speed_up(m, channels_last=False, compile_backbone=True) == ["compile"]
-    assert compiled == [m.encoder] and list(m.state_dict()) == keys
+    assert compiled == [(m.encoder, {"dynamic": False})] and list(m.state_dict()) == keys  # one static graph per batch shape
     assert speed_up(m, channels_last=False, compile_backbone=False) == []
+
+
+def test_compiled_encoders_keep_static_kernels_for_the_full_batch_and_start_each_job_afresh(monkeypatch):
+    """Real Dynamo (a recording backend in place of Inductor): after an epoch's short last batch the full
+    batches still run the graph made for their size, and the next model compiled starts with no graphs."""
+    import spine_ray.models.backbone as bb
+
+    graphs: list[dict] = []
+
+    def record(gm, example_inputs):
+        sizes = [d for x in example_inputs for d in (x.shape if isinstance(x, torch.Tensor) else [x])]
+        g = {"calls": 0, "dynamic": any(isinstance(d, torch.SymInt) for d in sizes)}
+        graphs.append(g)
+
+        def run(*args):
+            g["calls"] += 1
+            return gm.forward(*args)
+        return run
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend=record, **kw))
+    monkeypatch.setattr(bb, "backbones", lambda model: [model])
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    try:
+        m = net()
+        assert bb.speed_up(m, channels_last=False, compile_backbone=True) == ["compile"]
+        for b in (4, 3, 4, 4, 4):  # full batches, the epoch's short one, the next epoch's
+            m(torch.randn(b, 3, 8, 8))
+        assert [g["dynamic"] for g in graphs] == [False, False]
+        assert [g["calls"] for g in graphs] == [4, 1]  # by default: [1, 4], the full batches on the dynamic graph
+        m2 = net()
+        bb.speed_up(m2, channels_last=False, compile_backbone=True)
+        m2(torch.randn(4, 3, 8, 8))
+        assert len(graphs) == 3 and graphs[2]["calls"] == 1  # compiled anew, not the last job's graph
+    finally:
+        torch._dynamo.reset()
 
 
 def test_speed_up_sets_the_cudnn_autotuner_either_way():

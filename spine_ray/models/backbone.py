@@ -272,9 +272,16 @@ def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool, cudn
 
     Only the 2-D encoders change: the localisers' 3-D context convolutions refuse channels_last
     ("required rank 4 tensor"). Weights keep their names (`nn.Module.compile` compiles in place),
-    so checkpoints load either way. Where compilation fails, Dynamo falls back to eager for that
-    frame (`suppress_errors`) and training goes on uncompiled; where `compile` does not exist
-    (torch < 2.2) it is skipped with one log line.
+    so checkpoints load either way. Shapes are static (`dynamic=False`): a fold job sees a handful
+    of batch shapes (the full batch, its epoch's short last one, the same in evaluation, a frozen
+    step's), each compiled once for its size, so the full batches keep the kernels made for them;
+    by default the second shape would turn the batch dimension symbolic and every later step
+    would run the dynamic-shape kernels (a bare-loop rate at another batch too). Compiled frames
+    are keyed by code, not by module, so Dynamo's caches are reset first: a process that trains
+    fold jobs one after another starts each with none of the last one's graphs (its kernels stay
+    in the on-disk cache), and one job's shapes stay inside the recompile limit. Where compilation
+    fails, Dynamo falls back to eager for that frame (`suppress_errors`) and training goes on
+    uncompiled; where `compile` does not exist (torch < 2.2) it is skipped with one log line.
     """
     done: list[str] = []
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -293,7 +300,8 @@ def speed_up(model: nn.Module, channels_last: bool, compile_backbone: bool, cudn
         import torch._dynamo as dynamo
 
         dynamo.config.suppress_errors = True
+        dynamo.reset()
         for enc in encoders:
-            enc.compile()
+            enc.compile(dynamic=False)
         done.append("compile")
     return done
