@@ -33,25 +33,30 @@ device, decoding excluded), in studies/s on the synthetic studies. `spine-ray in
 run: it decodes DICOM files (pydicom) in Ray Data tasks, and these studies are never written as DICOM.
 The table prints the issue's H200 figures (2026-12) in brackets beside today's.
 
-On the H200 machine (Python 3.12, torch, timm, pandas, pyarrow; no Ray, no pydicom), from the
-repository root. With Ray (the real path through a Ray Train worker): build `.whl/ray-site.tar.xz`
-here first (`bash benchmarks/device_pack.sh`: Ray 2.60 stripped and its missing dependencies,
-26 MiB), then run with carry [".whl"]:
+On the GPU machine (Python 3.12, torch, timm, pandas, pyarrow; no Ray, no pydicom), from the
+repository root: `benchmarks/device_run.py` runs this script and then `benchmarks/gpu_learn.py` in one
+call inside the session's device time (its docstring has the command). With Ray (the real path
+through a Ray Train worker), `.whl/ray-site.tar.xz` travels (`bash benchmarks/device_pack.sh`: Ray 2.60
+stripped and its missing dependencies, 26 MiB; carry [".whl"]); without it the real path is the
+in-process one. Alone:
 
-    mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log; cp $OUT/gpu.json /tmp/gpu.json
+    mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
-(the copy in /tmp is for `benchmarks/gpu_learn.py`, the next call's). Without it (the in-process path; nothing travels but the working tree):
+Then, here, `benchmarks/schedule.py --rates gpu.json` prices the recipe with the measured rates
+(docs/scale-out.md's tables), and `gpu.py --table gpu.json` prints the tables of a saved JSON (one
+saved after every unit: a run stopped at its time limit keeps what it measured).
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
-
-with a run timeout of 540 s either way. Then, here, `benchmarks/schedule.py --rates gpu.json` prices
-the recipe with the measured rates (docs/scale-out.md's tables). It keeps inside --budget-s (450 s): each unit gets an equal share of
-what is left (a fifth of the budget is kept for inference, 15 % for the shared measurement) and its
-step counts are cut to fit it. Estimated from the issue's rates, not yet timed there: 35-60 s a unit
-at 20 steps (the one-stage member longest; without Ray the real path is held to one augmentation
-thread's rate), about 20 s of synthesis and CUDA start-up, 70 s for 4 jobs sharing the GPU (their
-start and compilation from the bare loop's warm cache, then a 20 s window), 40-60 s of inference
-with 2 folds: about 7 minutes in all.
+Time. It keeps inside --budget-s (450 s): a fifth is kept for inference and 15 % for the shared
+measurement; each unit's timed windows get an equal part of what is left after the overhead
+expected for every unit still to come (its time outside the windows: compilation of each batch
+shape, Ray Train's worker start, the samples; --overhead-s, 90 s on a GPU, until the first unit has
+measured its own), at least 5 s. The units run in the order a run cut short should keep them: the
+ConvNeXt grader (the issue's headline figure), then by their share of the recipe's GPU-hours. With
+`train.compile` on, every fold job compiles each batch shape once: on this 2-core CPU convnext_small's
+training step took 83 s to compile cold, 86 s more at another batch, 28 s for evaluation, and 4 s
+each from torch's on-disk cache in a new process; how long on the GPU machine is one of the
+figures this run reports (the bare loop's first steps at each batch, and each unit's time
+beyond its windows).
 
 On CPU, tiny (timm's test_* networks, 64 px; what tests/test_gpu_bench.py runs):
 
@@ -147,12 +152,14 @@ class Unit:
     issue: tuple[float, float, float, float, float]
 
 
+# In the order a run cut short should keep them: the issue's headline unit, then by their share of the recipe's
+# GPU-hours (`benchmarks/schedule.py`: the sagittal and axial units also price the EfficientNet localisers).
 UNITS = (
     Unit("grade_convnext", "grade", "convnext_small", "grade, convnext_small", (90.6, 90.9, 172.3, 8.3, 18.8)),
-    Unit("grade_effnet", "grade", "efficientnet_b3", "grade, tf_efficientnet_b3", (69.2, 77.2, 99.8, 6.8, 17.0)),
-    Unit("axial", "localize", "axial", "axial localiser, convnext_small", (86.3, 88.9, 123.1, 13.1, 33.9)),
     Unit("sag_t2", "localize", "sag_t2", "sagittal T2 localiser, convnext_small", (38.8, 43.6, 55.9, 14.1, 12.2)),
+    Unit("axial", "localize", "axial", "axial localiser, convnext_small", (86.3, 88.9, 123.1, 13.1, 33.9)),
     Unit("onestage", "onestage", "onestage_convnext_small", "one-stage, convnext_small x 2 views", (13.7, 14.7, 21.5, 10.6, 5.9)),
+    Unit("grade_effnet", "grade", "efficientnet_b3", "grade, tf_efficientnet_b3", (69.2, 77.2, 99.8, 6.8, 17.0)),
 )
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before the Ray path starts Ray
 
@@ -459,16 +466,17 @@ def _bare_model(stage: Stage, job: FoldJob, device: torch.device, steps: int, sh
 
 
 def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.device, steps: int, limits: list[float],
-               flip_cudnn: float = 0.0) -> tuple[list[float], bool]:
+               flip_cudnn: float = 0.0) -> tuple[list[float], bool, list[float]]:
     """Samples/s of model + loss + AdamW on each batch (already on the device), after warm-up, timed between synchronisations;
-    and whether the model trained checkpointed (`grad_checkpointing`, `auto` settled for the whole device).
+    whether the model trained checkpointed (`grad_checkpointing`, `auto` settled for the whole device); and each batch's
+    warm-up seconds (its first steps: with `train.compile` on a GPU, the compilation for that batch shape).
 
     `flip_cudnn` > 0: one more rate at the end, the first batch again for about that many seconds with cuDNN's
     autotuner the other way from the member's `train.cudnn_benchmark` (the same model; restored after).
     """
     model, o = _bare_model(stage, job, device, steps)
     checkpointed = any(checkpointing_of(model))
-    rates = []
+    rates, warm = [], []
     recipe_cudnn = torch.backends.cudnn.benchmark
     runs = list(zip(batches, limits, strict=True)) + ([(batches[0], flip_cudnn)] if flip_cudnn > 0 else [])
     for i, (batch, limit) in enumerate(runs):
@@ -476,9 +484,11 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
         n = next(int(v.shape[0]) for v in batch.values() if v.ndim)
         try:
             on_device = {k: v.to(device) for k, v in batch.items()}
+            t0 = time.perf_counter()
             for _ in range(3 if device.type == "cuda" else 1):
                 _bare_step(stage, job, model, o, on_device)
             _sync(device)
+            warm.append(time.perf_counter() - t0)
             t0, done = time.perf_counter(), 0
             while done < max(2, steps) and (done < 2 or time.perf_counter() - t0 < limit):
                 _bare_step(stage, job, model, o, on_device)
@@ -488,13 +498,14 @@ def bare_rates(stage: Stage, job: FoldJob, batches: list[dict], device: torch.de
         except torch.cuda.OutOfMemoryError:  # a batch the device cannot hold (e.g. 4x without checkpointing): n/a, the run goes on
             print(f"  {job.stage}/{job.member}: batch of {n} does not fit on {device}: n/a", flush=True)
             rates.append(float("nan"))
+            warm.append(float("nan"))
             on_device = None
             o.opt.zero_grad(set_to_none=True)
             _free(device)
     torch.backends.cudnn.benchmark = recipe_cudnn
     del model, o, on_device
     _free(device)
-    return rates, checkpointed
+    return rates, checkpointed, warm
 
 
 def _shared_job(stage: Stage, job: FoldJob, batch: dict, device_name: str, warmup: int, seconds: float, barrier: Any, out: Any, share: float) -> None:
@@ -651,10 +662,10 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         batches, limits = [*batches, deferred[0]], [*limits, 0.1 * seconds]
     cudnn = stage.train_config(job).cudnn_benchmark
     flip = 0.05 * seconds if cuda else 0.0  # cuDNN's autotuner the other way (a CPU has no cuDNN)
-    (bare, bare4, *more), checkpointed = bare_rates(stage, job, batches, device, args.steps, limits, flip)  # the issue's one-stage figures: checkpointed
+    (bare, bare4, *more), checkpointed, warm = bare_rates(stage, job, batches, device, args.steps, limits, flip)  # the issue's one-stage figures: checkpointed
     dev_rate, flipped = (more[0] if device_aug else None), (more[-1] if flip else None)
     # More work per GPU, the other way: several fold jobs on the device, each step unchanged.
-    shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(30.0, 0.65 * shared_s)) if shared_s > 0 else None
+    shared = shared_rate(stage, job, small, device, args.shared, 0.3 * shared_s, max(60.0, 0.65 * shared_s)) if shared_s > 0 else None
 
     # The real path, on enough copies of the samples for two epochs of `steps` batches.
     lanes = resources.data_concurrency if resources.pipeline() == "ray" else 1  # augmentation tasks in flight
@@ -703,7 +714,8 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "peak_gib_fit": peak, "gpu_util_pct": sampler.util_mean, "cpu_cores": sampler.cpu_cores, "pipeline_cores": sampler.pipeline_cores,
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
-        "grad_checkpointing": checkpointed,
+        "grad_checkpointing": checkpointed, "bare_warmup_s": warm[0], "bare4x_warmup_s": warm[1],
+        "sized_s": seconds + shared_s, "overhead_s": max(0.0, time.perf_counter() - t_unit - seconds - shared_s),
         "cudnn_benchmark": cudnn, "bare_cudnn_flipped_samples_per_s": flipped,
         "bare_device_aug_samples_per_s": dev_rate, "augment_device_per_core": augment_dev if device_aug else None,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),
@@ -823,9 +835,16 @@ def table(results: dict[str, Any]) -> str:
             rows.append([f"{r['label']} ({r['batch']})", "on" if on else "off", _num(rates[False]), _num(rates[True]), _num(rates[True] / rates[False], 2)])
         lines += ["", "cuDNN's autotuner (`train.cudnn_benchmark`, torch.backends.cudnn.benchmark): the bare step at the recipe's batch both ways, the same model:", "",
                   *_markdown(["unit (recipe batch)", "recipe", "bare loop, autotuner off", "on", "on / off"], rows, "---:")]
+    warm = [r for r in results["units"].values() if "bare_warmup_s" in r]
+    if warm:
+        rows = [[f"{r['label']} ({r['batch']})", _num(r["bare_warmup_s"]), _num(r["bare4x_warmup_s"]), _num(r["overhead_s"], 0), _num(r["seconds"], 0)]
+                for r in warm]
+        lines += ["", "Start-up: the bare loop's first steps at each batch (with `train.compile`, that shape's compilation: "
+                  "a fold job pays it once per shape), and each unit's time beyond its timed windows (compilation, Ray's start, samples):", "",
+                  *_markdown(["unit (recipe batch)", "first steps s, 1x batch", "4x batch", "unit s beyond its windows", "unit s in all"], rows, "---:")]
     out = [
         f"GPU throughput of {m['config']}'s units: size {m['size']}, {m['studies']} synthetic studies at {m['image_px']} px, "
-        f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {m['seconds']:.0f} s in all.",
+        f"{m['device']}, torch {m['torch']}; at most {m['steps']} steps a measurement (fits: per epoch); {_num(m.get('seconds'), 0)} s in all.",
         f"fit: {m['path']}. GPU utilisation: {m['util']}. In brackets: the issue's H200 figures (2026-12; the one-stage unit's with gradient checkpointing).",
         "", *lines, "",
     ]
@@ -859,6 +878,14 @@ def save_json(results: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(json.dumps(results, indent=1))
 
 
+def unit_seconds(left_s: float, reserve: float, mine: float, overheads: list[float], assumed: float, left: int) -> float:
+    """The next unit's timed windows, in seconds: an equal part, among the `left` units still to measure, of the `left_s`
+    seconds to the deadline less the `reserve` (inference, the later units' shared runs), this unit's own shared run
+    (`mine`) and every remaining unit's overhead (the mean of those measured, else `assumed`); at least 5 s."""
+    overhead = sum(overheads) / len(overheads) if overheads else assumed
+    return max(5.0, (left_s - reserve - mine - overhead * left) / left)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure every unit and inference, print the table; returns what --json writes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -869,6 +896,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", choices=("real", "tiny"), default="real", help="tiny: timm's test_* networks at 64 px, for CPU")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget; step counts are cut to keep inside it")
+    ap.add_argument("--overhead-s", type=float, default=None,
+                    help="a unit's time outside its timed windows (compilation, Ray start, sample building) until one is measured "
+                         "(default: 90 on a GPU, 0 on CPU); the windows are sized to leave it")
     ap.add_argument("--shared", type=int, default=4, help="fold jobs sharing the device in the shared measurement (0 or 1: none)")
     ap.add_argument("--shared-units", nargs="*", choices=[u.key for u in UNITS], default=["grade_convnext"],
                     help="units whose shared measurement is taken (each gets an equal part of 15%% of the budget)")
@@ -878,7 +908,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-ray", action="store_true", help="the in-process real path even where Ray is importable")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--table", metavar="JSON", help="only print the tables of a saved --json (a run cut short: what it measured)")
     args = ap.parse_args(argv)
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        print(table(results), flush=True)
+        return results
 
     start = time.perf_counter()
     deadline = start + args.budget_s
@@ -913,15 +948,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{args.studies} studies synthesised in {synth_s:.0f} s; fit: {path}", flush=True)
         results: dict[str, Any] = {"meta": meta, "units": {}, "infer": None}
         units = [u for u in UNITS if u.key in args.units]
+        overheads: list[float] = []  # measured: each unit's wall time beyond its windows
+        assumed = args.overhead_s if args.overhead_s is not None else (90.0 if device.type == "cuda" else 0.0)
         for i, unit in enumerate(units):
             mine = shared_s if unit.key in shared_units else 0.0
             reserve -= mine
-            seconds = max(5.0, (deadline - time.perf_counter() - reserve - mine) / (len(units) - i))
+            seconds = unit_seconds(deadline - time.perf_counter(), reserve, mine, overheads, assumed, len(units) - i)
             r = measure_unit(unit, cfg, work, device, args, seconds, util, use_ray, resources, shared_s=mine)
+            overheads.append(r["overhead_s"])
             results["units"][unit.key] = r
             shared = r["shared"] and r["shared"]["samples_per_s"]
             print(f"  {unit.label}: fit {_num(r['fit_samples_per_s'])}, bare {_num(r['bare_samples_per_s'])}, bare 4x {_num(r['bare4x_samples_per_s'])}"
-                  + (f", {args.shared} jobs sharing {shared:.1f}" if shared else "") + f" samples/s ({r['seconds']:.0f} s)", flush=True)
+                  + (f", {args.shared} jobs sharing {shared:.1f}" if shared else "")
+                  + f" samples/s ({r['seconds']:.0f} s: {r['overhead_s']:.0f} s beyond its windows, first steps {_num(r['bare_warmup_s'])} s"
+                  f" / {_num(r['bare4x_warmup_s'])} s at 1x / 4x)", flush=True)
             meta["seconds"] = time.perf_counter() - start
             save_json(results, args.json)  # what is measured so far survives a run stopped at its time limit
         if not args.no_infer:
