@@ -27,10 +27,11 @@
 # agent's port file, and an agent importing Ray from uncompiled sources on a busy machine missed it
 # here: "Check failed: ... Timed out waiting for file .../metrics_agent_port_*"):
 #     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; }
-# then PYTHONPATH=/tmp/site:. (the repository root too) on the command. The benchmark, as one run
-# command with carry: [".whl"] and a run timeout of 540 s:
-#     mkdir -p /tmp/site && tar xJf .whl/ray-site.tar.xz -C /tmp/site && { python3 -m compileall -q -j0 /tmp/site >/dev/null || true; } && PYTHONPATH=/tmp/site:. RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --size real --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
-# Its first line must say "fit: a one-worker Ray Train TorchTrainer (engine.worker.train_worker), Ray
+# then PYTHONPATH=/tmp/site:. (the repository root too) on the command. `benchmarks/device_run.py`
+# does all of it, then runs gpu.py and gpu_learn.py inside one deadline: one run command with
+# carry: [".whl"] and a run timeout of 600 s:
+#     python3 benchmarks/device_run.py --out $OUT
+# gpu.log's first line must say "fit: a one-worker Ray Train TorchTrainer (engine.worker.train_worker), Ray
 # Data input ..."; "in-process fit_fold (Ray not importable here)" means the archive did not unpack.
 # Ray's worker processes inherit PYTHONPATH, so they import the same /tmp/site.
 set -euo pipefail
