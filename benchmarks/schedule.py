@@ -14,7 +14,8 @@ predicted once, or after every epoch by the members that select their best epoch
 benchmarks/gpu.py's JSON; the effnet localisers priced at the graders' effnet/convnext ratio); the
 table of members is printed first. `--scale` multiplies them all, and `--target-gpu-hours` adds the
 rates scaled to that total (12: the GPU-throughput issue's target for the recipe). `--run-dir` takes the config
-and the durations from a finished run instead: each member's mean fold time (job start to done
+and the durations from a finished run instead (`--startup-s` adds each fold job's seconds before its first step: compilation,
+the worker's start; a finished run's fold times hold them already): each member's mean fold time (job start to done
 marker) from the folds' `done.json` timelines, replayed on `--gpus` slots.
 
 "barrier" runs the stage groups one after another (sagittal views, axial views, graders, one-stage
@@ -75,9 +76,10 @@ def validates_each_epoch(member: Member) -> bool:
     return stage.select(FoldJob(member.stage, member.name, 0, 1, member.config, "", "", {})) is not None
 
 
-def unit_hours(member: Member, rates: dict[str, float], folds: int, studies: int = STUDIES) -> float:
+def unit_hours(member: Member, rates: dict[str, float], folds: int, studies: int = STUDIES, startup_s: float = 0.0) -> float:
     """GPU-hours of one fold of a member at its unit's rate: its epochs over the fold's training samples, and the
-    held-out samples at a third of the cost, once (the fold's OOF prediction) or after every epoch (`validates_each_epoch`).
+    held-out samples at a third of the cost, once (the fold's OOF prediction) or after every epoch (`validates_each_epoch`);
+    plus `startup_s` seconds the job holds its GPU before its first step (compilation of its batch shapes, the worker's start).
 
     A stage-1 variant whose backbone is an EfficientNet (unmeasured as a localiser) is priced at
     the graders' EfficientNet / ConvNeXt ratio.
@@ -88,7 +90,7 @@ def unit_hours(member: Member, rates: dict[str, float], folds: int, studies: int
     hours = samples / rates[unit] / 3600
     if member.stage == "localize" and "efficientnet" in member.config.model.backbone:
         hours *= rates["grade_convnext"] / rates["grade_effnet"]
-    return hours
+    return hours + startup_s / 3600
 
 
 def read_rates(path: str) -> dict[str, float]:
@@ -97,12 +99,12 @@ def read_rates(path: str) -> dict[str, float]:
     return {**H200_RATES, **{k: float(u["fit_samples_per_s"]) for k, u in units.items() if k in H200_RATES}}
 
 
-def members_table(cfg: PipelineConfig, rates: dict[str, float], studies: int) -> str:
+def members_table(cfg: PipelineConfig, rates: dict[str, float], studies: int, startup_s: float = 0.0) -> str:
     """A markdown row per trained member: its unit's rate, epochs, GPU-hours per fold and for every fold."""
-    lines = [f"{studies} studies, {cfg.folds} folds", "", "| member | unit | samples/s | epochs | GPU-hours per fold | all folds |", "|---|---|---:|---:|---:|---:|"]
+    lines = [f"{studies} studies, {cfg.folds} folds" + (f", {startup_s:.0f} s of start-up a fold job" if startup_s else ""), "", "| member | unit | samples/s | epochs | GPU-hours per fold | all folds |", "|---|---|---:|---:|---:|---:|"]
     total = 0.0
     for m in cfg.members():
-        h = unit_hours(m, rates, cfg.folds, studies)
+        h = unit_hours(m, rates, cfg.folds, studies, startup_s)
         total += h * cfg.folds
         lines.append(f"| {m.stage}/{m.name} | {unit_of(m)} | {rates[unit_of(m)]:.1f} | {epochs_of(m)} | {h:.2f} | {h * cfg.folds:.2f} |")
     lines.append(f"| all members (cross predictions: {CROSS_HOURS} h a fold each, beside) | | | | | {total:.1f} |")
@@ -123,6 +125,8 @@ def main() -> None:
     ap.add_argument("--run-dir", default="", help="Config and per-member durations from this finished run.")
     ap.add_argument("--rates", default="", help="benchmarks/gpu.py's JSON: its measured samples/s instead of the H200 table's.")
     ap.add_argument("--studies", type=int, default=STUDIES, help="training studies of the priced run")
+    ap.add_argument("--startup-s", type=float, default=0.0,
+                    help="seconds a fold job holds its GPU before its first step (compilation of its batch shapes, the worker's start)")
     ap.add_argument("--json", default="", help="Also write the figures here.")
     args = ap.parse_args()
     rates = read_rates(args.rates) if args.rates else H200_RATES
@@ -136,8 +140,8 @@ def main() -> None:
         print(f"{args.run_dir}: measured fold times " + ", ".join(f"{s}/{m} {v * 3600:.1f} s" for (s, m), v in measured.items()))
     else:
         cfg = load(PipelineConfig, args.config)
-        hours = lambda m: unit_hours(m, rates, cfg.folds, args.studies)  # noqa: E731
-        print(members_table(cfg, rates, args.studies))
+        hours = lambda m: unit_hours(m, rates, cfg.folds, args.studies, args.startup_s)  # noqa: E731
+        print(members_table(cfg, rates, args.studies, args.startup_s))
     rows = []
     today = sum(j.hours for j in plan_jobs(cfg, hours, cross_hours=cross))
     scales = [*args.scale, *([args.target_gpu_hours / today] if args.target_gpu_hours > 0 else [])]

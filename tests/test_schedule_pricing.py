@@ -38,5 +38,8 @@ def test_members_are_priced_by_their_epochs_samples_and_unit_rate(tmp_path: Path
     measured = schedule.read_rates(str(out))
     assert measured["grade_convnext"] == 181.2 and measured["axial"] == rates["axial"] and "not_a_unit" not in measured
     assert schedule.unit_hours(grade, measured, 5) == pytest.approx(expected / 2)
+    # A fold job's start-up (compilation, the worker's start) is added once per fold, whatever its epochs.
+    assert schedule.unit_hours(grade, rates, 5, startup_s=180.0) == pytest.approx(expected + 0.05)
+    assert "180 s of start-up a fold job" in schedule.members_table(cfg, rates, 1975, startup_s=180.0)
     table = schedule.members_table(cfg, rates, 1975)
     assert "| grade/convnext_small | grade_convnext | 90.6 | 20 |" in table
