@@ -32,6 +32,7 @@ from spine_ray.core.storage import (
     join,
     read_parquet,
 )
+from spine_ray.engine import compile_cache
 from spine_ray.engine.sample_cache import samples
 from spine_ray.engine.stage import (
     Batch,
@@ -40,6 +41,7 @@ from spine_ray.engine.stage import (
     collate,
     epoch_rng,
     fold_dir,
+    job_key,
     new_model,
     numpy_batches,
     phases,
@@ -47,6 +49,8 @@ from spine_ray.engine.stage import (
 )
 from spine_ray.engine.train_loop import EpochResult, fit
 from spine_ray.models.backbone import resolve_checkpointing, speed_up
+
+SPEED_UP_DEVICES = ("cuda",)  # where `train.{channels_last, compile, cudnn_benchmark}` apply: no effect on CPU
 
 
 def validator(stage: Stage, job: FoldJob, val: pd.DataFrame) -> Callable[[nn.Module], dict[str, float]] | None:
@@ -86,8 +90,8 @@ def fit_fold(
     model.to(device)
     resolve_checkpointing(model, device, gpu_share)
     cfg0 = stage.train_config(job)
-    if device.type == "cuda":
-        speed_up(model, cfg0.channels_last, cfg0.compile, cfg0.cudnn_benchmark)
+    compiled = device.type in SPEED_UP_DEVICES and "compile" in speed_up(model, cfg0.channels_last, cfg0.compile, cfg0.cudnn_benchmark)
+    cache = compile_cache.begin(job.run_dir, model, job_key(job), compiled and cfg0.compile_cache)
     first = int(resume.get("phase", 0)) if resume is not None else 0
     if not 0 <= first < len(steps):
         raise ValueError(f"checkpoint of step {first}, but {job.member} trains in {len(steps)} step(s)")
@@ -102,14 +106,17 @@ def fit_fold(
         wrapped = prepare(model) if prepare is not None else model
 
         def tagged(result: EpochResult, i: int = i) -> None:
+            if cache is not None:  # the first epoch's shapes (and any new later), for the jobs still to start
+                cache.save()
             result.state["phase"] = i
             result.metrics["phase"] = i
-            on_epoch_end(result)
+            if on_epoch_end is not None:
+                on_epoch_end(result)
 
         metrics = fit(
             wrapped, lambda m, b, step=step: stage.loss(step, m, b), lambda e, o=offset: batches(o + e),
             steps_per_epoch(n_train, cfg.batch_size, world), cfg,
-            validate=validate, on_epoch_end=tagged if on_epoch_end is not None else None,
+            validate=validate, on_epoch_end=tagged if on_epoch_end is not None or cache is not None else None,
             resume=resume if i == first else None, device=device,
             select=stage.select(step) if hasattr(stage, "select") else None,
             on_device=(lambda b, step=step: stage.on_device(step, b)) if hasattr(stage, "on_device") else None, world=world,
@@ -151,7 +158,9 @@ def run_fold(
         stage, job, local_batches(stage, job, train), len(train), device=device, resume=resume, on_epoch_end=on_epoch_end,
         validate=validator(stage, job, val),
     )
-    return model, metrics, stage.predict(job, model, val)
+    oof = stage.predict(job, model, val)
+    compile_cache.save_active()  # the prediction's shapes
+    return model, metrics, oof
 
 
 def finish_fold(
@@ -166,6 +175,7 @@ def finish_fold(
     show where a fold's wall time goes beyond its epochs.
     """
     oof = stage.predict(job, model, val)
+    compile_cache.save_active()  # the prediction's shapes
     out = fold_dir(job)
     buf = io.BytesIO()
     # Weights and the member config as plain data only: loadable with weights_only=True (no code runs).

@@ -47,6 +47,9 @@ class TrainConfig:
     # GPU speed-ups of the 2-D backbones (`models.backbone.speed_up`); no effect on CPU.
     channels_last: bool = False
     compile: bool = False  # torch.compile of each backbone, in place (falls back to eager where it fails)
+    # With compile: the compiled kernels shared by the run's fold jobs through its storage
+    # (`engine.compile_cache`: a network is compiled about once per run, not once per node).
+    compile_cache: bool = True
     # cuDNN's autotuner for the process (torch.backends.cudnn.benchmark): each convolution shape's
     # algorithms are timed once and the fastest kept; the choice may differ from run to run.
     cudnn_benchmark: bool = False
