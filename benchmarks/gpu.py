@@ -53,8 +53,8 @@ shape, Ray Train's worker start, the samples; --overhead-s, 90 s on a GPU, until
 measured its own), at least 5 s. The units run in the order a run cut short should keep them: the
 ConvNeXt grader (the issue's headline figure), then by their share of the recipe's GPU-hours. With
 `train.compile` on, every fold job compiles each batch shape once: on this 2-core CPU convnext_small's
-training step took 83 s to compile cold, 86 s more at another batch, 28 s for evaluation, and 4 s
-each from torch's on-disk cache in a new process; how long on the GPU machine is one of the
+training step took 75 s to compile cold, 74 s more at another batch, 23 s for evaluation, and 3-4 s
+each from torch's on-disk cache in a new process (`benchmarks/compile_time.py`); how long on the GPU machine is one of the
 figures this run reports (the bare loop's first steps at each batch, and each unit's time
 beyond its windows).
 
