@@ -118,6 +118,12 @@ def unpack(archive: Path, site: Path, py: str) -> str:
     return str(site)
 
 
+def child_env(site: str, environ: dict[str, str]) -> dict[str, str]:
+    """The children's environment: the unpacked archive and the repository first on PYTHONPATH, then what was set."""
+    path = [p for p in (site, str(ROOT), environ.get("PYTHONPATH", "")) if p]
+    return {**environ, "PYTHONPATH": os.pathsep.join(path), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
 def stop_ray(py: str, env: dict[str, str]) -> None:
     """Stop what Ray a stopped step may have left running (its services die with their parent; this is for the rest)."""
     try:
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[Step]:
     out.mkdir(parents=True, exist_ok=True)
     py = args.python
     site = unpack(Path(args.archive), Path(args.site), py)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (site, str(ROOT)) if p), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = child_env(site, dict(os.environ))
     print(f"[device_run] unpacked in {time.monotonic() - t0:.0f} s; {deadline - time.monotonic():.0f} s left", flush=True)
     steps: list[Step] = []
 

@@ -16,6 +16,12 @@ def test_the_speed_figures_get_their_share_and_learning_what_is_left() -> None:
     assert device_run.plan(300.0, 0.65, 150.0) == (300.0, 0.0)  # 105 s would be too little to learn anything: all to gpu.py
 
 
+def test_children_import_the_archive_and_the_repository_first_and_keep_what_was_set() -> None:
+    env = device_run.child_env("/tmp/site", {"PYTHONPATH": "/opt/extra", "HOME": "/root"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/tmp/site", str(device_run.ROOT), "/opt/extra"] and env["HOME"] == "/root"
+    assert device_run.child_env("", {})["PYTHONPATH"] == str(device_run.ROOT)  # no archive travelled
+
+
 CHILD = """
 import json, sys, time
 from pathlib import Path
