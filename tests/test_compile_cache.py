@@ -79,3 +79,28 @@ def test_nothing_is_saved_or_loaded_where_the_job_does_not_compile(tmp_path: Pat
     assert compile_cache.save_active() is False and not (tmp_path / compile_cache.FOLDER).exists()
     cache = compile_cache.CompileCache(str(tmp_path), "Sequential", "linear-fold0")
     assert cache.save() is False  # nothing compiled since it began
+
+
+def test_a_cache_that_cannot_be_written_costs_the_job_nothing(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A failed save (a read-only bucket, a full disk) is a warning: the fold job goes on."""
+    from torch._dynamo.utils import counters
+
+    cache = compile_cache.CompileCache(str(tmp_path), "Sequential", "linear-fold0")
+    monkeypatch.setitem(counters["inductor"], "fxgraph_cache_miss", cache.saved_misses + 2)  # as if it had compiled two graphs
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+
+    def refused(url: str, data: bytes) -> None:
+        raise PermissionError("AccessDenied: s3://run/compile_cache")
+
+    monkeypatch.setattr(compile_cache, "atomic_write_bytes", refused)
+    assert cache.save() is False
+    assert "not saved (PermissionError" in caplog.text
+
+
+def test_a_cache_that_cannot_be_listed_costs_the_job_nothing(tmp_path: Path, monkeypatch, caplog) -> None:
+    def unreachable(url: str) -> list[str]:
+        raise OSError("the bucket does not answer")
+
+    monkeypatch.setattr(compile_cache, "listdir", unreachable)
+    assert compile_cache.CompileCache(str(tmp_path), "Sequential", "linear-fold0").load() == 0
+    assert "not read (OSError" in caplog.text

@@ -15,9 +15,11 @@ has compiled graphs the cache did not hold: after its first epoch (the training 
 validation's where it validates; n = 0) and again after its held-out prediction (n = 1). Each save
 is a file of its own: torch appends every save to one buffer, but on loading keeps only the last
 save's artifacts of each kind (torch 2.14: `CacheArtifactManager.deserialize` makes a dict of the
-appended parts), so one file rewritten at each save would lose the training graphs. A file that does not
-load (another torch version, a torn upload) is skipped with a warning: the job compiles as it
-would have. Without the API (torch < 2.7) nothing is saved or loaded.
+appended parts), so one file rewritten at each save would lose the training graphs.
+
+A file that does not load (another torch version, a torn upload), a folder that cannot be listed
+and a save that fails are warnings: the job compiles, or goes on, as it would have without the
+cache. Without the API (torch < 2.7) nothing is saved or loaded.
 """
 
 from __future__ import annotations
@@ -70,7 +72,12 @@ class CompileCache:
         if not supported():
             return 0
         loaded = 0
-        for name in listdir(self.folder):
+        try:
+            names = listdir(self.folder)
+        except Exception as e:  # noqa: BLE001 - an unreachable cache is only a colder start
+            log.warning("compile cache %s not read (%s: %s): this job compiles from its node's cache", self.folder, type(e).__name__, e)
+            return 0
+        for name in names:
             if not (name.startswith(f"{self.network}--") and name.endswith(".bin")):
                 continue
             try:
@@ -88,11 +95,16 @@ class CompileCache:
             return False
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return False  # data-parallel ranks compile the same graphs: rank 0's file is the job's
-        out = torch.compiler.save_cache_artifacts()
-        if out is None:
-            return False
         self.saved_misses = _misses()
-        atomic_write_bytes(join(self.folder, f"{self.network}--{self.job_name}.{self.part}.bin"), out[0])
+        name = f"{self.network}--{self.job_name}.{self.part}.bin"
+        try:
+            out = torch.compiler.save_cache_artifacts()
+            if out is None:
+                return False
+            atomic_write_bytes(join(self.folder, name), out[0])
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written costs later jobs time, never this one its run
+            log.warning("compile cache %s not saved (%s: %s): later jobs compile it themselves", name, type(e).__name__, e)
+            return False
         self.part += 1
         return True
 
