@@ -10,9 +10,9 @@ process group with its output both printed and kept under --out:
      left as its budget (it sizes its windows to fit, units in the order a cut-short run should keep),
      stopped at the deadline at the latest; its tables are printed again from its JSON, which it
      saves after every unit, so a run stopped half-way still reports what it measured (`gpu_tables.md`);
-  2. `benchmarks/gpu_learn.py` (item 6: one fold of the grader and of the one-stage member on
+  2. `benchmarks/gpu_learn.py` (item 6: one fold of the one-stage member and of the grader on
      realistic studies) with what is left, its epochs sized by the rates step 1 measured, if at least
-     --learn-min-s is left.
+     --learn-min-s is left; the one-stage member alone (the open question) under --both-min-s.
 
 A step past its time gets SIGINT (its `finally` blocks run: the working folder, Ray's shutdown), then
 SIGKILL 20 s later, and Ray's processes are stopped before the next step. `device_run.json` records
@@ -64,6 +64,18 @@ def plan(left_s: float, gpu_share: float, learn_min_s: float) -> tuple[float, fl
     if left_s - gpu < learn_min_s:
         return left_s, 0.0
     return gpu, left_s - gpu
+
+
+ONESTAGE = "onestage:onestage_convnext_small"
+
+
+def learn_members(left_s: float, both_min_s: float, learn_args: list[str]) -> list[str]:
+    """gpu_learn.py's --members for `left_s` seconds: its default (both) from `both_min_s` up, else the one-stage member
+    alone (about 1.5 minutes go to synthesis, then each member its share: one member with all of it learns more); none
+    where --learn-args names them."""
+    if "--members" in learn_args or left_s >= both_min_s:
+        return []
+    return ["--members", ONESTAGE]
 
 
 def run_step(step: Step, timeout_s: float, log: Path, env: dict[str, str], grace_s: float = 20.0) -> Step:
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> list[Step]:
     ap.add_argument("--site", default="/tmp/site")
     ap.add_argument("--gpu-args", default="--size real", help="more arguments for gpu.py")
     ap.add_argument("--learn-args", default="", help="more arguments for gpu_learn.py")
+    ap.add_argument("--both-min-s", type=float, default=330.0, help="under this many seconds left, gpu_learn.py trains the one-stage member alone")
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args(argv)
 
@@ -174,8 +187,9 @@ def main(argv: list[str] | None = None) -> list[Step]:
 
     left = deadline - time.monotonic()
     rates = ["--rates", str(gpu_json)] if gpu_json.exists() else []
-    learn = Step("learn", [py, "benchmarks/gpu_learn.py", *shlex.split(args.learn_args), *rates, "--budget-s", f"{max(0.0, left - 30):.0f}",
-                           "--json", str(out / "learn.json")])
+    extra = shlex.split(args.learn_args)
+    learn = Step("learn", [py, "benchmarks/gpu_learn.py", *extra, *learn_members(left, args.both_min_s, extra), *rates,
+                           "--budget-s", f"{max(0.0, left - 30):.0f}", "--json", str(out / "learn.json")])
     if left < args.learn_min_s:
         learn.skipped = f"{left:.0f} s left, under --learn-min-s {args.learn_min_s:.0f}"
         print(f"[device_run] learn: skipped ({learn.skipped})", flush=True)

@@ -22,6 +22,15 @@ def test_children_import_the_archive_and_the_repository_first_and_keep_what_was_
     assert device_run.child_env("", {})["PYTHONPATH"] == str(device_run.ROOT)  # no archive travelled
 
 
+def test_with_little_time_left_only_the_one_stage_member_learns() -> None:
+    assert device_run.learn_members(400.0, 330.0, []) == []  # gpu_learn.py's default: both members
+    assert device_run.learn_members(200.0, 330.0, []) == ["--members", "onestage:onestage_convnext_small"]
+    assert device_run.learn_members(200.0, 330.0, ["--members", "grade:convnext_small"]) == []  # what the caller named
+    from benchmarks import gpu_learn
+
+    assert gpu_learn.MEMBERS[0] == device_run.ONESTAGE  # the same member gpu_learn.py trains first
+
+
 CHILD = """
 import json, sys, time
 from pathlib import Path
