@@ -715,7 +715,7 @@ def measure_unit(unit: Unit, cfg: PipelineConfig, work: Path, device: torch.devi
         "window": "the whole TorchTrainer.fit (start-up included)" if use_ray else "fit's second epoch",
         "augment_per_core": augment, "seconds": time.perf_counter() - t_unit, "shared": shared,
         "grad_checkpointing": checkpointed, "bare_warmup_s": warm[0], "bare4x_warmup_s": warm[1],
-        "sized_s": seconds + shared_s, "overhead_s": max(0.0, time.perf_counter() - t_unit - seconds - shared_s),
+        "overhead_s": max(0.0, time.perf_counter() - t_unit - seconds - shared_s),
         "cudnn_benchmark": cudnn, "bare_cudnn_flipped_samples_per_s": flipped,
         "bare_device_aug_samples_per_s": dev_rate, "augment_device_per_core": augment_dev if device_aug else None,
         "issue": dict(zip(("fit", "bare", "bare4x", "peak_gib", "augment_per_core"), unit.issue, strict=True)),

@@ -181,8 +181,8 @@ def ensure_cache(
         refs = {i: build.remote(stage, job, split, parts[i], join(url, names[i])) for i in todo}
         counts.update({i: ray.get(r) for i, r in refs.items()})
     elif todo and pool is not None:
-        built = pool.map(build_part, *zip(*[(stage, job, split, parts[i], join(url, names[i])) for i in todo], strict=True))
-        counts.update(zip(todo, built, strict=True))
+        futures = {i: pool.submit(build_part, stage, job, split, parts[i], join(url, names[i])) for i in todo}
+        counts.update({i: f.result() for i, f in futures.items()})
     else:
         for i in todo:
             counts[i] = build_part(stage, job, split, parts[i], join(url, names[i]))
